@@ -1,0 +1,276 @@
+"""One config path: typed dataclasses whose defaults are the paper's values (App. J, Table 7).
+
+YAML recipes only override. Unknown keys and values of the wrong type are one-line errors that
+name the key. The resolved config is written next to every run and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key and says how to fix it."""
+
+
+# Named model sizes. `paper` is Table 7 (16 heads x 72 = 1152 wide, depth 28, ~677M params).
+# `XL-h64` keeps the width but uses 18 heads x 64, because flash kernels pad head dim 72 to 96.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(depth=2, width=64, heads=2),
+    "S": dict(depth=12, width=384, heads=6),
+    "B": dict(depth=12, width=768, heads=12),
+    "L": dict(depth=24, width=1024, heads=16),
+    "paper": dict(depth=28, width=1152, heads=16),
+    "XL-h64": dict(depth=28, width=1152, heads=18),
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "paper"  # one of PRESETS; sets depth/width/heads, explicit keys still win
+    depth: int = 28  # number of DiT blocks
+    width: int = 1152  # token width d_model
+    heads: int = 16  # attention heads; head dim = width / heads (72 for the paper)
+    patch: int = 4  # patch side in pixels, the same at every stage
+    in_channels: int = 3  # image channels (3 RGB, 1 for Fashion-MNIST)
+    num_classes: int = 1000  # class labels; index num_classes is the null class for CFG
+    mlp_ratio: float = 4.0  # MLP hidden width / width
+    pos: str = "rope"  # 2-D positions: "rope" (rotary on q,k) or "sincos" (added to tokens)
+    pos_units: str = "final"  # "final": coordinates in final-grid units; "native": per-stage grid
+    res_fusion: str = "xattn"  # resolution-embedding fusion: "xattn" (App. F eq. 41-44) or "add"
+    attn_bias: bool = True  # bias in the qkv projection (Table 7)
+    qk_norm: bool = False  # RMS-normalise q and k per head (stabilises bf16 at scale)
+    dropout: float = 0.0  # dropout in attention/MLP (Table 7: 0)
+
+
+@dataclass
+class FlowConfig:
+    sides: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # r_k per stage, coarse first
+    bounds: list[float] | None = None  # stage time boundaries t_0^1=0 < ... < t_1^K=1; None = equal
+    sigma: float = 1.0  # stage-1 source std: x0 ~ N(0, sigma^2 I)
+    gamma: float = 2.0  # diminish factor: sigma_k = gamma^-(k-1) * sigma for k > 1
+    interpolant: str = "linear"  # "linear" | "trig" | "sbd" (Table 5)
+    loss_weight: str = "pixel_sum"  # "pixel_sum": eq. 13 (sum over pixels, / d_K) | "sample_mean"
+    timesteps: int = 1000  # tau is embedded as tau * timesteps (Table 7 num.train.timesteps)
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/imagenet-256"  # prepared shard dir, brace pattern, or pipe: url
+    random_crop: bool = True  # block-aligned random crop of the expanded image (else centre)
+    hflip: bool = True  # random horizontal flip (commutes with box downsampling)
+    workers: int = 8  # dataloader worker processes per rank
+    shuffle: int = 2000  # webdataset shuffle buffer (samples)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # samples per GPU per micro-step (Table 7)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    steps: int = 1_000_000  # optimizer steps (~200 ImageNet epochs at global batch 256)
+    max_minutes: float = 0.0  # stop after this wall-clock budget (0 = no limit)
+    lr: float = 1e-4  # AdamW learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-6  # AdamW epsilon
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear lr warm-up steps
+    schedule: str = "constant"  # lr after warm-up: "constant" | "cosine" (to lr_min at `steps`)
+    lr_min: float = 0.0  # final lr of the cosine schedule
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    ema_decay: float = 0.9999  # EMA decay at steady state
+    ema_warmup: bool = True  # decay = min(ema_decay, (1+n)/(10+n)) so short runs get a useful EMA
+    label_dropout: float = 0.1  # p of replacing the class by the null class (CFG training)
+    precision: str = "bf16"  # "bf16" autocast on CUDA | "fp32"; CPU always runs fp32
+    tf32: bool = True  # allow TF32 matmuls on Ampere+
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # base seed; every rank derives its own from (seed, rank)
+    log_every: int = 100  # steps between metrics.jsonl lines
+    ckpt_every: int = 5000  # steps between checkpoints
+    keep_last: int = 3  # rolling checkpoints kept
+    milestone_every: int = 100_000  # steps between checkpoints that are never deleted (0 = none)
+    sample_every: int = 10_000  # steps between EMA sample grids (0 = never)
+    max_nonfinite: int = 20  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class SampleConfig:
+    steps: list[int] = field(default_factory=lambda: [24])  # model evals per stage (one or per stage)
+    cfg: float = 3.0  # CFG scale S_cfg, shared by every stage (eq. 77)
+    solver: str = "euler"  # "euler" (Alg. 2/4) | "heun" | "sde" (App. D, linear interpolant)
+    interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # apply CFG for tau in [lo, hi)
+    sde_eps: float = 1.0  # SDE diffusion scale (solver "sde")
+    seed: int = 0  # image i uses noise from seed (seed, i)
+    batch: int = 32  # images per forward
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, validation, dumping
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Coerce `value` to the annotated type `tp` or raise a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _check_type(key, value, inner)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and inner is not str:
+            value = [value]  # `steps: 24` means the same count at every stage
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    names = [f.name for f in dataclasses.fields(section_obj)]
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown key '{section}.{key}'; valid keys: {', '.join(names)}")
+        setattr(section_obj, key, _check_type(f"{section}.{key}", value, hints[key]))
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"bad override '{text}': use section.key=value, e.g. train.lr=3e-4")
+    lhs, rhs = text.split("=", 1)
+    section, key = lhs.split(".", 1)
+    return section.strip(), key.strip(), yaml.safe_load(rhs) if rhs.strip() else ""
+
+
+def from_dict(raw: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated Config from nested dicts (recipe) plus `section.key=value` overrides."""
+    raw = dict(raw or {})
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"section '{section}' must be a mapping")
+        raw[section] = {**raw[section], key: value}
+    cfg = Config()
+    sections = [f.name for f in dataclasses.fields(cfg)]
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"unknown section '{section}'; valid sections: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{section}' must be a mapping of key: value")
+        values = dict(values)
+        if section == "model" and "preset" in values:
+            preset = values["preset"]
+            if preset not in PRESETS:
+                raise ConfigError(f"model.preset: unknown preset {preset!r}; choose one of {list(PRESETS)}")
+            # the preset sets the size; keys given explicitly in the same section still win
+            values = {**PRESETS[preset], **values}
+        _apply(getattr(cfg, section), section, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each failure is one line naming the key."""
+    m, f, t, s = cfg.model, cfg.flow, cfg.train, cfg.sample
+    if m.width % m.heads:
+        raise ConfigError(f"model.width ({m.width}) must be divisible by model.heads ({m.heads})")
+    if m.pos == "rope" and (m.width // m.heads) % 4:
+        raise ConfigError(f"model.pos=rope needs a head dim divisible by 4, got {m.width // m.heads}")
+    for key, val, ok in [
+        ("model.pos", m.pos, ("rope", "sincos")),
+        ("model.pos_units", m.pos_units, ("final", "native")),
+        ("model.res_fusion", m.res_fusion, ("xattn", "add")),
+        ("flow.interpolant", f.interpolant, ("linear", "trig", "sbd")),
+        ("flow.loss_weight", f.loss_weight, ("pixel_sum", "sample_mean")),
+        ("train.precision", t.precision, ("bf16", "fp32")),
+        ("train.schedule", t.schedule, ("constant", "cosine")),
+        ("sample.solver", s.solver, ("euler", "heun", "sde")),
+    ]:
+        if val not in ok:
+            raise ConfigError(f"{key}: {val!r} is not one of {list(ok)}")
+    if not f.sides:
+        raise ConfigError("flow.sides: give at least one side, e.g. [32, 64, 128, 256]")
+    for a, b in zip(f.sides, f.sides[1:]):
+        if b <= a or b % a or (b // a) & (b // a - 1):
+            raise ConfigError(f"flow.sides: each side must be a power-of-two multiple of the previous, got {f.sides}")
+    if f.sides[0] % m.patch:
+        raise ConfigError(f"flow.sides[0]={f.sides[0]} must be a multiple of model.patch={m.patch}")
+    if f.bounds is not None:
+        b = f.bounds
+        if len(b) != len(f.sides) + 1 or b[0] != 0.0 or b[-1] != 1.0 or any(x >= y for x, y in zip(b, b[1:])):
+            raise ConfigError(f"flow.bounds: need {len(f.sides) + 1} increasing values from 0 to 1, got {b}")
+    if f.sigma <= 0 or f.gamma <= 0:
+        raise ConfigError("flow.sigma and flow.gamma must be > 0")
+    if len(s.steps) not in (1, len(f.sides)) or min(s.steps) < 1:
+        raise ConfigError(f"sample.steps: give one count >= 1 or one per stage ({len(f.sides)}), got {s.steps}")
+    if len(s.interval) != 2 or not 0.0 <= s.interval[0] <= s.interval[1] <= 1.0:
+        raise ConfigError(f"sample.interval: need [lo, hi] with 0 <= lo <= hi <= 1, got {s.interval}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas: need two values, got {t.betas}")
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if not 0.0 <= t.label_dropout < 1.0:
+        raise ConfigError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML recipe (None = all defaults) and apply `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe not found: {p}; pass a YAML file such as recipes/quickstart.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: a recipe must be a mapping of sections (model, flow, data, train, sample)")
+    return from_dict(raw, overrides)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

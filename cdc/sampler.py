@@ -1,0 +1,160 @@
+"""Coarse-to-fine sampling: Algorithms 2 and 4 of the paper as a pure function of the velocity net.
+
+Stage 1 integrates dX/dtau = b(X, tau, r_1, c) from X_0 ~ N(0, sigma^2 I); stage k > 1 starts at
+X_0 = U(x1^(k-1)) + sigma_k zeta (eq. 17/79). CFG uses one scale for every stage (eq. 77).
+
+`steps` counts model evaluations per stage for every solver (x2 with CFG), so it always controls
+cost: Euler takes `steps` steps; Heun takes ceil(steps/2) intervals, the last one Euler when
+`steps` is odd; the SDE sampler takes `steps` Euler-Maruyama steps.
+
+Every image draws its noise from its own generator seeded by (seed, image index), in a fixed
+order (stage 1 source, then per stage: zeta, then SDE increments), so image i is the same at any
+batch size or number of GPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cdc.flow import Schedule, VelocityNet, inference_prior
+from cdc.pyramid import up_to
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Seed of image `index` under run seed `seed` (disjoint streams for seeds < 2^31)."""
+    return (int(seed) << 32) + int(index)
+
+
+class ImageNoise:
+    """Per-image Gaussian streams: row i of every draw comes from image i's own generator."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str):
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        self.device = device
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        x = torch.stack([torch.randn(shape, generator=g) for g in self.gens])  # (B, *shape)
+        return x.to(self.device, dtype)
+
+
+@dataclass
+class SampleOut:
+    x: Tensor  # (B, C, R, R) final images, nominally in [-1, 1]
+    stages: list[Tensor] | None  # every stage's output (coarse first) when asked for
+    nfe: int  # model evaluations per image (CFG pairs count 2)
+
+
+def _guided(net: VelocityNet, y: Tensor, null_class: int, scale: float, interval: tuple[float, float]):
+    """Velocity field with CFG (eq. 77) applied for tau in [lo, hi), plain conditional outside."""
+    nfe = [0]
+
+    def v(x: Tensor, tau: float) -> Tensor:
+        B = x.shape[0]
+        tt = torch.full((B,), tau, device=x.device, dtype=torch.float32)
+        lo, hi = interval
+        use_cfg = lo <= tau < hi or (tau == hi == 1.0)
+        if not use_cfg or scale == 1.0:
+            nfe[0] += 1
+            return net([x], [tt], [y])[0]
+        y_null = torch.full_like(y, null_class)
+        if scale == 0.0:
+            nfe[0] += 1
+            return net([x], [tt], [y_null])[0]
+        nfe[0] += 2
+        both = net([torch.cat([x, x])], [torch.cat([tt, tt])], [torch.cat([y, y_null])])[0]  # (2B, C, r, r)
+        v_c, v_u = both[:B], both[B:]
+        return v_u + scale * (v_c - v_u)
+
+    return v, nfe
+
+
+def _heun_plan(steps: int) -> list[bool]:
+    """Which intervals take a Heun (2-eval) step so that evaluations total exactly `steps`."""
+    n = (steps + 1) // 2
+    return [True] * (steps - n) + [False] * (2 * n - steps)
+
+
+def _integrate(v, x: Tensor, steps: int, solver: str, m: Tensor, sigma_k: float, noise: ImageNoise, sde_eps: float):
+    if solver == "heun":
+        plan = _heun_plan(steps)
+        n = len(plan)
+        for i, heun in enumerate(plan):
+            tau, dt = i / n, 1.0 / n
+            d = v(x, tau)
+            if heun:
+                x_e = x + dt * d
+                x = x + dt * 0.5 * (d + v(x_e, tau + dt))
+            else:
+                x = x + dt * d
+        return x
+    dt = 1.0 / steps
+    for i in range(steps):
+        tau = i * dt
+        b = v(x, tau)
+        if solver == "euler" or i == steps - 1:
+            x = x + dt * b  # the last SDE step is deterministic so no noise is left in the output
+            continue
+        # SDE of App. D (eq. 34) for the linear interpolant with x0 ~ N(m, sigma_k^2 I):
+        # score s = -(x - m - tau b) / ((1 - tau) sigma_k^2); with eps_tau = eps (1 - tau) sigma_k^2 the
+        # drift correction eps_tau * s = -eps (x - m - tau b) stays bounded and the noise vanishes at tau=1.
+        drift = b - sde_eps * (x - m - tau * b)
+        dw = noise(tuple(x.shape[1:]), x.dtype)
+        x = x + dt * drift + sigma_k * (2 * sde_eps * (1 - tau) * dt) ** 0.5 * dw
+    return x
+
+
+@torch.no_grad()
+def sample(
+    net: VelocityNet,
+    sched: Schedule,
+    y: Tensor,
+    seeds: Sequence[int],
+    channels: int,
+    steps: int | Sequence[int] = 24,
+    cfg: float = 1.0,
+    null_class: int | None = None,
+    solver: str = "euler",
+    interval: tuple[float, float] = (0.0, 1.0),
+    sde_eps: float = 1.0,
+    interpolant: str = "linear",
+    return_stages: bool = False,
+    on_stage: Callable[[int, Tensor], None] | None = None,
+) -> SampleOut:
+    """Generate one image per label in `y` (B,), image i from `seeds[i]`; see the module doc."""
+    B = y.shape[0]
+    if len(seeds) != B:
+        raise ValueError(f"need one seed per image: {len(seeds)} seeds for {B} labels")
+    steps_k = [int(steps)] * sched.K if isinstance(steps, int) else [int(s) for s in steps]
+    if len(steps_k) == 1:
+        steps_k = steps_k * sched.K
+    if len(steps_k) != sched.K or min(steps_k) < 1:
+        raise ValueError(f"steps: give one count >= 1 or one per stage ({sched.K}), got {list(steps_k)}")
+    if solver not in ("euler", "heun", "sde"):
+        raise ValueError(f"unknown solver {solver!r}; use euler, heun or sde")
+    if solver == "sde" and interpolant != "linear":
+        raise ValueError("the SDE sampler derives the score for the linear interpolant only; use euler or heun")
+    if cfg != 1.0 and null_class is None:
+        raise ValueError("CFG needs the null class index (model.num_classes)")
+    device = y.device
+    noise = ImageNoise(seeds, device)
+    v, nfe = _guided(net, y, null_class if null_class is not None else -1, float(cfg), tuple(interval))
+    stages: list[Tensor] = []
+    x = None
+    for k, side in enumerate(sched.sides):
+        shape = (channels, side, side)
+        if k == 0:
+            m = torch.zeros((B, *shape), device=device)
+            x0 = sched.sigma * noise(shape)
+        else:
+            m = up_to(x, side)
+            x0 = inference_prior(x, k, sched, noise(shape))
+        x = _integrate(v, x0, steps_k[k], solver, m, sched.sigma_k(k), noise, sde_eps)
+        if on_stage is not None:
+            on_stage(k, x)
+        if return_stages:
+            stages.append(x)
+    return SampleOut(x, stages if return_stages else None, nfe[0])

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared is not present (fresh clone); this test needs the shared datasets")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def fmnist32(shared_dir) -> torch.Tensor:
+    """2000 Fashion-MNIST training images, zero-padded 28 -> 32, in [-1, 1], shape (N, 1, 32, 32)."""
+    f = shared_dir / "datasets" / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+    if not f.is_file():
+        pytest.skip(f"{f} not found")
+    with gzip.open(f, "rb") as fh:
+        raw = np.frombuffer(fh.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)[:2000]
+    x = torch.from_numpy(raw.copy()).float().div(127.5).sub(1.0)
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)  # pad with black (0 -> -1)
+    return x.unsqueeze(1)
