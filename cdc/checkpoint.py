@@ -1,0 +1,169 @@
+"""Atomic checkpoints that never execute code when opened, with fallback past a corrupt newest one.
+
+Layout of a run directory:
+    config.yaml            resolved config of the run
+    metrics.jsonl          one JSON object per logged step
+    checkpoints/step_0001000.pt (+ .sha256)   rolling and milestone checkpoints
+    samples/               periodic EMA sample grids
+
+A checkpoint is valid only when its `.sha256` sidecar exists and matches: the sidecar is written
+after the data file has been fsynced and renamed into place, so a crash at any point leaves either
+the previous good checkpoint or a complete new one. Loading uses `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CKPT_RE = re.compile(r"^step_(\d{7,})\.pt$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file + fsync + rename: readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save(path: Path, state: dict[str, Any]) -> Path:
+    """Save `state` (tensors, dicts, lists, numbers, strings only) atomically with a sha256 sidecar."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    digest = sha256_file(tmp)
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.exists():  # an older file of the same name is about to be replaced: invalidate first
+        sidecar.unlink()
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    atomic_write_bytes(sidecar, f"{digest}  {path.name}\n".encode())
+    return path
+
+
+def verify(path: Path) -> bool:
+    """True when the checkpoint's sidecar exists and its sha256 matches the file."""
+    sidecar = Path(path).with_name(Path(path).name + ".sha256")
+    if not Path(path).is_file() or not sidecar.is_file():
+        return False
+    expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
+    return expected == sha256_file(Path(path))
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint onto `map_location` (CPU by default) without executing any code."""
+    return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
+def ckpt_name(step: int) -> str:
+    return f"step_{step:07d}.pt"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint file in `ckpt_dir`, newest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CKPT_RE.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint that verifies and loads; warns about and skips corrupt newer ones."""
+    for _, path in list_checkpoints(ckpt_dir):
+        if not verify(path):
+            warnings.warn(f"checkpoint {path} is incomplete or corrupt (sha256 mismatch); trying an older one",
+                          stacklevel=2)
+            continue
+        try:
+            return load(path, map_location), path
+        except Exception as e:  # a verified file that still fails to unpickle
+            warnings.warn(f"checkpoint {path} failed to load ({e}); trying an older one", stacklevel=2)
+    return None
+
+
+def prune(ckpt_dir: Path, keep_last: int, milestone_every: int) -> list[Path]:
+    """Delete rolling checkpoints beyond the newest `keep_last`; milestones are kept forever."""
+    removed = []
+    rolling = [(s, p) for s, p in list_checkpoints(ckpt_dir) if not (milestone_every and s % milestone_every == 0)]
+    for _, p in rolling[max(keep_last, 1) :]:
+        for f in (p.with_name(p.name + ".sha256"), p):  # sidecar first: a half-deleted pair is invalid
+            f.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def resolve(ckpt: str | Path | None, runs_dir: str | Path = "runs") -> Path:
+    """A checkpoint file from a file path, a run directory, or None (= newest run under runs_dir)."""
+    if ckpt is None:
+        runs = Path(runs_dir)
+        cands = [d for d in runs.iterdir() if (d / "checkpoints").is_dir()] if runs.is_dir() else []
+        cands = [d for d in cands if list_checkpoints(d / "checkpoints")]
+        if not cands:
+            raise FileNotFoundError(f"no run with checkpoints under {runs}/; train one or pass --ckpt RUN_DIR|FILE")
+        ckpt = max(cands, key=lambda d: list_checkpoints(d / "checkpoints")[0][1].stat().st_mtime)
+    p = Path(ckpt)
+    if p.is_dir():
+        d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        for _, f in list_checkpoints(d):
+            if verify(f):
+                return f
+            warnings.warn(f"skipping corrupt checkpoint {f}", stacklevel=2)
+        raise FileNotFoundError(f"no valid checkpoint in {d}; is it a run directory written by `cdc train`?")
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    return p
+
+
+def load_for_inference(
+    ckpt: str | Path | None, ema: bool = True, device: str | torch.device = "cpu", runs_dir: str | Path = "runs"
+):
+    """(model in eval mode, Config, info) from a checkpoint file, a run dir, or the newest run."""
+    from cdc.config import from_dict
+    from cdc.model import build_model
+
+    path = resolve(ckpt, runs_dir)
+    state = load(path)
+    if "config" not in state or "model" not in state:
+        raise ValueError(f"{path} is not a cdc checkpoint (no config/model entries)")
+    cfg = from_dict(state["config"])
+    model = build_model(cfg)
+    key = "ema" if ema and state.get("ema") is not None else "model"
+    model.load_state_dict(state[key])
+    model.to(device).eval().requires_grad_(False)
+    info = {"path": str(path), "step": int(state.get("step", 0)), "weights": key}
+    return model, cfg, info
