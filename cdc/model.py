@@ -1,0 +1,423 @@
+"""The unified multi-resolution DiT of CDC-FM (paper Sec. 3.2, App. F, Table 7).
+
+One set of weights serves every stage: patch size p at every side, 2-D positions valid at every
+grid size (coordinates in final-grid units by default, so a token covers the same image region at
+every stage), and a conditioning vector c = fuse(timestep, resolution) + class used by AdaLN-Zero.
+
+Velocity-net contract (cdc.flow / cdc.sampler call the net as a plain callable):
+    net(x, tau, y) with x (B, C, r, r), tau (B,) in [0, 1], y (B,) long in [0, num_classes]
+        -> (B, C, r, r); index num_classes is the null class for CFG.
+    net(xs, taus, ys) with lists (one entry per group, each group one side) -> list of outputs.
+The list form packs every group's tokens into ONE sequence (T, D): linear layers, LayerNorm and the
+MLP run once over all tokens, AdaLN modulation is broadcast per sample, and attention is
+block-diagonal (cdc.attention), so the result equals running each sample alone.
+The model knows nothing about noise or flow math.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from torch import Tensor
+
+from cdc.attention import attention
+from cdc.config import Config
+
+FREQ_DIM = 256  # sinusoid size for the timestep and resolution embeddings (DiT)
+ROPE_BASE = 100.0  # grids span <= a few hundred units, so wavelengths 2*pi..2*pi*100 cover them
+SINCOS_BASE = 10000.0
+
+Groups = list[tuple[int, int]]  # [(n_samples, tokens_per_sample), ...] in packing order
+
+
+def sinusoid(x: Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> Tensor:
+    """DiT sinusoidal embedding of a float vector: (B,) -> (B, dim) = [cos(x w), sin(x w)]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = x.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def grid_coords(g: int, final_grid: int, units: str, device: torch.device | None = None) -> Tensor:
+    """(g*g, 2) float64 (y, x) coordinates of a g x g token grid, row-major.
+
+    "final": token (i, j) covers pixels [i, i+1) * G/g of the final G x G grid, so its centre is
+    ((i + 0.5) G/g, (j + 0.5) G/g) at every stage. "native": (i, j).
+    """
+    i = torch.arange(g, device=device, dtype=torch.float64)
+    if units == "final":
+        i = (i + 0.5) * (final_grid / g)
+    yy, xx = torch.meshgrid(i, i, indexing="ij")
+    return torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=-1)
+
+
+def rope_table(coords: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """Axial 2-D rotary angles: cos, sin of shape (N, 2, head_dim // 4) (axis y then x), float32.
+
+    The first half of each head's dims is rotated by y, the second half by x; within each half,
+    dim j pairs with dim j + head_dim // 4 (rotate-half convention).
+    """
+    nf = head_dim // 4
+    freqs = ROPE_BASE ** (-torch.arange(nf, device=coords.device, dtype=torch.float64) / nf)  # (F,)
+    theta = coords[:, :, None] * freqs  # (N, 2, F)
+    return torch.cos(theta).float(), torch.sin(theta).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (T, H, Dh) by per-token angles cos/sin (T, 2, Dh/4); math in float32."""
+    T, H, Dh = x.shape
+    xr = x.float().view(T, H, 2, 2, Dh // 4)  # (T, H, axis, half, F)
+    a, b = xr.unbind(3)  # (T, H, axis, F)
+    c, s = cos[:, None], sin[:, None]  # (T, 1, axis, F)
+    out = torch.stack([a * c - b * s, b * c + a * s], dim=3)  # (T, H, axis, half, F)
+    return out.view(T, H, Dh).to(x.dtype)
+
+
+def sincos_table(coords: Tensor, width: int) -> Tensor:
+    """2-D sin-cos position embedding (N, width) float32: first half from y, second half from x."""
+    nf = width // 4
+    omega = SINCOS_BASE ** (-torch.arange(nf, device=coords.device, dtype=torch.float64) / nf)  # (F,)
+    ang = coords[:, :, None] * omega  # (N, 2, F)
+    emb = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)  # (N, 2, 2F)
+    return emb.reshape(coords.shape[0], width).float()
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, r, r) -> (B * g * g, p * p * C) tokens, row-major over the g x g grid."""
+    B, C, r, _ = x.shape
+    g = r // p
+    x = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1)  # (B, g, g, p, p, C)
+    return x.reshape(B * g * g, p * p * C)
+
+
+def unpatchify(t: Tensor, B: int, C: int, r: int, p: int) -> Tensor:
+    """Inverse of patchify: (B * g * g, p * p * C) -> (B, C, r, r)."""
+    g = r // p
+    t = t.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
+    return t.reshape(B, C, r, r)
+
+
+def _split(h: Tensor, groups: Groups) -> list[Tensor]:
+    """Packed (T, D) -> per-group views (n, L, D)."""
+    parts = h.split([n * L for n, L in groups]) if len(groups) > 1 else [h]
+    return [x.view(n, L, -1) for x, (n, L) in zip(parts, groups, strict=True)]
+
+
+def _per_sample(v: Tensor, groups: Groups) -> list[Tensor]:
+    """Per-sample vectors (B, D) -> per-group (n, 1, D), broadcast over that group's tokens."""
+    parts = v.split([n for n, _ in groups]) if len(groups) > 1 else [v]
+    return [x[:, None] for x in parts]
+
+
+def modulate(h: Tensor, shift: Tensor, scale: Tensor, groups: Groups) -> Tensor:
+    """AdaLN: h * (1 + scale) + shift with per-sample (B, D) vectors on packed tokens (T, D).
+
+    Broadcasting per group (no (T, D) gather) keeps the saved activations as small as unpacked.
+    """
+    out = [
+        x * (1 + sc) + sh
+        for x, sc, sh in zip(
+            _split(h, groups), _per_sample(scale, groups), _per_sample(shift, groups), strict=True
+        )
+    ]
+    return torch.cat([o.reshape(-1, o.shape[-1]) for o in out]) if len(out) > 1 else out[0].view_as(h)
+
+
+def gated_residual(h: Tensor, f: Tensor, gate: Tensor, groups: Groups) -> Tensor:
+    """h + gate * f with a per-sample gate (B, D) on packed tokens (T, D)."""
+    out = [
+        x + g * y
+        for x, y, g in zip(_split(h, groups), _split(f, groups), _per_sample(gate, groups), strict=True)
+    ]
+    return torch.cat([o.reshape(-1, o.shape[-1]) for o in out]) if len(out) > 1 else out[0].view_as(h)
+
+
+class SinusoidMLP(nn.Module):
+    """x (B,) -> MLP(sinusoid(x)) (B, width): the timestep embedder Gamma and resolution embedder E."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(sinusoid(x).to(self.mlp[0].weight.dtype))
+
+
+class ResolutionFusion(nn.Module):
+    """c = gamma_t + z: fuse the resolution embedding e_k into the timestep embedding gamma_t.
+
+    "xattn" is App. F eq. 41-44 literally: single-query, single-key cross-attention with head dim
+    d_h. Softmax over one key is exactly 1, so z = W_o W_v e_k (q and k get no gradient); the
+    equations are kept so the structure matches the paper and the Table 4 ablation.
+    "add" is the ablation's plain sum c = gamma_t + e_k.
+    """
+
+    def __init__(self, width: int, head_dim: int, mode: str):
+        super().__init__()
+        self.mode, self.head_dim = mode, head_dim
+        if mode == "xattn":
+            self.wq = nn.Linear(width, head_dim, bias=False)  # W_q in R^{d_h x d_model}
+            self.wk = nn.Linear(width, head_dim, bias=False)
+            self.wv = nn.Linear(width, head_dim, bias=False)
+            self.wo = nn.Linear(head_dim, width, bias=False)  # W_o in R^{d_model x d_h}
+        elif mode != "add":
+            raise ValueError(f"model.res_fusion: {mode!r} is not one of ['xattn', 'add']")
+
+    def forward(self, gamma: Tensor, e: Tensor) -> Tensor:
+        if self.mode == "add":
+            return gamma + e
+        q, k, v = self.wq(gamma), self.wk(e), self.wv(e)  # (B, d_h) each, eq. 41
+        logits = (q * k).sum(-1, keepdim=True) / math.sqrt(self.head_dim)  # (B, 1): one key
+        alpha = torch.softmax(logits, dim=-1)  # eq. 42 (== 1)
+        z = self.wo(alpha * v)  # (B, d_model), eq. 43
+        return gamma + z  # eq. 44
+
+
+class Block(nn.Module):
+    """DiT block with AdaLN-Zero on packed tokens: pre-LN attention and MLP, per-sample gates."""
+
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: float, attn_bias: bool, qk_norm: bool, dropout: float
+    ):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width, bias=attn_bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.attn_backend = "auto"
+
+    def forward(
+        self, h: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None, groups: Groups, seqlens: list[int]
+    ) -> Tensor:
+        T, D = h.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)  # (B, D) each
+        a = modulate(self.norm1(h), shift1, scale1, groups)
+        q, k, v = self.qkv(a).view(T, 3, self.heads, self.head_dim).unbind(1)  # (T, H, Dh) each
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = attention(q, k, v, seqlens=seqlens, groups=groups, backend=self.attn_backend)  # (T, H, Dh)
+        h = gated_residual(h, self.drop(self.proj(o.reshape(T, D))), gate1, groups)
+        m = modulate(self.norm2(h), shift2, scale2, groups)
+        return gated_residual(h, self.fc2(self.drop(self.act(self.fc1(m)))), gate2, groups)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, patch: int, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, patch * patch * channels)
+
+    def forward(self, h: Tensor, c: Tensor, groups: Groups) -> Tensor:
+        shift, scale = self.adaLN(c).chunk(2, dim=1)  # (B, D) each
+        return self.linear(modulate(self.norm(h), shift, scale, groups))  # (T, p*p*C)
+
+
+class DiT(nn.Module):
+    def __init__(
+        self,
+        depth: int,
+        width: int,
+        heads: int,
+        patch: int,
+        in_channels: int,
+        num_classes: int,
+        final_side: int,
+        timesteps: int,
+        mlp_ratio: float = 4.0,
+        pos: str = "rope",
+        pos_units: str = "final",
+        res_fusion: str = "xattn",
+        attn_bias: bool = True,
+        qk_norm: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if width % heads or (pos == "rope" and (width // heads) % 4) or (pos == "sincos" and width % 4):
+            raise ValueError(
+                f"model: width {width} / heads {heads} does not fit pos={pos!r} "
+                "(rope needs head dim % 4 == 0, sincos width % 4 == 0)"
+            )
+        if pos not in ("rope", "sincos") or pos_units not in ("final", "native"):
+            raise ValueError(f"model: pos={pos!r} / pos_units={pos_units!r} not supported")
+        if final_side % patch:
+            raise ValueError(f"final side {final_side} must be a multiple of model.patch={patch}")
+        self.patch, self.in_channels, self.num_classes = patch, in_channels, num_classes
+        self.width, self.heads, self.head_dim = width, heads, width // heads
+        self.pos, self.pos_units, self.timesteps = pos, pos_units, timesteps
+        self.final_grid = final_side // patch  # G: token grid side at the final stage
+        self.grad_checkpointing = False  # recompute each block in backward (torch.utils.checkpoint)
+
+        self.x_embed = nn.Linear(patch * patch * in_channels, width)  # == Conv2d(k=p, stride=p)
+        self.t_embed = SinusoidMLP(width)  # Gamma(tau * timesteps), eq. 39
+        self.r_embed = SinusoidMLP(width)  # E(r_k), r_k = side / patch, eq. 40
+        self.fuse = ResolutionFusion(width, self.head_dim, res_fusion)
+        self.y_embed = nn.Embedding(num_classes + 1, width)  # index num_classes = null class
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, attn_bias, qk_norm, dropout) for _ in range(depth)
+        )
+        self.final = FinalLayer(width, patch, in_channels)
+        self._pos_cache: dict[tuple[int, str], object] = {}
+        self.initialize_weights()
+
+    # -- init ----------------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        """DiT init: xavier Linear, zero biases, N(0, 0.02) embedders, zero AdaLN and output layers."""
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.xavier_uniform_(mod.weight)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        for emb in (self.t_embed, self.r_embed):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN[-1].weight)
+            nn.init.zeros_(blk.adaLN[-1].bias)
+        for lin in (self.final.adaLN[-1], self.final.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def set_attn_backend(self, backend: str) -> None:
+        for blk in self.blocks:
+            blk.attn_backend = backend
+
+    # -- positions -----------------------------------------------------------------------------
+    def _grid_pos(self, g: int, device: torch.device):
+        """Per-grid table: rope (cos, sin) each (g*g, 2, Dh/4), or sincos (g*g, width). Cached."""
+        key = (g, str(device))
+        if not torch.compiler.is_compiling() and key in self._pos_cache:
+            return self._pos_cache[key]
+        coords = grid_coords(g, self.final_grid, self.pos_units, device)
+        tab = rope_table(coords, self.head_dim) if self.pos == "rope" else sincos_table(coords, self.width)
+        if not torch.compiler.is_compiling():
+            self._pos_cache[key] = tab
+        return tab
+
+    def _packed_pos(self, grids: list[int], ns: list[int], device: torch.device):
+        """Per-token position tables for the packed sequence (each group's table repeated n times)."""
+        tabs = [self._grid_pos(g, device) for g in grids]
+        if self.pos == "rope":
+            cos = torch.cat([t[0].repeat(n, 1, 1) for t, n in zip(tabs, ns, strict=True)])  # (T, 2, Dh/4)
+            sin = torch.cat([t[1].repeat(n, 1, 1) for t, n in zip(tabs, ns, strict=True)])
+            return cos, sin
+        return torch.cat([t.repeat(n, 1) for t, n in zip(tabs, ns, strict=True)])  # (T, width)
+
+    # -- forward -------------------------------------------------------------------------------
+    def condition(self, tau: Tensor, y: Tensor, grids: list[int], ns: list[int]) -> Tensor:
+        """Per-sample conditioning c (B, width) = fuse(Gamma(tau T), E(r_k)) + class embedding."""
+        gamma = self.t_embed(tau * self.timesteps)  # (B, D)
+        r = torch.tensor(grids, dtype=torch.float32).to(tau.device, non_blocking=True)  # (G,)
+        e_g = self.r_embed(r)  # (G, D): one resolution embedding per group
+        e = torch.cat([e_g[i : i + 1].expand(n, -1) for i, n in enumerate(ns)])  # (B, D)
+        return self.fuse(gamma, e) + self.y_embed(y)
+
+    def _check(self, xs: list[Tensor], taus: list[Tensor], ys: list[Tensor]) -> None:
+        if not (len(xs) == len(taus) == len(ys)) or not xs:
+            raise ValueError(
+                f"DiT: need equal non-empty lists, got {len(xs)} x, {len(taus)} tau, {len(ys)} y"
+            )
+        for x, t, y in zip(xs, taus, ys, strict=True):
+            if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] != x.shape[3]:
+                raise ValueError(f"DiT: x must be (B, {self.in_channels}, r, r), got {tuple(x.shape)}")
+            if x.shape[-1] % self.patch:
+                raise ValueError(f"DiT: side {x.shape[-1]} is not a multiple of the patch size {self.patch}")
+            if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
+                raise ValueError(f"DiT: tau {tuple(t.shape)} and y {tuple(y.shape)} must be ({x.shape[0]},)")
+
+    def forward(self, x, tau, y):
+        if isinstance(x, Tensor):
+            return self.forward([x], [tau], [y])[0]
+        xs, ys = list(x), list(y)
+        if not (len(xs) == len(tau) == len(ys)) or not xs:
+            raise ValueError(f"DiT: need equal non-empty lists, got {len(xs)} x, {len(tau)} tau, {len(ys)} y")
+        taus = [t.expand(xi.shape[0]) if t.dim() == 0 else t for t, xi in zip(tau, xs, strict=True)]
+        self._check(xs, taus, ys)
+        p = self.patch
+        ns = [xi.shape[0] for xi in xs]
+        grids = [xi.shape[-1] // p for xi in xs]
+        groups = [(n, g * g) for n, g in zip(ns, grids, strict=True)]
+        seqlens = [L for n, L in groups for _ in range(n)]
+
+        tok = torch.cat([patchify(xi, p) for xi in xs]) if len(xs) > 1 else patchify(xs[0], p)  # (T, p*p*C)
+        h = self.x_embed(tok)  # (T, D)
+        c = self.condition(torch.cat(taus).float(), torch.cat(ys).long(), grids, ns)  # (B, D)
+        pos = self._packed_pos(grids, ns, h.device)
+        rope = None
+        if self.pos == "rope":
+            rope = pos
+        else:
+            h = h + pos.to(h.dtype)
+
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(blk, h, c, rope, groups, seqlens, use_reentrant=False)
+            else:
+                h = blk(h, c, rope, groups, seqlens)
+        out = self.final(h, c, groups)  # (T, p*p*C)
+        parts = out.split([n * L for n, L in groups])
+        return [
+            unpatchify(o, xi.shape[0], self.in_channels, xi.shape[-1], p)
+            for o, xi in zip(parts, xs, strict=True)
+        ]
+
+
+def build_model(cfg: Config) -> DiT:
+    """The DiT of cfg.model for the hierarchy cfg.flow.sides (final side = sides[-1])."""
+    m = cfg.model
+    return DiT(
+        depth=m.depth,
+        width=m.width,
+        heads=m.heads,
+        patch=m.patch,
+        in_channels=m.in_channels,
+        num_classes=m.num_classes,
+        final_side=cfg.flow.sides[-1],
+        timesteps=cfg.flow.timesteps,
+        mlp_ratio=m.mlp_ratio,
+        pos=m.pos,
+        pos_units=m.pos_units,
+        res_fusion=m.res_fusion,
+        attn_bias=m.attn_bias,
+        qk_norm=m.qk_norm,
+        dropout=m.dropout,
+    )
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(cfg: Config, side: int) -> float:
+    """Matmul FLOPs (2 m n k) of one forward of one sample at `side`, attention QK^T and AV included.
+
+    Elementwise work (norms, activations, rope, softmax) is ignored; training costs 3x this.
+    """
+    m = cfg.model
+    D, p, C = m.width, m.patch, m.in_channels
+    N = (side // p) ** 2
+    hidden = int(D * m.mlp_ratio)
+    per_block = 2 * N * D * (3 * D + D + 2 * hidden)  # qkv, proj, fc1 + fc2
+    per_block += 2 * 2 * N * N * D  # Q K^T and A V over all heads
+    per_block += 2 * D * 6 * D  # AdaLN modulation (per sample)
+    total = m.depth * per_block
+    total += 2 * N * (p * p * C) * D * 2  # patch embedding + final linear
+    total += 2 * D * 2 * D  # final AdaLN
+    total += 2 * 2 * (FREQ_DIM * D + D * D)  # timestep + resolution MLPs
+    if m.res_fusion == "xattn":
+        total += 2 * 4 * D * (D // m.heads)
+    return float(total)
