@@ -1,0 +1,355 @@
+"""Training data: shards from `cdc prepare` -> mixed-stage `cdc.flow.Batch`es, exactly resumable.
+
+Per sample: a global time t ~ U[0, 1), its stage k = Schedule.stage_of(t), and only the stored
+level that stage needs is decoded. A block-aligned crop (offset a multiple of final/sides[0]
+pixels of the level the final stage uses) and one horizontal flip are applied to that level, so
+the stage target equals D_to(crop of the top level, r_k) up to the uint8 rounding of the stored
+level (DESIGN.md §3). Pixels map to [-1, 1] as x / 127.5 - 1.
+
+Determinism: rank r with W loader workers has S = world * W slots; slot s reads the shards
+perm_e[s::S] of epoch e's seeded shard permutation (or every S-th sample when there are fewer
+shards than slots), draws each sample's t/crop/flip from a generator seeded by (seed, rank,
+worker, epoch, position) and shuffles through a buffer seeded the same way. torch's DataLoader
+yields worker batches round-robin, so batch n comes from worker n % W; a resumed loader rotates
+its workers and each skips its batches without decoding any image.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cdc.flow import Batch, Schedule
+
+
+def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
+    """Shard URLs and the manifest (if found) of a directory, manifest file, brace pattern or pipe: url."""
+    p = Path(spec).expanduser()
+    if p.is_dir() or p.name == "manifest.json":
+        mpath = p / "manifest.json" if p.is_dir() else p
+        if not mpath.is_file():
+            raise FileNotFoundError(
+                f"{mpath} not found; run `cdc prepare` to create shards in {mpath.parent}"
+            )
+        manifest = json.loads(mpath.read_text())
+        return [str(mpath.parent / s["name"]) for s in manifest["shards"]], manifest
+    from braceexpand import braceexpand
+
+    urls = list(braceexpand(spec))
+    manifest = None
+    if not spec.startswith("pipe:") and "://" not in spec:
+        mpath = Path(urls[0]).parent / "manifest.json"
+        manifest = json.loads(mpath.read_text()) if mpath.is_file() else None
+        missing = [u for u in urls if not Path(u).is_file()]
+        if missing and len(urls) == 1:
+            raise FileNotFoundError(
+                f"data.shards={spec} not found; run `cdc prepare --src ... --out {spec}` first"
+            )
+        if missing:
+            raise FileNotFoundError(f"shard {missing[0]} not found ({len(missing)} of {len(urls)} missing)")
+    return urls, manifest
+
+
+def read_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream (key, {ext: bytes}) samples from any location webdataset's gopen opens."""
+    from webdataset import gopen
+
+    stream = gopen(url, "rb")
+    try:
+        key, sample = None, {}
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = os.path.basename(m.name)
+                k, _, ext = base.partition(".")
+                k = os.path.join(os.path.dirname(m.name), k)
+                if k != key:
+                    if key is not None:
+                        yield key, sample
+                    key, sample = k, {}
+                sample[ext] = tar.extractfile(m).read()
+            if key is not None:
+                yield key, sample
+    finally:
+        stream.close()
+
+
+class _Plan:
+    """Everything a worker needs, picklable: shard list, counts, geometry and seeds."""
+
+    def __init__(self, cfg: Any, urls: list[str], manifest: dict | None, rank: int, world: int, seed: int):
+        self.urls, self.rank, self.world, self.seed = urls, rank, world, seed
+        self.workers = max(cfg.data.workers, 1)
+        self.batch = cfg.train.batch_size
+        self.shuffle = cfg.data.shuffle
+        self.random_crop, self.hflip = cfg.data.random_crop, cfg.data.hflip
+        self.sched = Schedule.from_config(cfg.flow)
+        self.sides = list(cfg.flow.sides)
+        counts = {s["name"]: s["count"] for s in manifest["shards"]} if manifest else {}
+        self.counts = [counts.get(os.path.basename(u)) for u in urls]
+        if any(c is None for c in self.counts):
+            self.counts = None  # unknown: resume skips by reading, epochs are not skipped arithmetically
+        final = self.sides[-1]
+        self.prep_side = manifest["side"] if manifest else None
+        self.top = manifest["top"] if manifest else None
+        self.levels = list(manifest["levels"]) if manifest else None
+        self.align = final // self.sides[0]  # crop offsets, in pixels of the final stage's level
+        if manifest:
+            self._geometry(self.levels)
+
+    def _geometry(self, levels: list[int]) -> None:
+        """Level side per stage: r_k * top / side_prepared; the final stage's level has side T."""
+        final, top = self.sides[-1], max(levels)
+        prep = self.prep_side or final  # without a manifest, assume prepared at the final side
+        T = final * top / prep
+        need = [r * top / prep for r in self.sides]
+        bad = [int(n) if n == int(n) else n for n in need if n != int(n) or int(n) not in levels]
+        if bad:
+            raise ValueError(
+                f"stage sides {self.sides} need stored levels {[int(n) if n == int(n) else n for n in need]} "
+                f"but the shards hold {levels} (prepared at side {prep}); prepare with more --levels "
+                f"or a matching --side"
+            )
+        self.T, self.need = int(T), [int(n) for n in need]
+        self.n_pos = (self.T - final) // self.align
+
+    def epoch_shards(self, epoch: int, slot: int) -> tuple[list[int], int, int]:
+        """(shard indices this slot reads in `epoch`, sample stride, sample phase)."""
+        perm = np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.urls)).tolist()
+        S = self.world * self.workers
+        if len(self.urls) >= S:
+            return perm[slot::S], 1, 0
+        return perm, S, slot  # fewer shards than slots: every slot reads all, keeps every S-th sample
+
+    def epoch_count(self, epoch: int, slot: int) -> int | None:
+        if self.counts is None:
+            return None
+        shards, stride, phase = self.epoch_shards(epoch, slot)
+        n = sum(self.counts[i] for i in shards)
+        return (n - phase + stride - 1) // stride if stride > 1 else n
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """One rank's infinite batch stream; DataLoader worker i plays logical worker (i + start) % W."""
+
+    def __init__(self, plan: _Plan, start: int):
+        super().__init__()
+        self.plan, self.start = plan, start
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = torch.utils.data.get_worker_info()
+        P = self.plan
+        W = P.workers
+        w = ((info.id if info is not None else 0) + self.start) % W
+        skip_batches = max(0, (self.start - w + W - 1) // W)
+        samples = self._samples(w, skip_batches * P.batch)
+        while True:
+            group = [next(samples) for _ in range(P.batch)]
+            yield self._collate(group)
+
+    def _samples(self, w: int, skip: int) -> Iterator[tuple]:
+        """Worker w's output samples across epochs, the first `skip` of them dropped undecoded."""
+        P = self.plan
+        slot = P.rank * P.workers + w
+        epoch = 0
+        while True:
+            n = P.epoch_count(epoch, slot)
+            if n == 0:
+                raise ValueError(
+                    f"rank {P.rank} worker {w} has no samples: fewer samples than ranks x workers"
+                )
+            if n is not None and skip >= n:  # skip whole epochs without reading them
+                skip, epoch = skip - n, epoch + 1
+                continue
+            got = 0
+            for sample in self._epoch(epoch, w, slot):
+                got += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield sample
+            if got == 0:
+                raise ValueError(
+                    f"rank {P.rank} worker {w} read no samples in epoch {epoch}; check the shards"
+                )
+            epoch += 1
+
+    def _epoch(self, epoch: int, w: int, slot: int) -> Iterator[tuple]:
+        P = self.plan
+        seeds = np.random.SeedSequence([P.seed, P.rank, w, epoch])
+        buf_rng = random.Random(int(seeds.generate_state(1)[0]))
+        buf: list[tuple] = []
+        shards, stride, phase = P.epoch_shards(epoch, slot)
+        j = -1  # position in this slot's input stream
+        g = -1  # position in the shared stream (sample-level split)
+        for i in shards:
+            for key, sample in read_tar(P.urls[i]):
+                g += 1
+                if g % stride != phase:
+                    continue
+                j += 1
+                if not hasattr(P, "T"):  # no manifest: levels from the first sample's keys
+                    P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(".png")))
+                rng = np.random.default_rng([P.seed, P.rank, w, epoch, j])
+                t = float(rng.random())
+                oy, ox = (rng.integers(0, P.n_pos + 1, 2) * P.align).tolist()
+                flip = bool(rng.random() < 0.5)
+                if not P.random_crop:
+                    oy = ox = (P.n_pos // 2) * P.align
+                t32 = torch.tensor([t], dtype=torch.float32)
+                k = int(P.sched.stage_of(t32)[0])
+                rec = (
+                    key,
+                    int(sample["cls"]),
+                    float(t32[0]),
+                    k,
+                    sample[f"{P.need[k]}.png"],
+                    oy,
+                    ox,
+                    flip and P.hflip,
+                )
+                if P.shuffle <= 1:
+                    yield rec
+                elif len(buf) < P.shuffle:
+                    buf.append(rec)
+                else:
+                    idx = buf_rng.randrange(len(buf))
+                    buf[idx], rec = rec, buf[idx]
+                    yield rec
+        buf_rng.shuffle(buf)
+        yield from buf
+
+    def _collate(self, group: list[tuple]) -> tuple:
+        P = self.plan
+        out: tuple[list, ...] = ([], [], [], [], [], [], [])  # stage, x, t, y, keys, offsets, flips
+        for k in sorted({s[3] for s in group}):
+            members = [s for s in group if s[3] == k]
+            r, scale = P.sides[k], P.T // P.need[k]  # offsets are in T pixels; this level is T/scale
+            xs = []
+            for _, _, _, _, png, oy, ox, flip in members:
+                a = np.asarray(Image.open(io.BytesIO(png)))
+                a = a[oy // scale : oy // scale + r, ox // scale : ox // scale + r]
+                a = a[:, ::-1] if flip else a
+                a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (H, W, C) -> (C, r, r)
+                xs.append(torch.from_numpy(a.copy()))  # copy: PIL's buffer is read-only
+            x = torch.stack(xs).float().div_(127.5).sub_(1.0)  # (B_k, C, r, r)
+            out[0].append(k)
+            out[1].append(x)
+            out[2].append(torch.tensor([s[2] for s in members], dtype=torch.float32))
+            out[3].append(torch.tensor([s[1] for s in members], dtype=torch.long))
+            out[4].append([s[0] for s in members])
+            out[5].append([(s[5], s[6]) for s in members])
+            out[6].append([s[7] for s in members])
+        return out
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class TrainLoader:
+    """Infinite iterable of `Batch`es (cfg.train.batch_size samples per rank), grouped by stage.
+
+    `state_dict()` / `load_state_dict()` carry the number of batches yielded; a loader restored
+    from it yields exactly the batches an uninterrupted one would have yielded next.
+    """
+
+    def __init__(
+        self, cfg: Any, rank: int = 0, world_size: int = 1, seed: int | None = None, device: str = "cpu"
+    ):
+        urls, manifest = resolve_shards(cfg.data.shards)
+        if not urls:
+            raise ValueError(f"data.shards={cfg.data.shards!r} matches no shards")
+        if manifest:
+            if manifest["channels"] != cfg.model.in_channels:
+                raise ValueError(
+                    f"shards have {manifest['channels']} channels but model.in_channels="
+                    f"{cfg.model.in_channels}; set model.in_channels={manifest['channels']}"
+                )
+            if manifest["num_classes"] > cfg.model.num_classes:
+                raise ValueError(
+                    f"shards have {manifest['num_classes']} classes but model.num_classes="
+                    f"{cfg.model.num_classes}; set model.num_classes={manifest['num_classes']}"
+                )
+        self.seed = cfg.train.seed if seed is None else seed
+        self.plan = _Plan(cfg, urls, manifest, rank, world_size, self.seed)
+        self.manifest, self.rank, self.world_size = manifest, rank, world_size
+        self.num_workers = cfg.data.workers
+        self.device = torch.device(device)
+        self.batches = 0  # batches yielded so far (the resume position)
+
+    @property
+    def samples_per_epoch(self) -> int | None:
+        """Samples in one pass over all shards (all ranks together), when a manifest is known."""
+        return sum(self.plan.counts) if self.plan.counts is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        n = self.samples_per_epoch
+        epoch = self.batches * self.plan.batch * self.world_size / n if n else None
+        return {
+            "batches": self.batches,
+            "epoch": epoch,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "workers": self.num_workers,
+            "batch_size": self.plan.batch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after `state["batches"]` batches; call before iterating."""
+        mine = self.state_dict()
+        diff = [
+            k for k in ("seed", "world_size", "workers", "batch_size") if k in state and state[k] != mine[k]
+        ]
+        if diff:
+            warnings.warn(
+                f"data loader resumed with different {diff}: the batch sequence will not repeat exactly",
+                stacklevel=2,
+            )
+        self.batches = int(state["batches"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        stream = _Stream(self.plan, self.batches)
+        if self.num_workers == 0:
+            it: Any = iter(stream)
+        else:
+            it = iter(
+                torch.utils.data.DataLoader(
+                    stream,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    collate_fn=_identity,
+                    pin_memory=self.device.type == "cuda",
+                    prefetch_factor=4,
+                )
+            )
+        for stage, x, t, y, keys, offsets, flips in it:
+            b = Batch(
+                list(stage),
+                x,
+                t,
+                y,
+                {"index": self.batches, "keys": keys, "offsets": offsets, "flips": flips},
+            )
+            self.batches += 1
+            yield b.to(self.device) if self.device.type != "cpu" else b
+
+
+def make_loader(
+    cfg: Any, rank: int = 0, world_size: int = 1, seed: int | None = None, device: str = "cpu"
+) -> TrainLoader:
+    """The training loader for `cfg` (cdc.config.Config) on one rank; see TrainLoader."""
+    return TrainLoader(cfg, rank, world_size, seed, device)

@@ -1,0 +1,182 @@
+"""The training loader: exact stage targets under crop/flip, grouping, node/worker split, exact resume."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdc.config import from_dict
+from cdc.data import make_loader, read_tar
+from cdc.flow import Schedule
+from cdc.prepare import prepare
+from cdc.pyramid import down_to
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """48 RGB images in 3 classes as 6 shards: side 32, top 40 (expand 1.25), levels 40/20/10."""
+    root = tmp_path_factory.mktemp("src")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"k{c}").mkdir()
+        for i in range(16):
+            low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+            Image.fromarray(low).resize((64, 48), Image.BICUBIC).save(root / f"k{c}" / f"{i}.png")
+    out = tmp_path_factory.mktemp("shards")
+    m = prepare(root, out, side=32, expand=1.25, levels=3, shard_size=8, progress=False)
+    assert m["top"] == 40 and m["levels"] == [40, 20, 10] and len(m["shards"]) == 6
+    return out
+
+
+def config(shards: Path | str, **data) -> object:
+    return from_dict(
+        {
+            "model": {"preset": "tiny", "num_classes": 3, "in_channels": 3},
+            "flow": {"sides": [8, 16, 32]},
+            "data": {"shards": str(shards), "workers": 0, "shuffle": 10, **data},
+            "train": {"batch_size": 8},
+        }
+    )
+
+
+def take(loader, n: int) -> list:
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) == n:
+            return out
+    raise AssertionError("loader ended")
+
+
+def same(a, b) -> bool:
+    return (
+        a.stage == b.stage
+        and a.meta["keys"] == b.meta["keys"]
+        and all(torch.equal(x, y) for x, y in zip(a.x1 + a.t + a.y, b.x1 + b.t + b.y, strict=True))
+    )
+
+
+def top_levels(shards: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for tar in sorted(shards.glob("*.tar")):
+        for key, s in read_tar(str(tar)):
+            out[key] = np.asarray(Image.open(io.BytesIO(s["40.png"])))
+    return out
+
+
+def test_stage_targets_equal_box_downsampled_crop(shards):
+    loader = make_loader(config(shards), seed=3)
+    tops = top_levels(shards)
+    sched = Schedule.make([8, 16, 32])
+    seen_stages, offsets, flips = set(), set(), set()
+    for b in take(loader, 12):
+        assert b.stage == sorted(b.stage) and b.size == 8
+        for k, x, t, y, keys, offs, fl in zip(
+            b.stage, b.x1, b.t, b.y, b.meta["keys"], b.meta["offsets"], b.meta["flips"], strict=True
+        ):
+            assert torch.equal(sched.stage_of(t), torch.full_like(y, k))
+            r = [8, 16, 32][k]
+            assert x.shape == (len(y), 3, r, r) and x.min() >= -1 and x.max() <= 1
+            for i, key in enumerate(keys):
+                oy, ox = offs[i]
+                assert oy % 4 == 0 and ox % 4 == 0 and 0 <= oy <= 8 and 0 <= ox <= 8  # align = 32 / 8
+                crop = (
+                    torch.from_numpy(tops[key][oy : oy + 32, ox : ox + 32].copy()).permute(2, 0, 1).double()
+                )
+                crop = crop.flip(-1) if fl[i] else crop
+                want = down_to(crop / 127.5 - 1, r)
+                assert (x[i].double() - want).abs().max() <= 1 / 255 + 1e-6  # uint8 rounding of the level
+                assert int(y[i]) == int(key[1])  # classes k0/k1/k2
+                seen_stages.add(k)
+                offsets.add((oy, ox))
+                flips.add(fl[i])
+    assert seen_stages == {0, 1, 2} and len(offsets) > 3 and flips == {True, False}
+
+
+def test_centre_crop_without_flip(shards):
+    loader = make_loader(config(shards, random_crop=False, hflip=False))
+    for b in take(loader, 3):
+        assert {o for offs in b.meta["offsets"] for o in offs} == {(4, 4)}
+        assert not any(f for fl in b.meta["flips"] for f in fl)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_reproduces_batches(shards, workers):
+    cfg = config(shards, workers=workers)
+    ref = take(make_loader(cfg, seed=1), 16)  # 48 samples / 8 per batch: spans several epochs
+    for start in (5, 13):
+        loader = make_loader(cfg, seed=1)
+        loader.load_state_dict(
+            {"batches": start, "seed": 1, "workers": workers, "world_size": 1, "batch_size": 8}
+        )
+        got = take(loader, 16 - start)
+        assert all(same(a, b) for a, b in zip(ref[start:], got, strict=True))
+        assert loader.state_dict()["batches"] == 16
+    other = take(make_loader(cfg, seed=2), 4)
+    assert not all(same(a, b) for a, b in zip(ref[:4], other, strict=True))
+
+
+def test_epoch_covers_every_sample_once_across_ranks_and_workers(shards):
+    # (workers, world, shard spec, samples): 6 shards over 2 or 6 slots; 1 shard split by sample
+    for workers, world, spec, n in (
+        (1, 2, shards, 48),
+        (2, 3, shards, 48),
+        (1, 2, shards / "train-000000.tar", 8),
+    ):
+        cfg = config(spec, workers=workers, shuffle=0)
+        cfg.train.batch_size = 1
+        keys = []
+        for rank in range(world):
+            keys += [
+                b.meta["keys"][0][0] for b in take(make_loader(cfg, rank=rank, world_size=world), n // world)
+            ]
+        assert len(keys) == len(set(keys)) == n
+
+
+def test_pipe_and_brace_pattern_match_directory(shards):
+    ref = take(make_loader(config(shards), seed=5), 7)
+    brace = str(shards / "train-{000000..000005}.tar")
+    assert all(same(a, b) for a, b in zip(ref, take(make_loader(config(brace), seed=5), 7), strict=True))
+    pipe = f"pipe:cat {shards}/train-{{000000..000005}}.tar"  # no manifest: levels read from the samples
+    loader = make_loader(config(pipe), seed=5)
+    loader.load_state_dict({"batches": 3})
+    assert all(same(a, b) for a, b in zip(ref[3:], take(loader, 4), strict=True))
+
+
+def test_clear_errors(shards):
+    with pytest.raises(ValueError, match="more --levels"):
+        make_loader(_cfg_sides(shards, [4, 8, 16, 32]))
+    bad = config(shards)
+    bad.model.in_channels = 1
+    with pytest.raises(ValueError, match="in_channels"):
+        make_loader(bad)
+    with pytest.raises(FileNotFoundError, match="cdc prepare"):
+        make_loader(config(shards / "missing"))
+
+
+def _cfg_sides(shards: Path, sides: list[int]):
+    cfg = config(shards)
+    cfg.flow.sides = sides
+    return cfg
+
+
+def test_fashion_mnist_quickstart_batches(tmp_path):
+    prepare("fashion-mnist", tmp_path / "fm", limit=200, shard_size=50, progress=False)
+    cfg = from_dict(
+        {
+            "model": {"preset": "tiny", "num_classes": 10, "in_channels": 1},
+            "flow": {"sides": [8, 16, 32]},
+            "data": {"shards": str(tmp_path / "fm"), "workers": 0},
+            "train": {"batch_size": 16},
+        }
+    )
+    b = take(make_loader(cfg), 1)[0]
+    assert b.size == 16 and all(x.shape[1] == 1 for x in b.x1)
+    for x in b.x1:  # 2-px zero border is black (-1) at full side
+        if x.shape[-1] == 32:
+            assert torch.all(x[..., :2, :] == -1)
