@@ -1,0 +1,751 @@
+"""Evaluation: FID / IS / improved precision-recall (ADM protocol), per-stage FID, and sliced Wasserstein.
+
+Library side of `cdc score`. Images travel as uint8 (N, H, W, 3) numpy batches, streamed so that 50k
+samples at 256 px (~10 GB) never sit in memory at once. Inception features go through
+cdc.inception (the FID graph); the metric maths is in plain numpy / torch:
+  * FID: Frechet distance of Gaussians fitted to pool3 features (scipy sqrtm, eps offset fallback).
+  * IS: exp(E KL(p(y|x) || p(y))) on the 1008-way softmax, mean and std over 10 splits.
+  * precision / recall: Kynkaanniemi et al. 2019 as in ADM's evaluator; a point is inside a set's
+    manifold if it lies within the k=3-NN radius of some point of that set. Distances are computed
+    in row x column blocks (torch.cdist on the chosen device), so 50k x 50k never materialises.
+  * SWD: weight-free sliced Wasserstein distance between 7x7 patch descriptors of a Laplacian
+    pyramid (Karras et al. 2018), one number per level (finest first) and their mean.
+A reference .npz holds everything a score needs (see build_reference), plus a JSON description.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from cdc.pyramid import down_to
+
+VERSIONS = {
+    "fid": "cdc-fid-1: pool3 2048-d, scipy sqrtm, eps 1e-6 fallback",
+    "is": "cdc-is-1: 1008-way softmax, 10 splits",
+    "pr": "cdc-pr-1: ADM/Kynkaanniemi manifolds, k=3, euclidean pool3",
+    "swd": "cdc-swd-1: 5-tap Laplacian pyramid, 7x7 patches, ref-normalised, 4 x 128 directions",
+    "reference": "cdc-ref-1",
+}
+ALL_METRICS = ("fid", "is", "pr", "swd")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+# ----------------------------------------------------------------------------- image sources
+
+
+class Images:
+    """A sized, re-iterable stream of uint8 (B, S, S, 3) batches; greyscale is repeated to 3 channels."""
+
+    def __init__(self, n: int, side: int, batches_fn, name: str) -> None:
+        self.n, self.side, self._fn, self.name = n, side, batches_fn, name
+
+    def batches(self, batch: int) -> Iterator[np.ndarray]:
+        for b in self._fn(batch):
+            yield np.repeat(b, 3, axis=-1) if b.shape[-1] == 1 else b
+
+
+def _npz_header(zf: zipfile.ZipFile, key: str, path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and header length of `key` inside an .npz without reading the array."""
+    if f"{key}.npy" not in zf.namelist():
+        raise ValueError(f"{path} has no '{key}' array (ADM sample format: arr_0 uint8 NHWC, arr_1 labels)")
+    with zf.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if fortran:
+            raise ValueError(f"{path}:{key} is Fortran-ordered; save it with np.savez from a C-ordered array")
+        return shape, dtype, f.tell()
+
+
+def npz_images(path: Path, key: str = "arr_0") -> Images:
+    """Stream `key` (uint8 (N, S, S, 1|3)) out of an .npz in row batches (works for savez_compressed too)."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path} is not a readable .npz file ({e})") from None
+    with zf:
+        shape, dtype, offset = _npz_header(zf, key, path)
+    if len(shape) != 4 or shape[-1] not in (1, 3) or shape[1] != shape[2]:
+        raise ValueError(
+            f"{path}:{key} has shape {shape}; expected (N, S, S, 3) or (N, S, S, 1) square images"
+        )
+    if dtype != np.uint8:
+        raise ValueError(f"{path}:{key} has dtype {dtype}; expected uint8 pixels in [0, 255]")
+    row = int(np.prod(shape[1:]))
+
+    def gen(batch: int) -> Iterator[np.ndarray]:
+        with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
+            f.read(offset)
+            for i in range(0, shape[0], batch):
+                m = min(batch, shape[0] - i)
+                buf = f.read(m * row)
+                yield np.frombuffer(bytearray(buf), np.uint8).reshape(m, *shape[1:])  # writable copy
+
+    return Images(shape[0], shape[1], gen, str(path))
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def folder_images(path: Path) -> Images:
+    """Sample images from a folder (sorted file names, not recursive); all square, of one side."""
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise ValueError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+    first = _load_rgb(files[0])
+    if first.shape[0] != first.shape[1]:
+        raise ValueError(f"{files[0]} is {first.shape[1]}x{first.shape[0]}; samples must be square")
+
+    def gen(batch: int) -> Iterator[np.ndarray]:
+        for i in range(0, len(files), batch):
+            imgs = [_load_rgb(f) for f in files[i : i + batch]]
+            for f, im in zip(files[i : i + batch], imgs, strict=True):
+                if im.shape != first.shape:
+                    raise ValueError(f"{f} has shape {im.shape}, unlike {first.shape} of {files[0].name}")
+            yield np.stack(imgs)
+
+    return Images(len(files), first.shape[0], gen, str(path))
+
+
+def open_samples(path: str | Path) -> Images:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"samples not found: {p}")
+    return folder_images(p) if p.is_dir() else npz_images(p)
+
+
+def center_crop_resize(img: Image.Image, side: int) -> np.ndarray:
+    """ADM's reference preprocessing: box-halve while >= 2x, bicubic to short side `side`, centre crop."""
+    img = img.convert("RGB")
+    while min(img.size) >= 2 * side:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = side / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    a = np.asarray(img)
+    y, x = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2
+    return a[y : y + side, x : x + side]
+
+
+def _shard_samples(tars: list[Path]) -> Iterator[dict[str, bytes]]:
+    """webdataset samples as {ext: bytes}; the key is the file name up to its first dot."""
+    for t in tars:
+        cur, key = {}, None
+        with tarfile.open(t, "r|*") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                k, _, ext = base.partition(".")
+                if key is not None and k != key:
+                    yield cur
+                    cur = {}
+                key = k
+                cur[ext] = tf.extractfile(m).read()
+        if cur:
+            yield cur
+
+
+def reference_images(data: str | Path, side: int | None, n: int | None = None) -> Images:
+    """Reference images from an image folder (recursive, class folders fine) or prepared shards.
+
+    Folder: images of side `side` are used as they are, others get ADM's centre crop + resize.
+    Shards (a folder with manifest.json and *.tar, one PNG per pyramid level, `{side}.png`): the
+    smallest stored level >= `side` (the expanded image, e.g. 288 for 256) is centre-cropped to
+    `side` without resampling, matching the training crops.
+    """
+    d = Path(data)
+    if not d.is_dir():
+        raise FileNotFoundError(f"reference data folder not found: {d}")
+    if (d / "manifest.json").is_file():
+        manifest = json.loads((d / "manifest.json").read_text())
+        listed = [d / sh["name"] for sh in manifest.get("shards", []) if "name" in sh]
+        tars = [t for t in listed if t.is_file()] if listed else sorted(d.glob("*.tar"))
+        if not tars or len(tars) < len(listed):
+            raise ValueError(
+                f"{d}: shards listed in manifest.json are missing; run `cdc prepare` to completion"
+            )
+        count = int(manifest.get("count", 0)) or sum(
+            int(v) for v in manifest.get("shard_counts", {}).values()
+        )
+        first = next(_shard_samples(tars[:1]), None)
+        lv = sorted(int(e[:-4]) for e in (first or {}) if e.endswith(".png") and e[:-4].isdigit())
+        if not lv:
+            raise ValueError(f"{tars[0]} has no '<side>.png' level images")
+        side = side or int(manifest.get("side") or lv[-1])  # prepare records the final (training) side
+        fit = [s for s in lv if s >= side]
+        if not fit:
+            raise ValueError(f"shards in {d} have levels {lv}; none is >= --side {side}")
+        level = fit[0]
+        total = min(n, count) if n and count else (n or count)
+        if not total:
+            raise ValueError(f"{d}/manifest.json has no sample count; pass --n")
+
+        def gen_shards(batch: int) -> Iterator[np.ndarray]:
+            buf, seen = [], 0
+            o = (level - side) // 2
+            for s in _shard_samples(tars):
+                if seen >= total:
+                    break
+                with Image.open(io.BytesIO(s[f"{level}.png"])) as im:
+                    a = np.asarray(im.convert("RGB"))
+                buf.append(a[o : o + side, o : o + side])
+                seen += 1
+                if len(buf) == batch:
+                    yield np.stack(buf)
+                    buf = []
+            if buf:
+                yield np.stack(buf)
+
+        return Images(total, side, gen_shards, f"shards {d} (level {level}, centre crop {side})")
+
+    files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise ValueError(f"{d} holds no images ({', '.join(sorted(IMAGE_EXTS))}) and no manifest.json")
+    files = files[:n] if n else files
+    if side is None:
+        with Image.open(files[0]) as im:
+            if im.size[0] != im.size[1]:
+                raise ValueError(f"{files[0]} is not square; pass --side")
+            side = im.size[0]
+
+    def gen_folder(batch: int) -> Iterator[np.ndarray]:
+        for i in range(0, len(files), batch):
+            out = []
+            for f in files[i : i + batch]:
+                with Image.open(f) as im:
+                    out.append(
+                        np.asarray(im.convert("RGB"))
+                        if im.size == (side, side)
+                        else center_crop_resize(im, side)
+                    )
+            yield np.stack(out)
+
+    return Images(len(files), side, gen_folder, f"folder {d} (ADM centre crop to {side})")
+
+
+def _to_float(b: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1] on `device`."""
+    return torch.from_numpy(np.ascontiguousarray(b)).to(device).permute(0, 3, 1, 2).float().div_(255)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def inception_features(
+    model: torch.nn.Module,
+    batches: Iterator[np.ndarray],
+    total: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run Inception over uint8 batches; returns pool3 (N, 2048) and logits (N, 1008), float32."""
+    pools, logits = [], []
+    with torch.inference_mode(), tqdm(total=total, desc="inception", unit="img", disable=not progress) as bar:
+        for b in batches:
+            p, lg = model(_to_float(b, device))
+            pools.append(p.float().cpu().numpy())
+            logits.append(lg.float().cpu().numpy())
+            bar.update(len(b))
+    return np.concatenate(pools), np.concatenate(logits)
+
+
+def gaussian_stats(feats: np.ndarray, what: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance in float64; needs at least 2 rows."""
+    if len(feats) < 2:
+        raise ValueError(f"{what}: {len(feats)} image(s) is too few for a covariance; FID needs at least 2")
+    f = feats.astype(np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Dowson & Landau 1982)."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(
+            f"feature dims differ: mean {mu1.shape} vs {mu2.shape}, covariance {s1.shape} vs {s2.shape}"
+        )
+    diff = mu1 - mu2
+    with warnings.catch_warnings():  # singular products are handled just below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        # singular product (e.g. fewer samples than dims): regularise both covariances slightly
+        off = np.eye(s1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
+    if np.iscomplexobj(covmean):
+        # round-off gives tiny imaginary parts; large ones mean the inputs are not covariances
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"matrix square root has imaginary part {np.max(np.abs(covmean.imag)):.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))) per split; returns (mean, std) over `splits` equal splits."""
+    n = len(logits)
+    if n < splits:
+        raise ValueError(f"{n} samples is too few for an Inception Score over {splits} splits")
+    p = torch.from_numpy(np.asarray(logits, np.float64)).softmax(-1).numpy()
+    scores = []
+    for part in np.array_split(p, splits):
+        py = part.mean(0, keepdims=True)
+        kl = (part * (np.log(part + 1e-30) - np.log(py + 1e-30))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _knn_radii(x: torch.Tensor, k: int, rows: int, cols: int) -> torch.Tensor:
+    """Distance of each row of x to its k-th nearest other row, in (rows x cols) blocks."""
+    n = len(x)
+    out = torch.empty(n, device=x.device)
+    for i in range(0, n, rows):
+        best = None  # (r, k+1) smallest distances so far; the point itself is the 0-th
+        for j in range(0, n, cols):
+            d = torch.cdist(x[i : i + rows], x[j : j + cols])  # (r, c)
+            cand = d if best is None else torch.cat([best, d], 1)
+            best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values
+        out[i : i + rows] = best[:, k]
+    return out
+
+
+def _coverage(query: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, rows: int, cols: int) -> float:
+    """Fraction of query rows inside some support ball (|q - s_j| <= radii_j)."""
+    inside = torch.zeros(len(query), dtype=torch.bool, device=query.device)
+    for i in range(0, len(query), rows):
+        for j in range(0, len(support), cols):
+            d = torch.cdist(query[i : i + rows], support[j : j + cols])  # (r, c)
+            inside[i : i + rows] |= (d <= radii[j : j + cols]).any(1)
+    return inside.double().mean().item()
+
+
+def precision_recall(
+    real: np.ndarray,
+    fake: np.ndarray,
+    k: int = 3,
+    batch: int = 10000,
+    device: str | torch.device | None = None,
+) -> tuple[float, float]:
+    """Improved precision (fake inside real manifold) and recall (real inside fake manifold)."""
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(
+            f"precision/recall with k={k} needs more than {k} images per set, got {len(real)} and {len(fake)}"
+        )
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    r = torch.as_tensor(np.asarray(real, np.float32), device=dev)
+    f = torch.as_tensor(np.asarray(fake, np.float32), device=dev)
+    r_rad, f_rad = _knn_radii(r, k, batch, batch), _knn_radii(f, k, batch, batch)
+    return _coverage(f, r, r_rad, batch, batch), _coverage(r, f, f_rad, batch, batch)
+
+
+# ----------------------------------------------------------------------------- sliced Wasserstein
+
+_G5 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16  # binomial approximation of a Gaussian
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    k = (_G5[:, None] * _G5[None, :]).to(x).expand(x.shape[1], 1, 5, 5)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k, groups=x.shape[1])
+
+
+def laplacian_pyramid(x: torch.Tensor, min_side: int = 16) -> list[torch.Tensor]:
+    """Band-pass levels of (B, C, S, S), finest first; the last is the low-pass residual at >= min_side."""
+    out = []
+    while x.shape[-1] // 2 >= min_side:
+        small = _blur(x)[..., ::2, ::2]
+        up = F.interpolate(small, scale_factor=2, mode="nearest")
+        out.append(x - _blur(up))  # blur after nearest-upsampling = smooth expansion
+        x = small
+    out.append(x)
+    return out
+
+
+def swd_descriptors(b: np.ndarray, start: int, per_image: int, seed: int, patch: int = 7) -> list[np.ndarray]:
+    """Random 7x7 patches per Laplacian level of uint8 (B, S, S, 3); image i seeds (seed, lvl, start+i)."""
+    x = _to_float(b, torch.device("cpu")) * 2 - 1
+    levels = laplacian_pyramid(x, min_side=min(16, x.shape[-1]))
+    out = []
+    for li, lv in enumerate(levels):
+        s = lv.shape[-1]
+        if s < patch:
+            break
+        pos = np.stack(
+            [
+                np.random.default_rng([seed, li, start + i]).integers(0, s - patch + 1, (per_image, 2))
+                for i in range(len(b))
+            ]
+        )  # (B, P, 2)
+        win = lv.unfold(2, patch, 1).unfold(3, patch, 1)  # (B, C, s-6, s-6, 7, 7)
+        bi = np.arange(len(b))[:, None]
+        d = win.permute(0, 2, 3, 1, 4, 5)[bi, pos[..., 0], pos[..., 1]]  # (B, P, C, 7, 7)
+        out.append(d.reshape(-1, d.shape[2] * patch * patch).numpy())
+    return out
+
+
+def collect_descriptors(
+    images: Images, batch: int, per_image: int, max_images: int, seed: int
+) -> list[np.ndarray]:
+    parts: list[list[np.ndarray]] = []
+    seen = 0
+    for b in images.batches(batch):
+        b = b[: max_images - seen]
+        for li, d in enumerate(swd_descriptors(b, seen, per_image, seed)):
+            if li == len(parts):
+                parts.append([])
+            parts[li].append(d)
+        seen += len(b)
+        if seen >= max_images:
+            break
+    return [np.concatenate(p) for p in parts]
+
+
+def sliced_wasserstein(
+    a: np.ndarray, b: np.ndarray, dirs: int = 128, repeats: int = 4, seed: int = 0, device: str | None = None
+) -> float:
+    """Mean over `repeats` x `dirs` random unit directions of the 1-D Wasserstein-1 of the projections."""
+    m = min(len(a), len(b))
+    rng = np.random.default_rng(seed)
+    # equal counts make W1 a mean of sorted differences; subsample the larger set deterministically
+    a = a[np.sort(rng.choice(len(a), m, replace=False))] if len(a) > m else a
+    b = b[np.sort(rng.choice(len(b), m, replace=False))] if len(b) > m else b
+    dev = _device(device)
+    ta, tb = (torch.as_tensor(np.asarray(x, np.float32), device=dev) for x in (a, b))
+    total = 0.0
+    for _ in range(repeats):
+        v = torch.from_numpy(rng.standard_normal((a.shape[1], dirs)).astype(np.float32)).to(dev)
+        v /= v.norm(dim=0, keepdim=True)
+        pa, pb = ta @ v, tb @ v  # (m, dirs)
+        if dev.type == "cpu":  # numpy's sort is ~3x faster than torch's on CPU
+            diff = np.abs(np.sort(pa.numpy(), 0) - np.sort(pb.numpy(), 0)).mean()
+        else:
+            diff = (pa.sort(0).values - pb.sort(0).values).abs().mean().item()
+        total += float(diff)
+    return total / repeats
+
+
+def swd_levels(
+    ref_desc: list[np.ndarray],
+    desc: list[np.ndarray],
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Per-level SWD, both sets normalised by the reference's per-coordinate mean and std."""
+    if len(ref_desc) != len(desc):
+        raise ValueError(f"pyramid depth differs: reference {len(ref_desc)} levels, samples {len(desc)}")
+    vals = []
+    for r, s in zip(ref_desc, desc, strict=True):
+        # the reference stores float16 descriptors: quantise both sets alike so identical images give 0
+        r, s = (x.astype(np.float16).astype(np.float32) for x in (r, s))
+        mu, sd = r.mean(0), r.std(0) + 1e-8
+        vals.append(sliced_wasserstein((r - mu) / sd, (s - mu) / sd, seed=seed, device=device))
+    return {"levels": vals, "mean": float(np.mean(vals))}
+
+
+# ----------------------------------------------------------------------------- reference and scoring
+
+
+class _Moments:
+    """Streaming mean / covariance in float64 (features shifted by the first batch's mean for accuracy)."""
+
+    def __init__(self) -> None:
+        self.n, self.shift, self.s, self.ss = 0, None, None, None
+
+    def add(self, f: np.ndarray) -> None:
+        f = f.astype(np.float64)
+        if self.shift is None:
+            self.shift = f.mean(0)
+            self.s, self.ss = np.zeros_like(self.shift), np.zeros((f.shape[1], f.shape[1]))
+        f = f - self.shift
+        self.n += len(f)
+        self.s += f.sum(0)
+        self.ss += f.T @ f
+
+    def stats(self, what: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError(f"{what}: {self.n} image(s) is too few for a covariance; FID needs at least 2")
+        m = self.s / self.n
+        return self.shift + m, (self.ss - self.n * np.outer(m, m)) / (self.n - 1)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _parse_metrics(metrics: str | Sequence[str]) -> list[str]:
+    ms = [
+        m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()
+    ]
+    bad = [m for m in ms if m not in ALL_METRICS]
+    if bad or not ms:
+        raise ValueError(f"unknown metric(s) {bad or ms}; choose from {','.join(ALL_METRICS)}")
+    return ms
+
+
+def _inception(inception_path, weights: bool, device: torch.device, model):
+    """(model, weights id): an injected (module, id) pair, or the FID Inception-v3."""
+    if model is not None:
+        return model
+    from cdc.inception import load_inception
+
+    return load_inception(inception_path, weights=weights, device=device)
+
+
+def _stage_down(b: np.ndarray, side: int) -> np.ndarray:
+    """Box-average uint8 (B, S, S, 3) to `side` and re-quantise, like a stage's saved output."""
+    x = torch.from_numpy(np.ascontiguousarray(b)).permute(0, 3, 1, 2).float()
+    y = down_to(x, side).round().clamp(0, 255).to(torch.uint8)
+    return y.permute(0, 2, 3, 1).numpy()
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_reference(
+    data: str | Path,
+    out: str | Path,
+    side: int | None = None,
+    n: int | None = None,
+    sides: Sequence[int] = (),
+    metrics: str | Sequence[str] = ("fid", "pr", "swd"),
+    inception_path: str | Path | None = None,
+    batch: int = 100,
+    device: str | torch.device | None = None,
+    n_pr: int = 10000,
+    swd_images: int = 1024,
+    swd_per_image: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+    inception_weights: bool = True,
+    model: tuple[torch.nn.Module, str] | None = None,
+) -> dict:
+    """Write reference statistics to `out` (.npz) and return their description.
+
+    Stores: `mu`/`sigma` (pool3 Gaussian at `side`), `mu_<s>`/`sigma_<s>` for every extra side in
+    `sides` (box-downsampled references for per-stage FID), `feats` (the first `n_pr` pool3 vectors,
+    for precision/recall), `swd_<level>` (Laplacian patch descriptors, float16), and `meta` (JSON).
+    """
+    ms = [m for m in _parse_metrics(metrics) if m != "is"]  # IS needs no reference
+    images = reference_images(data, side, n)
+    side = images.side
+    sides = sorted({int(s) for s in sides} - {side})
+    for s in sides:
+        if s > side or side % s or (side // s) & (side // s - 1):
+            raise ValueError(f"--sides {s} is not {side} divided by a power of two")
+    dev = _device(device)
+    arrays: dict[str, np.ndarray] = {}
+    desc = {"version": VERSIONS["reference"], "source": images.name, "count": images.n, "side": side}
+    if {"fid", "pr"} & set(ms) or sides:
+        net, wid = _inception(inception_path, inception_weights, dev, model)
+        mom = {s: _Moments() for s in [side, *sides]}
+        keep: list[np.ndarray] = []
+        with (
+            torch.inference_mode(),
+            tqdm(total=images.n, desc="reference", unit="img", disable=not progress) as bar,
+        ):
+            for b in images.batches(batch):
+                for s in [side, *sides]:
+                    x = b if s == side else _stage_down(b, s)
+                    pool = net(_to_float(x, dev))[0].float().cpu().numpy()
+                    mom[s].add(pool)
+                    if s == side and sum(map(len, keep)) < n_pr:
+                        keep.append(pool)
+                bar.update(len(b))
+        for s in [side, *sides]:
+            mu, sigma = mom[s].stats(f"reference {images.name}")
+            sfx = "" if s == side else f"_{s}"
+            arrays[f"mu{sfx}"], arrays[f"sigma{sfx}"] = mu, sigma
+        if "pr" in ms:
+            arrays["feats"] = np.concatenate(keep)[:n_pr].astype(np.float32)
+        desc.update(inception_sha256=wid, sides=[side, *sides], n_pr=len(arrays.get("feats", [])))
+    if "swd" in ms:
+        for li, d in enumerate(collect_descriptors(images, batch, swd_per_image, swd_images, seed)):
+            arrays[f"swd_{li}"] = d.astype(np.float16)
+        desc.update(swd_images=min(swd_images, images.n), swd_per_image=swd_per_image, swd_seed=seed)
+    desc.update(metrics=ms, versions=VERSIONS, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays["meta"] = np.array(json.dumps(desc))
+    _atomic_write(out, lambda f: np.savez(f, **arrays))
+    return desc
+
+
+def load_reference(path: str | Path) -> tuple[dict, dict]:
+    """(arrays, description) of a reference .npz written by build_reference."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"reference not found: {p} (build one with `cdc score ref --data ... --out {p}`)"
+        )
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{p} is not a readable reference .npz ({e})") from None
+    if "meta" not in arrays:
+        raise ValueError(f"{p} has no 'meta' entry; it is not a cdc reference (rebuild with `cdc score ref`)")
+    return arrays, json.loads(str(arrays.pop("meta")))
+
+
+def _ref_stats(arrays: dict, desc: dict, s: int, ref: Path) -> tuple[np.ndarray, np.ndarray]:
+    sfx = "" if s == desc["side"] else f"_{s}"
+    if f"mu{sfx}" not in arrays:
+        have = desc.get("sides") or []
+        raise ValueError(
+            f"{ref} has no FID statistics at side {s} (has {have}); rebuild it with "
+            f"`cdc score ref --data DATA --out {ref.name} --side {desc['side']} "
+            f"--sides {','.join(map(str, sorted({*have, s})))}`"
+        )
+    return arrays[f"mu{sfx}"], arrays[f"sigma{sfx}"]
+
+
+def _sampler_settings(samples: Path) -> dict:
+    for c in (samples.with_suffix(".json"), samples / "samples.json", samples.parent / "samples.json"):
+        if c.is_file() and not c.name.endswith(".scores.json"):
+            try:
+                return json.loads(c.read_text())
+            except json.JSONDecodeError:
+                return {"unreadable": str(c)}
+    return {}
+
+
+def score_stages(
+    samples: str | Path,
+    ref: str | Path,
+    batch: int = 100,
+    device: str | torch.device | None = None,
+    inception_path: str | Path | None = None,
+    progress: bool = True,
+    inception_weights: bool = True,
+    model: tuple[torch.nn.Module, str] | None = None,
+) -> dict:
+    """Per-stage FID (paper Fig. 7): `stages.npz` next to the samples (stage0, stage1, ... at each
+    stage's side) against the reference's statistics at that side. Returns {"stage<k>": {side, fid}}."""
+    sp, rp = Path(samples), Path(ref)
+    st = (sp if sp.is_dir() else sp.parent) / "stages.npz"
+    if not st.is_file():
+        raise FileNotFoundError(f"{st} not found; write stage outputs with `cdc sample --stages`")
+    with zipfile.ZipFile(st) as z:
+        keys = sorted((k[:-4] for k in z.namelist() if k.startswith("stage")), key=lambda k: int(k[5:]))
+    arrays, desc = load_reference(rp)
+    dev = _device(device)
+    net, wid = _inception(inception_path, inception_weights, dev, model)
+    _check_weights(desc, wid, rp)
+    out = {}
+    for k in keys:
+        imgs = npz_images(st, k)
+        mu_r, s_r = _ref_stats(arrays, desc, imgs.side, rp)
+        pool, _ = inception_features(net, imgs.batches(batch), imgs.n, dev, progress)
+        mu, sigma = gaussian_stats(pool, f"{st}:{k}")
+        out[k] = {"side": imgs.side, "count": imgs.n, "fid": frechet_distance(mu, sigma, mu_r, s_r)}
+    return out
+
+
+def _check_weights(desc: dict, wid: str, ref: Path) -> None:
+    if desc.get("inception_sha256") not in (None, wid):
+        raise ValueError(
+            f"{ref} was built with Inception weights {desc['inception_sha256'][:12]}, scoring uses "
+            f"{wid[:12]}; rebuild the reference with the same --inception"
+        )
+
+
+def score(
+    samples: str | Path,
+    ref: str | Path,
+    metrics: str | Sequence[str] = ALL_METRICS,
+    inception_path: str | Path | None = None,
+    batch: int = 100,
+    device: str | torch.device | None = None,
+    stages: bool = False,
+    out: str | Path | None = None,
+    progress: bool = True,
+    inception_weights: bool = True,
+    model: tuple[torch.nn.Module, str] | None = None,
+) -> dict:
+    """Score samples (ADM .npz or PNG folder) against a reference; writes `<samples>.scores.json`."""
+    t0 = time.time()
+    ms = _parse_metrics(metrics)
+    sp, rp = Path(samples), Path(ref)
+    images = open_samples(sp)
+    arrays, desc = load_reference(rp)
+    if images.side != desc["side"]:
+        raise ValueError(
+            f"samples are {images.side}px but the reference {rp} is {desc['side']}px; "
+            f"build a {images.side}px reference with `cdc score ref --side {images.side}`"
+        )
+    lacking = [m for m in ms if m != "is" and m not in desc.get("metrics", [])]
+    if lacking:
+        raise ValueError(
+            f"{rp} was built without {','.join(lacking)}; rebuild it with `cdc score ref --metrics ...`"
+        )
+    dev = _device(device)
+    res: dict = {}
+    wid = None
+    if {"fid", "is", "pr"} & set(ms) or stages:
+        net, wid = _inception(inception_path, inception_weights, dev, model)
+        if {"fid", "pr"} & set(ms) or stages:
+            _check_weights(desc, wid, rp)
+        if "fid" in ms and images.n < 2:
+            raise ValueError(
+                f"{sp} has {images.n} image(s); FID needs at least 2 (use thousands: 50k is standard)"
+            )
+        pool, logits = inception_features(net, images.batches(batch), images.n, dev, progress)
+        if "fid" in ms:
+            res["fid"] = frechet_distance(*gaussian_stats(pool, str(sp)), arrays["mu"], arrays["sigma"])
+        if "is" in ms:
+            res["is"], res["is_std"] = inception_score(logits, splits=10)
+        if "pr" in ms:
+            res["precision"], res["recall"] = precision_recall(arrays["feats"], pool, k=3, device=dev)
+        if stages:
+            res["fid_stages"] = score_stages(sp, rp, batch, dev, progress=progress, model=(net, wid))
+    if "swd" in ms:
+        ref_desc = [arrays[f"swd_{i}"] for i in range(sum(k.startswith("swd_") for k in arrays))]
+        d = collect_descriptors(images, batch, desc["swd_per_image"], desc["swd_images"], desc["swd_seed"])
+        res["swd"] = swd_levels(ref_desc, d, seed=desc["swd_seed"], device=dev)
+    result = {
+        "samples": str(sp),
+        "count": images.n,
+        "side": images.side,
+        "metrics": res,
+        "reference": {"path": str(rp), "description": desc},
+        "versions": {m: VERSIONS[m] for m in ms},
+        "inception_sha256": wid,
+        "sampler": _sampler_settings(sp),
+        "seconds": round(time.time() - t0, 2),
+    }
+    dest = (
+        Path(out)
+        if out
+        else sp.with_name(sp.stem + ".scores.json" if sp.is_file() else sp.name + ".scores.json")
+    )
+    _atomic_write(dest, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    result["written"] = str(dest)
+    return result
