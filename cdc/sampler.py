@@ -25,8 +25,13 @@ from cdc.pyramid import up_to
 
 
 def image_seed(seed: int, index: int) -> int:
-    """Seed of image `index` under run seed `seed` (disjoint streams for seeds < 2^31)."""
-    return (int(seed) << 32) + int(index)
+    """Seed of image `index` under run seed `seed`.
+
+    torch's CPU generator keeps only the low 32 bits of a seed, so (seed, index) is folded into 32
+    bits: index plus a golden-ratio multiple of the run seed keeps every image of a run distinct
+    and moves each run seed to a far-away block of streams.
+    """
+    return (int(index) + int(seed) * 0x9E3779B1) & 0xFFFFFFFF
 
 
 class ImageNoise:
@@ -78,7 +83,9 @@ def _heun_plan(steps: int) -> list[bool]:
     return [True] * (steps - n) + [False] * (2 * n - steps)
 
 
-def _integrate(v, x: Tensor, steps: int, solver: str, m: Tensor, sigma_k: float, noise: ImageNoise, sde_eps: float):
+def _integrate(
+    v, x: Tensor, steps: int, solver: str, m: Tensor, sigma_k: float, noise: ImageNoise, sde_eps: float
+):
     if solver == "heun":
         plan = _heun_plan(steps)
         n = len(plan)
@@ -136,7 +143,9 @@ def sample(
     if solver not in ("euler", "heun", "sde"):
         raise ValueError(f"unknown solver {solver!r}; use euler, heun or sde")
     if solver == "sde" and interpolant != "linear":
-        raise ValueError("the SDE sampler derives the score for the linear interpolant only; use euler or heun")
+        raise ValueError(
+            "the SDE sampler derives the score for the linear interpolant only; use euler or heun"
+        )
     if cfg != 1.0 and null_class is None:
         raise ValueError("CFG needs the null class index (model.num_classes)")
     device = y.device

@@ -1,0 +1,443 @@
+"""`cdc sample`: a checkpoint -> PNGs, an ADM-format npz, a grid, and the stage-by-stage view (Fig. 9).
+
+Image i always has label classes[i % len(classes)] and noise from image_seed(seed, i), so the output
+depends on neither the batch size nor the number of GPUs. Under torchrun each rank samples a disjoint
+share of the indices still to do; rank 0 assembles once every rank is done.
+
+Layout of the output directory:
+    images/000000.png ...           one PNG per image (atomic: temp + rename)
+    samples.npz                     arr_0 uint8 (N, H, W, C), arr_1 int64 labels (N,)  (ADM format)
+    grid.png                        first <= 64 images, one row per class when classes cycle
+    samples.json                    settings, NFE and seconds per image
+    with --stages: stages/stage0/000000.png ... (each stage's output at its side), stages.npz
+                   (stage0, stage1, ... uint8 NHWC), stages/000000.png (Fig. 9 panel of the first
+                   images) and stages.png (the first few panels together)
+
+The npz and figures are always assembled from the PNGs (lossless), so a resumed job gives exactly
+the npz an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cdc import __version__
+from cdc import checkpoint as ckpt_lib
+from cdc import distributed as dist_lib
+from cdc.figures import grid, stage_figure, stages_figure, to_uint8
+from cdc.flow import Schedule
+from cdc.sampler import image_seed, sample
+
+__all__ = [
+    "generate",
+    "to_uint8",
+    "velocity_fn",
+    "StageTimer",
+    "parse_steps",
+    "parse_classes",
+    "labels_for",
+    "assemble",
+]
+
+OURS = ("images", "stages", "samples.npz", "stages.npz", "grid.png", "stages.png", "samples.json")
+MATCH = ("ckpt", "weights", "steps", "cfg", "solver", "interval", "sde_eps", "seed", "classes")  # resume keys
+N_FIGURES = 16  # per-image Fig. 9 panels written under stages/
+N_COMBINED = 4  # images in the combined stages.png
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+
+
+def parse_steps(steps: int | str | list[int] | None, default: list[int], K: int) -> list[int]:
+    """'24' or '4,4,4,4' or ints -> one count per stage (model evaluations, x2 with CFG)."""
+    if steps is None:
+        steps = default
+    if isinstance(steps, str):
+        try:
+            steps = [int(s) for s in steps.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--steps: expected a number or a comma list like 4,4,4,4, got {steps!r}"
+            ) from None
+    vals = [int(steps)] if isinstance(steps, int) else [int(s) for s in steps]
+    if len(vals) == 1:
+        vals = vals * K
+    if len(vals) != K or min(vals) < 1:
+        raise ValueError(f"--steps: give one count >= 1 or one per stage ({K} stages), got {vals}")
+    return vals
+
+
+def parse_classes(classes: str | list[int] | None, num_classes: int) -> list[int]:
+    """'all' (None) -> 0..num_classes-1; '3,5,7' or ints -> that list, each checked to be a valid class."""
+    if classes is None or (isinstance(classes, str) and classes.strip().lower() == "all"):
+        return list(range(num_classes))
+    if isinstance(classes, str):
+        try:
+            classes = [int(c) for c in classes.split(",") if c.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--classes: expected 'all' or a comma list like 3,5,7, got {classes!r}"
+            ) from None
+    vals = [int(c) for c in classes]
+    bad = [c for c in vals if not 0 <= c < num_classes]
+    if not vals or bad:
+        raise ValueError(f"--classes: need class indices in [0, {num_classes}), got {vals}")
+    return vals
+
+
+def labels_for(n: int, classes: list[int]) -> np.ndarray:
+    """Label of image i is classes[i % len(classes)] (int64, (n,))."""
+    return np.asarray([classes[i % len(classes)] for i in range(n)], dtype=np.int64)
+
+
+def parse_interval(
+    interval: str | list[float] | tuple[float, float] | None, default: list[float]
+) -> list[float]:
+    if interval is None:
+        return [float(v) for v in default]
+    if isinstance(interval, str):
+        try:
+            interval = [float(v) for v in interval.split(",")]
+        except ValueError:
+            raise ValueError(f"--interval: expected LO,HI such as 0.1,1.0, got {interval!r}") from None
+    lo_hi = [float(v) for v in interval]
+    if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
+        raise ValueError(f"--interval: need LO,HI with 0 <= LO <= HI <= 1, got {lo_hi}")
+    return lo_hi
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def _img_path(out: Path, i: int, stage: int | None = None) -> Path:
+    return (
+        out / "images" / f"{i:06d}.png"
+        if stage is None
+        else out / "stages" / f"stage{stage}" / f"{i:06d}.png"
+    )
+
+
+def _write_png(path: Path, img: np.ndarray) -> None:
+    """Write uint8 (H, W, C) as PNG via temp + rename, so a crash never leaves half a PNG under `path`."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(tmp, format="PNG", compress_level=4)
+    os.replace(tmp, path)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    a = np.asarray(Image.open(path))
+    return a[..., None] if a.ndim == 2 else a  # (H, W, C)
+
+
+def _png_ok(path: Path, side: int, channels: int) -> bool:
+    """The file exists, decodes fully and has the expected size and mode."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size == (side, side) and im.mode == ("L" if channels == 1 else "RGB")
+    except Exception:  # missing, truncated or foreign file: regenerate it
+        return False
+
+
+def _save_image(out: Path, i: int, img: np.ndarray, stages: list[np.ndarray] | None) -> None:
+    for k, s in enumerate(stages or []):
+        _write_png(_img_path(out, i, k), s)
+    _write_png(_img_path(out, i), img)  # last: its presence marks the whole image as done
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    ckpt_lib.atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _done(out: Path, n: int, side: int, channels: int, stage_sides: list[int] | None) -> list[bool]:
+    """Which of images 0..n-1 are finished (final PNG, and every stage PNG when asked, decode)."""
+
+    def ok(i: int) -> bool:
+        if not _png_ok(_img_path(out, i), side, channels):
+            return False
+        return all(_png_ok(_img_path(out, i, k), r, channels) for k, r in enumerate(stage_sides or []))
+
+    if not (out / "images").is_dir():
+        return [False] * n
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(ok, range(n)))
+
+
+def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, resume: bool) -> None:
+    """Refuse a non-empty output unless --overwrite or a --resume whose settings match (all ranks)."""
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other; pick one")
+    if not out.is_dir() or not any(out.iterdir()) or overwrite:
+        return
+    if not resume:
+        raise ValueError(
+            f"{out} is not empty; pass --resume to continue that job or --overwrite to replace it"
+        )
+    meta = out / "samples.json"
+    if not meta.is_file():
+        raise ValueError(
+            f"--resume: {out} has no samples.json (not a `cdc sample` output); pick another --out"
+        )
+    old = json.loads(meta.read_text())
+    for key in MATCH:
+        if old.get(key) != settings[key]:
+            raise ValueError(
+                f"--resume: {key} was {old.get(key)!r} in {out} but is {settings[key]!r} now; "
+                "use the same options or --overwrite"
+            )
+
+
+def assemble(out: Path, labels: np.ndarray, channels: int, sides: list[int], stages: bool) -> None:
+    """Build samples.npz, grid.png and (with stages) stages.npz and the Fig. 9 panels from the PNGs."""
+    n = len(labels)
+    with ThreadPoolExecutor(8) as pool:
+        imgs = np.stack(list(pool.map(lambda i: _read_png(_img_path(out, i)), range(n))))  # (N, H, W, C)
+        _save_npz(out / "samples.npz", arr_0=imgs, arr_1=labels.astype(np.int64))
+        _write_png(out / "grid.png", grid(imgs, labels))
+        if not stages:
+            return
+        per_stage = {
+            f"stage{k}": np.stack(list(pool.map(lambda i, k=k: _read_png(_img_path(out, i, k)), range(n))))
+            for k in range(len(sides))
+        }
+    _save_npz(out / "stages.npz", **per_stage)
+    panels = [[per_stage[f"stage{k}"][i] for k in range(len(sides))] for i in range(min(n, N_FIGURES))]
+    for i, p in enumerate(panels):
+        _write_png(out / "stages" / f"{i:06d}.png", stage_figure(p))
+    _write_png(out / "stages.png", stages_figure(panels[:N_COMBINED]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def velocity_fn(model: torch.nn.Module, bf16: bool):
+    """The sampler's net: the model under bf16 autocast (CUDA) returning fp32 velocities."""
+
+    def net(xs, taus, ys):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            vs = model(xs, taus, ys)
+        return [v.float() for v in vs]
+
+    return net
+
+
+class StageTimer:
+    """Synchronised wall time per stage, used as the sampler's `on_stage` callback."""
+
+    def __init__(self, K: int, device: torch.device):
+        self.stage_sec, self.device, self.t0, self.last = [0.0] * K, device, 0.0, 0.0
+
+    def start(self) -> None:
+        _sync(self.device)
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, k: int, x: torch.Tensor) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        self.stage_sec[k] += now - self.last
+        self.last = now
+
+    def stop(self) -> float:
+        """Seconds since start() (the batch's total)."""
+        _sync(self.device)
+        return time.perf_counter() - self.t0
+
+
+def generate(
+    ckpt: str | Path | None = None,
+    out: str | Path | None = None,
+    n: int = 64,
+    classes: str | list[int] | None = "all",
+    steps: int | str | list[int] | None = None,
+    cfg: float | None = None,
+    solver: str | None = None,
+    seed: int | None = None,
+    batch: int | None = None,
+    stages: bool = False,
+    ema: bool = True,
+    interval: str | list[float] | None = None,
+    sde_eps: float | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    runs_dir: str | Path = "runs",
+    progress: bool = True,
+    bf16: bool | None = None,
+) -> dict[str, Any]:
+    """Sample `n` images from a checkpoint into `out`; returns the summary also written to samples.json.
+
+    Options left as None come from the checkpoint's `sample` config; `out` defaults to
+    samples/<run>-step<step>. `bf16` (default: on for CUDA) runs the model under bf16 autocast; the
+    ODE state stays fp32. Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the
+    summary, the others {}.
+    """
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    own_pg = world > 1 and not torch.distributed.is_initialized()
+    if world > 1:
+        d = dist_lib.init()
+        rank, dev = d.rank, d.device
+    else:
+        rank = 0
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    main = rank == 0
+    try:
+        model, mcfg, info = ckpt_lib.load_for_inference(ckpt, ema=ema, device=dev, runs_dir=runs_dir)
+        sched = Schedule.from_config(mcfg.flow)
+        path = Path(info["path"]).resolve()
+        out = (
+            Path(out)
+            if out is not None
+            else Path("samples") / f"{path.parent.parent.name}-step{info['step']}"
+        )
+        sc, C, side = mcfg.sample, mcfg.model.in_channels, sched.sides[-1]
+        cls = parse_classes(classes, mcfg.model.num_classes)
+        settings = {
+            "ckpt": str(path),
+            "step": info["step"],
+            "weights": info["weights"],
+            "steps": parse_steps(steps, sc.steps, sched.K),
+            "cfg": float(sc.cfg if cfg is None else cfg),
+            "solver": solver or sc.solver,
+            "interval": parse_interval(interval, sc.interval),
+            "sde_eps": float(sc.sde_eps if sde_eps is None else sde_eps),
+            "seed": int(sc.seed if seed is None else seed),
+            "classes": "all" if cls == list(range(mcfg.model.num_classes)) else cls,
+            "n": int(n),
+        }
+        if settings["solver"] not in ("euler", "heun", "sde"):
+            raise ValueError(f"--solver: {settings['solver']!r} is not one of euler, heun, sde")
+        batch = int(batch or sc.batch)
+        if batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {batch}")
+        use_bf16 = dev.type == "cuda" if bf16 is None else bool(bf16 and dev.type == "cuda")
+        labels = labels_for(n, cls)
+        stage_sides = list(sched.sides) if stages else None
+
+        _prepare_out(out, settings, overwrite, resume)
+        dist_lib.barrier()  # every rank has checked the directory before rank 0 changes it
+        if main:
+            if progress:
+                print(
+                    f"checkpoint: {settings['ckpt']} (step {info['step']}, {info['weights']})",
+                    file=sys.stderr,
+                )
+            if overwrite and out.is_dir():
+                for name in OURS:
+                    p = out / name
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            (out / "images").mkdir(parents=True, exist_ok=True)
+            for k in range(sched.K if stages else 0):
+                (out / "stages" / f"stage{k}").mkdir(parents=True, exist_ok=True)
+            meta = out / "samples.json"
+            old = json.loads(meta.read_text()) if resume and meta.is_file() else {}  # keeps timings on resume
+            _write_json(meta, {**old, **settings, "status": "running", "cdc_version": __version__})
+            done = _done(out, n, side, C, stage_sides)
+        else:
+            done = None
+        done = dist_lib.all_gather_objects(done)[0]  # rank 0's view, so every rank splits the same list
+        todo = [i for i in range(n) if not done[i]]
+        mine = todo[rank::world]
+
+        opts = dict(
+            steps=settings["steps"],
+            cfg=settings["cfg"],
+            null_class=mcfg.model.num_classes,
+            solver=settings["solver"],
+            interval=tuple(settings["interval"]),
+            sde_eps=settings["sde_eps"],
+            interpolant=mcfg.flow.interpolant,
+            return_stages=stages,
+        )
+        net, timer = velocity_fn(model, use_bf16), StageTimer(sched.K, dev)
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), unit="img", disable=not (progress and main), desc="sampling")
+        gen_sec, nfe, pending = 0.0, None, []
+        wall0 = time.perf_counter()
+        with ThreadPoolExecutor(4) as writer, torch.inference_mode():
+            for b0 in range(0, len(mine), batch):
+                idx = mine[b0 : b0 + batch]
+                y = torch.as_tensor(labels[idx], device=dev)
+                seeds = [image_seed(settings["seed"], i) for i in idx]
+                timer.start()
+                res = sample(net, sched, y, seeds, C, on_stage=timer, **opts)
+                gen_sec += timer.stop()
+                nfe = res.nfe
+                imgs = to_uint8(res.x)
+                st = [to_uint8(s) for s in res.stages] if stages else None
+                for j, i in enumerate(idx):
+                    pending.append(
+                        writer.submit(_save_image, out, i, imgs[j], [s[j] for s in st] if st else None)
+                    )
+                while len(pending) > 4 * batch:  # bound memory held by queued writes
+                    pending.pop(0).result()
+                bar.update(min(len(idx) * world, bar.total - bar.n))
+            for f in pending:
+                f.result()  # surface write errors
+        bar.close()
+        stats = dist_lib.all_gather_objects((len(mine), gen_sec, timer.stage_sec, nfe))
+        wall = time.perf_counter() - wall0
+        if not main:
+            return {}
+        count = sum(s[0] for s in stats)
+        secs = sum(s[1] for s in stats)
+        nfes = [s[3] for s in stats if s[3] is not None]
+        old = json.loads((out / "samples.json").read_text())
+        assemble(out, labels, C, list(sched.sides), stages)
+        summary = {
+            **settings,
+            "status": "done",
+            "nfe": nfes[0] if nfes else old.get("nfe"),
+            "generated": count,
+            "resumed": n - len(todo),
+            "sec_per_image": secs / count if count else old.get("sec_per_image"),
+            "sec_per_image_stage": (
+                [sum(s[2][k] for s in stats) / count for k in range(sched.K)]
+                if count
+                else old.get("sec_per_image_stage")
+            ),
+            "images_per_s": count / wall if count else None,
+            "sides": list(sched.sides),
+            "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+            "bf16": use_bf16,
+            "batch": batch,
+            "world_size": world,
+            "stages": bool(stages),
+            "out": str(out),
+            "cdc_version": __version__,
+        }
+        _write_json(out / "samples.json", summary)
+        return summary
+    finally:
+        if own_pg:
+            dist_lib.shutdown()
