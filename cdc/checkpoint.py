@@ -102,12 +102,16 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+def load_latest(
+    ckpt_dir: Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint that verifies and loads; warns about and skips corrupt newer ones."""
     for _, path in list_checkpoints(ckpt_dir):
         if not verify(path):
-            warnings.warn(f"checkpoint {path} is incomplete or corrupt (sha256 mismatch); trying an older one",
-                          stacklevel=2)
+            warnings.warn(
+                f"checkpoint {path} is incomplete or corrupt (sha256 mismatch); trying an older one",
+                stacklevel=2,
+            )
             continue
         try:
             return load(path, map_location), path
@@ -119,7 +123,9 @@ def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tup
 def prune(ckpt_dir: Path, keep_last: int, milestone_every: int) -> list[Path]:
     """Delete rolling checkpoints beyond the newest `keep_last`; milestones are kept forever."""
     removed = []
-    rolling = [(s, p) for s, p in list_checkpoints(ckpt_dir) if not (milestone_every and s % milestone_every == 0)]
+    rolling = [
+        (s, p) for s, p in list_checkpoints(ckpt_dir) if not (milestone_every and s % milestone_every == 0)
+    ]
     for _, p in rolling[max(keep_last, 1) :]:
         for f in (p.with_name(p.name + ".sha256"), p):  # sidecar first: a half-deleted pair is invalid
             f.unlink(missing_ok=True)
@@ -134,7 +140,9 @@ def resolve(ckpt: str | Path | None, runs_dir: str | Path = "runs") -> Path:
         cands = [d for d in runs.iterdir() if (d / "checkpoints").is_dir()] if runs.is_dir() else []
         cands = [d for d in cands if list_checkpoints(d / "checkpoints")]
         if not cands:
-            raise FileNotFoundError(f"no run with checkpoints under {runs}/; train one or pass --ckpt RUN_DIR|FILE")
+            raise FileNotFoundError(
+                f"no run with checkpoints under {runs}/; train one or pass --ckpt RUN_DIR|FILE"
+            )
         ckpt = max(cands, key=lambda d: list_checkpoints(d / "checkpoints")[0][1].stat().st_mtime)
     p = Path(ckpt)
     if p.is_dir():
@@ -150,7 +158,10 @@ def resolve(ckpt: str | Path | None, runs_dir: str | Path = "runs") -> Path:
 
 
 def load_for_inference(
-    ckpt: str | Path | None, ema: bool = True, device: str | torch.device = "cpu", runs_dir: str | Path = "runs"
+    ckpt: str | Path | None,
+    ema: bool = True,
+    device: str | torch.device = "cpu",
+    runs_dir: str | Path = "runs",
 ):
     """(model in eval mode, Config, info) from a checkpoint file, a run dir, or the newest run."""
     from cdc.config import from_dict

@@ -97,6 +97,8 @@ class TrainConfig:
     milestone_every: int = 100_000  # steps between checkpoints that are never deleted (0 = none)
     sample_every: int = 10_000  # steps between EMA sample grids (0 = never)
     max_nonfinite: int = 20  # consecutive non-finite steps before the run stops
+    peak_tflops: float = 800.0  # accelerator peak (dense bf16 TFLOP/s) for MFU; H100 measured ~800
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
 
 
 @dataclass
@@ -144,7 +146,9 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        ):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
@@ -231,7 +235,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("flow.sides: give at least one side, e.g. [32, 64, 128, 256]")
     for a, b in zip(f.sides, f.sides[1:]):
         if b <= a or b % a or (b // a) & (b // a - 1):
-            raise ConfigError(f"flow.sides: each side must be a power-of-two multiple of the previous, got {f.sides}")
+            raise ConfigError(
+                f"flow.sides: each side must be a power-of-two multiple of the previous, got {f.sides}"
+            )
     if f.sides[0] % m.patch:
         raise ConfigError(f"flow.sides[0]={f.sides[0]} must be a multiple of model.patch={m.patch}")
     if f.bounds is not None:
@@ -241,7 +247,9 @@ def validate(cfg: Config) -> None:
     if f.sigma <= 0 or f.gamma <= 0:
         raise ConfigError("flow.sigma and flow.gamma must be > 0")
     if len(s.steps) not in (1, len(f.sides)) or min(s.steps) < 1:
-        raise ConfigError(f"sample.steps: give one count >= 1 or one per stage ({len(f.sides)}), got {s.steps}")
+        raise ConfigError(
+            f"sample.steps: give one count >= 1 or one per stage ({len(f.sides)}), got {s.steps}"
+        )
     if len(s.interval) != 2 or not 0.0 <= s.interval[0] <= s.interval[1] <= 1.0:
         raise ConfigError(f"sample.interval: need [lo, hi] with 0 <= lo <= hi <= 1, got {s.interval}")
     if len(t.betas) != 2:
@@ -264,7 +272,9 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: a recipe must be a mapping of sections (model, flow, data, train, sample)")
+            raise ConfigError(
+                f"{p}: a recipe must be a mapping of sections (model, flow, data, train, sample)"
+            )
     return from_dict(raw, overrides)
 
 

@@ -36,7 +36,9 @@ class Schedule:
     gamma: float = 2.0  # diminish factor of sigma_k
 
     @staticmethod
-    def make(sides: Sequence[int], bounds: Sequence[float] | None = None, sigma: float = 1.0, gamma: float = 2.0):
+    def make(
+        sides: Sequence[int], bounds: Sequence[float] | None = None, sigma: float = 1.0, gamma: float = 2.0
+    ):
         K = len(sides)
         b = tuple(float(v) for v in bounds) if bounds is not None else tuple(i / K for i in range(K + 1))
         if len(b) != K + 1 or b[0] != 0.0 or b[-1] != 1.0 or any(x >= y for x, y in zip(b, b[1:])):

@@ -86,7 +86,9 @@ def aligned_crop_offset(
     return oy * align, ox * align
 
 
-def crop_levels(levels_: list[Tensor], crop_sides: list[int], offset: tuple[int, int], full_side: int) -> list[Tensor]:
+def crop_levels(
+    levels_: list[Tensor], crop_sides: list[int], offset: tuple[int, int], full_side: int
+) -> list[Tensor]:
     """Crop every level at the same image region: level of side s takes offset * s / full_side.
 
     `levels_[i]` has side full_side * crop_sides[i] / crop_sides[-1]; offsets must be aligned so

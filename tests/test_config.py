@@ -43,7 +43,9 @@ def test_bad_override_syntax():
 
 
 def test_dump_roundtrip(tmp_path):
-    cfg = C.from_dict({"model": {"preset": "tiny"}, "flow": {"sides": [8, 16, 32], "bounds": [0, 0.2, 0.5, 1]}})
+    cfg = C.from_dict(
+        {"model": {"preset": "tiny"}, "flow": {"sides": [8, 16, 32], "bounds": [0, 0.2, 0.5, 1]}}
+    )
     p = tmp_path / "c.yaml"
     p.write_text(C.dump(cfg))
     assert C.load(p) == cfg

@@ -98,7 +98,9 @@ def test_single_stage_is_plain_pixel_flow_matching():
     def net(xs, taus, ys):
         return [torch.nn.functional.conv2d(xs[0], w, padding=1) + taus[0].view(-1, 1, 1, 1)]
 
-    out = F.loss(net, batch, sched, F.Interpolant("linear"), torch.Generator().manual_seed(3), weight="sample_mean")
+    out = F.loss(
+        net, batch, sched, F.Interpolant("linear"), torch.Generator().manual_seed(3), weight="sample_mean"
+    )
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     xt = (1 - t.view(-1, 1, 1, 1)) * noise + t.view(-1, 1, 1, 1) * x
     expect = (net([xt], [t], None)[0] - (x - noise)).pow(2).mean()
@@ -114,8 +116,15 @@ def test_label_dropout_uses_null_class():
         return [torch.zeros_like(xs[0])]
 
     batch = F.group_batch(torch.randn(4000, 1, 8, 8), torch.rand(4000), torch.full((4000,), 3), sched)
-    F.loss(net, batch, sched, F.Interpolant("linear"), torch.Generator().manual_seed(0), null_class=10,
-           label_dropout=0.1)
+    F.loss(
+        net,
+        batch,
+        sched,
+        F.Interpolant("linear"),
+        torch.Generator().manual_seed(0),
+        null_class=10,
+        label_dropout=0.1,
+    )
     frac = (seen[0] == 10).float().mean().item()
     assert set(seen[0].tolist()) == {3, 10} and abs(frac - 0.1) < 0.02
 
@@ -147,4 +156,6 @@ def test_transport_costs_on_fashion_mnist_match_theorem2(fmnist32):
         x1 = down_to(x, multi.sides[k])
         details.append(up_to(x1 - F.coarse_mean(x1, k, multi), 32))
     energy = x.pow(2).flatten(1).sum(1).mean()
-    assert sum(d.pow(2).flatten(1).sum(1).mean() for d in details).item() == pytest.approx(energy.item(), rel=1e-9)
+    assert sum(d.pow(2).flatten(1).sum(1).mean() for d in details).item() == pytest.approx(
+        energy.item(), rel=1e-9
+    )

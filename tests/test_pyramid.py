@@ -15,8 +15,10 @@ def test_down_then_up_identity_and_up_then_down():
 def test_down_is_block_mean_known_answer():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     assert torch.equal(P.down(x)[0, 0], torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
-    assert torch.equal(P.up(torch.tensor([[[1.0, 2.0]]]).view(1, 1, 1, 2).expand(1, 1, 2, 2).contiguous())[0, 0, :2, :2],
-                       torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+    assert torch.equal(
+        P.up(torch.tensor([[[1.0, 2.0]]]).view(1, 1, 1, 2).expand(1, 1, 2, 2).contiguous())[0, 0, :2, :2],
+        torch.tensor([[1.0, 1.0], [1.0, 1.0]]),
+    )
 
 
 def test_composite_downsampling_is_transitive():

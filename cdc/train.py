@@ -1,0 +1,368 @@
+"""train(cfg, run_dir): one loop from a 2-core CPU to many GPUs under torchrun, resumable to the step.
+
+Each step: mixed-stage batches from the data loader (every sample its own t and stage), the
+flow loss of eq. 13 (cdc.flow.loss) through the packed DiT, bf16 autocast on CUDA, gradient
+accumulation, clipping, AdamW, EMA. Non-finite losses/gradients skip the step (all ranks agree);
+too many in a row stop the run with a checkpoint of the last good state. SIGTERM/SIGINT save a
+checkpoint at the next step boundary. Everything needed to continue bit-for-bit on CPU (model,
+EMA, optimizer, step, every rank's RNG and data position) goes into each checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from cdc import checkpoint as ckpt
+from cdc import distributed as D
+from cdc.config import Config, ConfigError, dump, from_dict, to_dict
+from cdc.flow import Interpolant, Schedule, loss
+from cdc.model import build_model, count_params, forward_flops
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when max_nonfinite consecutive steps had a non-finite loss or gradient."""
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "cosine":
+        span = max(t.steps - t.warmup_steps, 1)
+        p = min(max(step - t.warmup_steps, 0) / span, 1.0)
+        return t.lr_min + 0.5 * (t.lr - t.lr_min) * (1 + math.cos(math.pi * p))
+    return t.lr
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, cfg: Config) -> None:
+    d = cfg.train.ema_decay
+    if cfg.train.ema_warmup:  # short runs: the EMA must not be dominated by the random init
+        d = min(d, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach().float(), 1 - d)
+
+
+def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
+    m = m.module if isinstance(m, DDP) else m
+    return getattr(m, "_orig_mod", m)
+
+
+def _check_compatible(run_dir: Path, cfg: Config) -> None:
+    """A run dir keeps its model and flow: resuming with a different network is an error."""
+    f = run_dir / "config.yaml"
+    if not f.is_file():
+        return
+    import yaml
+
+    old = from_dict(yaml.safe_load(f.read_text()))
+    for sec in ("model", "flow"):
+        if to_dict(old)[sec] != to_dict(cfg)[sec]:
+            diff = [k for k, v in to_dict(cfg)[sec].items() if to_dict(old)[sec].get(k) != v]
+            raise ConfigError(
+                f"{run_dir} was trained with different {sec} settings ({', '.join(diff)}); "
+                f"use a new --run-dir or the original recipe"
+            )
+
+
+def describe(cfg: Config) -> dict[str, Any]:
+    """Resolved config and parameter count without allocating weights (for --dry-run)."""
+    with torch.device("meta"):
+        n = count_params(build_model(cfg))
+    return {"config": dump(cfg), "params": n}
+
+
+class _Stop:
+    """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.flag = False
+        self.old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def _log_line(run_dir: Path, line: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics lines past the checkpoint we resume from (they will be logged again)."""
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return
+    keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    ckpt.atomic_write_bytes(f, ("\n".join(keep) + "\n").encode() if keep else b"")
+
+
+def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; returns a summary of the last logged metrics."""
+    from cdc.data import make_loader
+
+    dist = D.init()
+    run_dir = Path(run_dir)
+    t = cfg.train
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _check_compatible(run_dir, cfg)
+        ckpt.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
+    D.barrier()
+    dev = dist.device
+    cuda = dev.type == "cuda"
+    if cuda and t.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(t.seed)  # identical init on every rank
+    model = build_model(cfg).to(dev)
+    model.grad_checkpointing = t.grad_checkpointing
+    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+    opt_kwargs = {"fused": True} if cuda else {}
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=t.lr,
+        betas=tuple(t.betas),
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        **opt_kwargs,
+    )
+    gen = torch.Generator(dev).manual_seed(t.seed * 100_003 + dist.rank)  # noise and label dropout
+    loader = make_loader(cfg, rank=dist.rank, world_size=dist.world, seed=t.seed)
+    sched, interp = Schedule.from_config(cfg.flow), Interpolant(cfg.flow.interpolant)
+    null = cfg.model.num_classes
+
+    step, nonfinite_total = 0, 0
+    found = ckpt.load_latest(run_dir / "checkpoints")
+    if found is not None:
+        state, path = found
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        nonfinite_total = int(state.get("nonfinite_total", 0))
+        ranks = state.get("ranks", [])
+        if len(ranks) != dist.world:
+            warnings.warn(
+                f"checkpoint was written by {len(ranks)} ranks, resuming on {dist.world}: "
+                "data order and noise restart from fresh streams",
+                stacklevel=2,
+            )
+        else:
+            r = ranks[dist.rank]
+            gen.set_state(r["gen"])
+            torch.set_rng_state(r["torch_cpu"])
+            loader.load_state_dict(r["data"])
+        del state
+        if dist.main:
+            _truncate_metrics(run_dir, step)
+            print(f"resumed from {path} at step {step}", flush=True)
+
+    net = model
+    if t.compile:
+        net = torch.compile(net, dynamic=True)
+    if dist.world > 1:
+        net = DDP(net, device_ids=[dev.index] if cuda else None)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cuda and t.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+
+    def save(step_: int, reason: str) -> None:
+        per_rank = {"gen": gen.get_state(), "torch_cpu": torch.get_rng_state(), "data": loader.state_dict()}
+        ranks = D.all_gather_objects(per_rank)
+        if dist.main:
+            state = {
+                "model": _unwrap(model).state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step_,
+                "config": to_dict(cfg),
+                "ranks": ranks,
+                "nonfinite_total": nonfinite_total,
+                "reason": reason,
+            }
+            ckpt.save(run_dir / "checkpoints" / ckpt.ckpt_name(step_), state)
+            ckpt.prune(run_dir / "checkpoints", t.keep_last, t.milestone_every)
+        D.barrier()
+
+    flops_side = {s: 3 * forward_flops(cfg, s) for s in cfg.flow.sides}  # fwd + bwd per sample
+    it = iter(loader)
+    bar = None
+    if progress and dist.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    win = {"loss": 0.0, "n": 0, "stage": {}, "flops": 0.0, "images": 0, "gn": 0.0, "steps": 0}
+    t_start = t_win = time.perf_counter()
+    consecutive = 0
+    last: dict[str, Any] = {}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    with _Stop() as stop:
+        while step < t.steps:
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            step_loss = torch.zeros((), device=dev)
+            stage_acc: dict[int, list[float]] = {}
+            for micro in range(t.grad_accum):
+                batch = next(it).to(dev)
+                sync = micro == t.grad_accum - 1 or dist.world == 1
+                ctx = net.no_sync() if isinstance(net, DDP) and not sync else contextlib.nullcontext()
+                with ctx, amp:
+                    out = loss(net, batch, sched, interp, gen, cfg.flow.loss_weight, null, t.label_dropout)
+                (out.loss / t.grad_accum).backward()
+                step_loss += out.loss.detach() / t.grad_accum
+                for k, (s, n) in out.per_stage.items():
+                    a = stage_acc.setdefault(k, [0.0, 0])
+                    a[0] += s
+                    a[1] += n
+                win["flops"] += sum(
+                    flops_side[cfg.flow.sides[k]] * len(y) for k, y in zip(batch.stage, batch.y)
+                )
+                win["images"] += batch.size
+            clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            bad = torch.tensor([float(not (torch.isfinite(step_loss) and torch.isfinite(gn)))], device=dev)
+            if D.all_reduce_sum(bad).item() > 0:  # every rank skips together
+                opt.zero_grad(set_to_none=True)
+                consecutive += 1
+                nonfinite_total += 1
+                if consecutive >= t.max_nonfinite:
+                    save(step, "nonfinite")
+                    raise NonFiniteError(
+                        f"{consecutive} consecutive non-finite steps at step {step}; saved the "
+                        f"last good state in {run_dir}/checkpoints (lower train.lr or check data)"
+                    )
+                continue
+            consecutive = 0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            ema_update(ema, _unwrap(model), step, cfg)
+            win["loss"] += float(step_loss)
+            win["gn"] += float(gn)
+            win["steps"] += 1
+            for k, (s, n) in stage_acc.items():
+                a = win["stage"].setdefault(k, [0.0, 0])
+                a[0] += s
+                a[1] += n
+            if bar is not None:
+                bar.update(1)
+            elapsed_min = (time.perf_counter() - t_start) / 60
+            over = t.max_minutes > 0 and elapsed_min >= t.max_minutes
+            flags = D.all_reduce_sum(torch.tensor([float(stop.flag), float(over)], device=dev))
+            finish = step >= t.steps or flags[1].item() > 0
+            if step % t.log_every == 0 or finish or flags[0].item() > 0:
+                last = _log(run_dir, dist, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
+                win = {"loss": 0.0, "n": 0, "stage": {}, "flops": 0.0, "images": 0, "gn": 0.0, "steps": 0}
+                t_win = time.perf_counter()
+            if t.sample_every and step % t.sample_every == 0 and dist.main:
+                save_grid(ema, cfg, run_dir / "samples" / f"step_{step:07d}.png", dev)
+            if flags[0].item() > 0:
+                save(step, "signal")
+                if dist.main:
+                    print(
+                        f"stopped by signal; checkpoint at step {step} in {run_dir}/checkpoints", flush=True
+                    )
+                break
+            if finish:
+                break
+            if step % t.ckpt_every == 0:
+                save(step, "periodic")
+    if not stop.flag:
+        save(step, "end")
+        if dist.main and t.sample_every:
+            save_grid(ema, cfg, run_dir / "samples" / f"step_{step:07d}.png", dev)
+    if bar is not None:
+        bar.close()
+    D.barrier()
+    return {"run_dir": str(run_dir), "step": step, **last}
+
+
+def _log(run_dir, dist, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total) -> dict[str, Any]:
+    """Reduce the logging window over ranks and append one metrics.jsonl line (rank 0)."""
+    K = len(cfg.flow.sides)
+    vec = [win["loss"], win["gn"], float(win["steps"]), win["flops"], float(win["images"])]
+    for k in range(K):
+        s, n = win["stage"].get(k, [0.0, 0])
+        vec += [s, float(n)]
+    tot = D.all_reduce_sum(torch.tensor(vec, dtype=torch.float64, device=dev)).tolist()
+    dt = max(time.perf_counter() - t_win, 1e-9)
+    steps = max(tot[2] / dist.world, 1.0)
+    tflops = tot[3] / dt / 1e12
+    line = {
+        "step": step,
+        "loss": tot[0] / dist.world / steps,
+        "loss_stage": {
+            str(k): (tot[5 + 2 * k] / tot[6 + 2 * k] if tot[6 + 2 * k] else None) for k in range(K)
+        },
+        "grad_norm": tot[1] / dist.world / steps,
+        "lr": lr,
+        "images_per_s": tot[4] / dt,
+        "tflops": tflops,
+        "mfu": tflops / (cfg.train.peak_tflops * dist.world) if cuda else None,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
+        "nonfinite_total": nonfinite_total,
+        "time": time.time(),
+    }
+    if dist.main:
+        _log_line(run_dir, line)
+    return line
+
+
+@torch.no_grad()
+def save_grid(ema: torch.nn.Module, cfg: Config, path: Path, dev: torch.device, per_class: int = 8) -> None:
+    """A labelled EMA sample grid: one row per class (first 10 classes), fixed seeds."""
+    from torchvision.utils import save_image
+
+    from cdc.sampler import image_seed, sample
+
+    n_cls = min(cfg.model.num_classes, 10)
+    y = torch.arange(n_cls, device=dev).repeat_interleave(per_class)
+    s = cfg.sample
+    out = sample(
+        ema,
+        Schedule.from_config(cfg.flow),
+        y,
+        [image_seed(s.seed, i) for i in range(len(y))],
+        cfg.model.in_channels,
+        steps=s.steps,
+        cfg=s.cfg,
+        null_class=cfg.model.num_classes,
+        solver=s.solver,
+        interval=tuple(s.interval),
+        sde_eps=s.sde_eps,
+        interpolant=cfg.flow.interpolant,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    save_image((out.x.float().clamp(-1, 1) + 1) / 2, tmp, nrow=per_class, padding=1)
+    tmp.replace(path)
