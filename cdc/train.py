@@ -193,7 +193,13 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     )
 
     def save(step_: int, reason: str) -> None:
-        per_rank = {"gen": gen.get_state(), "torch_cpu": torch.get_rng_state(), "data": loader.state_dict()}
+        per_rank = {
+            "gen": gen.get_state(),
+            "torch_cpu": torch.get_rng_state(),
+            "data": loader.state_dict(),
+            # lets anyone check that DDP ranks hold identical weights
+            "param_checksum": float(sum(p.detach().double().sum() for p in model.parameters())),
+        }
         ranks = D.all_gather_objects(per_rank)
         if dist.main:
             state = {

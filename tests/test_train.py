@@ -1,0 +1,184 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from cdc import checkpoint as C
+from cdc.cli import app
+from cdc.config import from_dict
+from cdc.prepare import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fm") / "shards"
+    prepare("fashion-mnist", out, limit=256, shard_size=64, progress=False)
+    return out
+
+
+def recipe(shards, **train):
+    t = dict(batch_size=8, steps=12, lr=1e-3, log_every=1, ckpt_every=4, keep_last=10, sample_every=0,
+             precision="fp32", ema_decay=0.99)
+    t.update(train)
+    return {
+        "model": {"preset": "tiny", "in_channels": 1, "num_classes": 10, "patch": 4},
+        "flow": {"sides": [8, 16, 32]},
+        "data": {"shards": str(shards), "workers": 0, "shuffle": 64},
+        "train": t,
+        "sample": {"steps": 2, "cfg": 2.0, "batch": 16},
+    }
+
+
+def write_recipe(tmp_path, raw, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def metrics(run):
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def final_state(run):
+    state, _ = C.load_latest(run / "checkpoints")
+    return state
+
+
+def cli_env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_tiny_run_writes_run_dir(shards, tmp_path):
+    from cdc.train import train
+
+    run = tmp_path / "run"
+    out = train(from_dict(recipe(shards, steps=6, sample_every=6)), run, progress=False)
+    assert out["step"] == 6
+    assert (run / "config.yaml").is_file() and from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    m = metrics(run)
+    assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6]
+    assert all(k in m[-1] for k in ("loss", "loss_stage", "grad_norm", "lr", "images_per_s", "tflops"))
+    assert [s for s, _ in C.list_checkpoints(run / "checkpoints")] == [6, 4]
+    assert (run / "samples" / "step_0000006.png").is_file()
+    st = final_state(run)
+    assert st["step"] == 6 and st["config"]["model"]["depth"] == 2 and len(st["ranks"]) == 1
+
+
+def _run_cli(rec, run, **kw):
+    return subprocess.Popen([sys.executable, "-m", "cdc", "train", str(rec), "--run-dir", str(run)],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(shards, tmp_path):
+    rec = write_recipe(tmp_path, recipe(shards, steps=14, ckpt_every=4))
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    assert _run_cli(rec, full).wait(timeout=300) == 0
+    p = _run_cli(rec, broken)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill once step 6 is logged: after the step-4 checkpoint, before step 8
+        if (broken / "metrics.jsonl").is_file() and any(x["step"] >= 6 for x in metrics(broken)):
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert max(x["step"] for x in metrics(broken)) < 14
+    assert _run_cli(rec, broken).wait(timeout=300) == 0
+    a, b = metrics(full), metrics(broken)
+    assert [x["step"] for x in b] == list(range(1, 15))  # lines past the checkpoint were replaced
+    assert [x["loss"] for x in a] == [x["loss"] for x in b]  # step for step, bit for bit
+    sa, sb = final_state(full), final_state(broken)
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+        assert torch.equal(sa["ema"][k], sb["ema"][k]), k
+
+
+def test_sigterm_saves_a_checkpoint(shards, tmp_path):
+    rec = write_recipe(tmp_path, recipe(shards, steps=100000, ckpt_every=100000))
+    run = tmp_path / "run"
+    p = _run_cli(rec, run)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and metrics(run)):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    steps = [s for s, _ in C.list_checkpoints(run / "checkpoints")]
+    assert len(steps) == 1 and steps[0] == final_state(run)["step"] > 0 and "stopped by signal" in out
+
+
+def test_corrupt_newest_checkpoint_falls_back(shards, tmp_path):
+    from cdc.train import train
+
+    run = tmp_path / "run"
+    train(from_dict(recipe(shards, steps=8)), run, progress=False)
+    newest = C.list_checkpoints(run / "checkpoints")[0][1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    with pytest.warns(UserWarning, match="corrupt"):
+        out = train(from_dict(recipe(shards, steps=8)), run, progress=False)
+    assert out["step"] == 8 and C.verify(C.list_checkpoints(run / "checkpoints")[0][1])
+    assert [x["step"] for x in metrics(run)] == list(range(1, 9))
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkeypatch):
+    import cdc.train as T
+
+    real = T.loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        if calls["n"] == 3 or calls["n"] >= 6:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(T, "loss", flaky)
+    run = tmp_path / "run"
+    with pytest.raises(T.NonFiniteError, match="non-finite"):
+        T.train(from_dict(recipe(shards, steps=50, max_nonfinite=3)), run, progress=False)
+    st = final_state(run)
+    assert st["step"] == 4 and st["reason"] == "nonfinite" and st["nonfinite_total"] == 4
+    assert all(torch.isfinite(v).all() for v in st["model"].values())
+
+
+def test_two_process_torchrun_gloo_stays_in_sync(shards, tmp_path):
+    rec = write_recipe(tmp_path, recipe(shards, steps=4, ckpt_every=4))
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "cdc", "train", str(rec), "--run-dir", str(run)]
+    r = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    st = final_state(run)
+    assert len(st["ranks"]) == 2 and st["step"] == 4
+    assert st["ranks"][0]["param_checksum"] == st["ranks"][1]["param_checksum"]
+    assert [r["data"]["rank"] for r in st["ranks"]] == [0, 1]  # each rank kept its own data position
+    m = metrics(run)
+    assert [x["step"] for x in m] == [1, 2, 3, 4] and m[-1]["images_per_s"] > 0
+
+
+def test_bad_recipe_is_one_line_error(tmp_path, shards):
+    raw = recipe(shards)
+    raw["train"]["lrr"] = 1
+    r = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path, raw))])
+    assert r.exit_code == 2 and "train.lrr" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "recipe not found" in r.output
+
+
+def test_dry_run_prints_config_and_params(tmp_path, shards):
+    r = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path, recipe(shards))), "--dry-run",
+                                 "--set", "model.depth=3"])
+    assert r.exit_code == 0 and "depth: 3" in r.output and "# parameters:" in r.output
+    assert not (Path("runs") / "r").exists()
