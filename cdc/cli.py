@@ -114,7 +114,11 @@ def train(
         typer.echo(info["config"].rstrip())
         typer.echo(f"# parameters: {info['params']:,}")
         return
-    out = T.train(cfg, run_dir or Path("runs") / recipe.stem)
+    try:
+        out = T.train(cfg, run_dir or Path("runs") / recipe.stem)
+    except T.NonFiniteError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3) from None
     typer.echo(f"run dir: {out['run_dir']} (step {out['step']})")
 
 

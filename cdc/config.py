@@ -63,7 +63,7 @@ class FlowConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "data/imagenet-256"  # prepared shard dir, brace pattern, or pipe: url
+    shards: str = "data/ILSVRC2012-256"  # prepared shard dir (cdc prepare --src ILSVRC2012), brace pattern, or pipe: url
     random_crop: bool = True  # block-aligned random crop of the expanded image (else centre)
     hflip: bool = True  # random horizontal flip (commutes with box downsampling)
     workers: int = 8  # dataloader worker processes per rank
@@ -89,7 +89,7 @@ class TrainConfig:
     label_dropout: float = 0.1  # p of replacing the class by the null class (CFG training)
     precision: str = "bf16"  # "bf16" autocast on CUDA | "fp32"; CPU always runs fp32
     tf32: bool = True  # allow TF32 matmuls on Ampere+
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (recompiles per stage mix: see docs/design-notes.md)
     seed: int = 0  # base seed; every rank derives its own from (seed, rank)
     log_every: int = 100  # steps between metrics.jsonl lines
     ckpt_every: int = 5000  # steps between checkpoints
