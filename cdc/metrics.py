@@ -1,24 +1,21 @@
-"""Evaluation: FID / IS / improved precision-recall (ADM protocol), per-stage FID, and sliced Wasserstein.
+"""Evaluation: FID / IS / improved precision-recall (ADM protocol), per-stage FID; reference and scoring.
 
-Library side of `cdc score`. Images travel as uint8 (N, H, W, 3) numpy batches, streamed so that 50k
-samples at 256 px (~10 GB) never sit in memory at once. Inception features go through
+Library side of `cdc score`. Images are read by cdc.evalio (uint8 (N, H, W, 3) batches, streamed so
+50k samples never sit in memory at once); SWD is in cdc.swd. Inception features go through
 cdc.inception (the FID graph); the metric maths is in plain numpy / torch:
   * FID: Frechet distance of Gaussians fitted to pool3 features (scipy sqrtm, eps offset fallback).
   * IS: exp(E KL(p(y|x) || p(y))) on the 1008-way softmax, mean and std over 10 splits.
   * precision / recall: Kynkaanniemi et al. 2019 as in ADM's evaluator; a point is inside a set's
     manifold if it lies within the k=3-NN radius of some point of that set. Distances are computed
     in row x column blocks (torch.cdist on the chosen device), so 50k x 50k never materialises.
-  * SWD: weight-free sliced Wasserstein distance between 7x7 patch descriptors of a Laplacian
-    pyramid (Karras et al. 2018), one number per level (finest first) and their mean.
+  * SWD (cdc.swd): sliced Wasserstein distance between Laplacian-pyramid patch descriptors.
 A reference .npz holds everything a score needs (see build_reference), plus a JSON description.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 import time
 import warnings
 import zipfile
@@ -28,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
+from cdc.evalio import npz_images, open_samples, reference_images, resolve_device, to_float
 from cdc.pyramid import down_to
+from cdc.swd import collect_descriptors, swd_levels
 
 VERSIONS = {
     "fid": "cdc-fid-1: pool3 2048-d, scipy sqrtm, eps 1e-6 fallback",
@@ -42,208 +39,6 @@ VERSIONS = {
     "reference": "cdc-ref-1",
 }
 ALL_METRICS = ("fid", "is", "pr", "swd")
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-# ----------------------------------------------------------------------------- image sources
-
-
-class Images:
-    """A sized, re-iterable stream of uint8 (B, S, S, 3) batches; greyscale is repeated to 3 channels."""
-
-    def __init__(self, n: int, side: int, batches_fn, name: str) -> None:
-        self.n, self.side, self._fn, self.name = n, side, batches_fn, name
-
-    def batches(self, batch: int) -> Iterator[np.ndarray]:
-        for b in self._fn(batch):
-            yield np.repeat(b, 3, axis=-1) if b.shape[-1] == 1 else b
-
-
-def _npz_header(zf: zipfile.ZipFile, key: str, path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """Shape, dtype and header length of `key` inside an .npz without reading the array."""
-    if f"{key}.npy" not in zf.namelist():
-        raise ValueError(f"{path} has no '{key}' array (ADM sample format: arr_0 uint8 NHWC, arr_1 labels)")
-    with zf.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        fmt = np.lib.format
-        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-        if fortran:
-            raise ValueError(f"{path}:{key} is Fortran-ordered; save it with np.savez from a C-ordered array")
-        return shape, dtype, f.tell()
-
-
-def npz_images(path: Path, key: str = "arr_0") -> Images:
-    """Stream `key` (uint8 (N, S, S, 1|3)) out of an .npz in row batches (works for savez_compressed too)."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path} is not a readable .npz file ({e})") from None
-    with zf:
-        shape, dtype, offset = _npz_header(zf, key, path)
-    if len(shape) != 4 or shape[-1] not in (1, 3) or shape[1] != shape[2]:
-        raise ValueError(
-            f"{path}:{key} has shape {shape}; expected (N, S, S, 3) or (N, S, S, 1) square images"
-        )
-    if dtype != np.uint8:
-        raise ValueError(f"{path}:{key} has dtype {dtype}; expected uint8 pixels in [0, 255]")
-    row = int(np.prod(shape[1:]))
-
-    def gen(batch: int) -> Iterator[np.ndarray]:
-        with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
-            f.read(offset)
-            for i in range(0, shape[0], batch):
-                m = min(batch, shape[0] - i)
-                buf = f.read(m * row)
-                yield np.frombuffer(bytearray(buf), np.uint8).reshape(m, *shape[1:])  # writable copy
-
-    return Images(shape[0], shape[1], gen, str(path))
-
-
-def _load_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def folder_images(path: Path) -> Images:
-    """Sample images from a folder (sorted file names, not recursive); all square, of one side."""
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise ValueError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
-    first = _load_rgb(files[0])
-    if first.shape[0] != first.shape[1]:
-        raise ValueError(f"{files[0]} is {first.shape[1]}x{first.shape[0]}; samples must be square")
-
-    def gen(batch: int) -> Iterator[np.ndarray]:
-        for i in range(0, len(files), batch):
-            imgs = [_load_rgb(f) for f in files[i : i + batch]]
-            for f, im in zip(files[i : i + batch], imgs, strict=True):
-                if im.shape != first.shape:
-                    raise ValueError(f"{f} has shape {im.shape}, unlike {first.shape} of {files[0].name}")
-            yield np.stack(imgs)
-
-    return Images(len(files), first.shape[0], gen, str(path))
-
-
-def open_samples(path: str | Path) -> Images:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"samples not found: {p}")
-    return folder_images(p) if p.is_dir() else npz_images(p)
-
-
-def center_crop_resize(img: Image.Image, side: int) -> np.ndarray:
-    """ADM's reference preprocessing: box-halve while >= 2x, bicubic to short side `side`, centre crop."""
-    img = img.convert("RGB")
-    while min(img.size) >= 2 * side:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = side / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    a = np.asarray(img)
-    y, x = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2
-    return a[y : y + side, x : x + side]
-
-
-def _shard_samples(tars: list[Path]) -> Iterator[dict[str, bytes]]:
-    """webdataset samples as {ext: bytes}; the key is the file name up to its first dot."""
-    for t in tars:
-        cur, key = {}, None
-        with tarfile.open(t, "r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                if key is not None and k != key:
-                    yield cur
-                    cur = {}
-                key = k
-                cur[ext] = tf.extractfile(m).read()
-        if cur:
-            yield cur
-
-
-def reference_images(data: str | Path, side: int | None, n: int | None = None) -> Images:
-    """Reference images from an image folder (recursive, class folders fine) or prepared shards.
-
-    Folder: images of side `side` are used as they are, others get ADM's centre crop + resize.
-    Shards (a folder with manifest.json and *.tar, one PNG per pyramid level, `{side}.png`): the
-    smallest stored level >= `side` (the expanded image, e.g. 288 for 256) is centre-cropped to
-    `side` without resampling, matching the training crops.
-    """
-    d = Path(data)
-    if not d.is_dir():
-        raise FileNotFoundError(f"reference data folder not found: {d}")
-    if (d / "manifest.json").is_file():
-        manifest = json.loads((d / "manifest.json").read_text())
-        listed = [d / sh["name"] for sh in manifest.get("shards", []) if "name" in sh]
-        tars = [t for t in listed if t.is_file()] if listed else sorted(d.glob("*.tar"))
-        if not tars or len(tars) < len(listed):
-            raise ValueError(
-                f"{d}: shards listed in manifest.json are missing; run `cdc prepare` to completion"
-            )
-        count = int(manifest.get("count", 0)) or sum(
-            int(v) for v in manifest.get("shard_counts", {}).values()
-        )
-        first = next(_shard_samples(tars[:1]), None)
-        lv = sorted(int(e[:-4]) for e in (first or {}) if e.endswith(".png") and e[:-4].isdigit())
-        if not lv:
-            raise ValueError(f"{tars[0]} has no '<side>.png' level images")
-        side = side or int(manifest.get("side") or lv[-1])  # prepare records the final (training) side
-        fit = [s for s in lv if s >= side]
-        if not fit:
-            raise ValueError(f"shards in {d} have levels {lv}; none is >= --side {side}")
-        level = fit[0]
-        total = min(n, count) if n and count else (n or count)
-        if not total:
-            raise ValueError(f"{d}/manifest.json has no sample count; pass --n")
-
-        def gen_shards(batch: int) -> Iterator[np.ndarray]:
-            buf, seen = [], 0
-            o = (level - side) // 2
-            for s in _shard_samples(tars):
-                if seen >= total:
-                    break
-                with Image.open(io.BytesIO(s[f"{level}.png"])) as im:
-                    a = np.asarray(im.convert("RGB"))
-                buf.append(a[o : o + side, o : o + side])
-                seen += 1
-                if len(buf) == batch:
-                    yield np.stack(buf)
-                    buf = []
-            if buf:
-                yield np.stack(buf)
-
-        return Images(total, side, gen_shards, f"shards {d} (level {level}, centre crop {side})")
-
-    files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    if not files:
-        raise ValueError(f"{d} holds no images ({', '.join(sorted(IMAGE_EXTS))}) and no manifest.json")
-    files = files[:n] if n else files
-    if side is None:
-        with Image.open(files[0]) as im:
-            if im.size[0] != im.size[1]:
-                raise ValueError(f"{files[0]} is not square; pass --side")
-            side = im.size[0]
-
-    def gen_folder(batch: int) -> Iterator[np.ndarray]:
-        for i in range(0, len(files), batch):
-            out = []
-            for f in files[i : i + batch]:
-                with Image.open(f) as im:
-                    out.append(
-                        np.asarray(im.convert("RGB"))
-                        if im.size == (side, side)
-                        else center_crop_resize(im, side)
-                    )
-            yield np.stack(out)
-
-    return Images(len(files), side, gen_folder, f"folder {d} (ADM centre crop to {side})")
-
-
-def _to_float(b: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1] on `device`."""
-    return torch.from_numpy(np.ascontiguousarray(b)).to(device).permute(0, 3, 1, 2).float().div_(255)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -260,7 +55,7 @@ def inception_features(
     pools, logits = [], []
     with torch.inference_mode(), tqdm(total=total, desc="inception", unit="img", disable=not progress) as bar:
         for b in batches:
-            p, lg = model(_to_float(b, device))
+            p, lg = model(to_float(b, device))
             pools.append(p.float().cpu().numpy())
             logits.append(lg.float().cpu().numpy())
             bar.update(len(b))
@@ -351,114 +146,11 @@ def precision_recall(
         raise ValueError(
             f"precision/recall with k={k} needs more than {k} images per set, got {len(real)} and {len(fake)}"
         )
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     r = torch.as_tensor(np.asarray(real, np.float32), device=dev)
     f = torch.as_tensor(np.asarray(fake, np.float32), device=dev)
     r_rad, f_rad = _knn_radii(r, k, batch, batch), _knn_radii(f, k, batch, batch)
     return _coverage(f, r, r_rad, batch, batch), _coverage(r, f, f_rad, batch, batch)
-
-
-# ----------------------------------------------------------------------------- sliced Wasserstein
-
-_G5 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16  # binomial approximation of a Gaussian
-
-
-def _blur(x: torch.Tensor) -> torch.Tensor:
-    k = (_G5[:, None] * _G5[None, :]).to(x).expand(x.shape[1], 1, 5, 5)
-    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k, groups=x.shape[1])
-
-
-def laplacian_pyramid(x: torch.Tensor, min_side: int = 16) -> list[torch.Tensor]:
-    """Band-pass levels of (B, C, S, S), finest first; the last is the low-pass residual at >= min_side."""
-    out = []
-    while x.shape[-1] // 2 >= min_side:
-        small = _blur(x)[..., ::2, ::2]
-        up = F.interpolate(small, scale_factor=2, mode="nearest")
-        out.append(x - _blur(up))  # blur after nearest-upsampling = smooth expansion
-        x = small
-    out.append(x)
-    return out
-
-
-def swd_descriptors(b: np.ndarray, start: int, per_image: int, seed: int, patch: int = 7) -> list[np.ndarray]:
-    """Random 7x7 patches per Laplacian level of uint8 (B, S, S, 3); image i seeds (seed, lvl, start+i)."""
-    x = _to_float(b, torch.device("cpu")) * 2 - 1
-    levels = laplacian_pyramid(x, min_side=min(16, x.shape[-1]))
-    out = []
-    for li, lv in enumerate(levels):
-        s = lv.shape[-1]
-        if s < patch:
-            break
-        pos = np.stack(
-            [
-                np.random.default_rng([seed, li, start + i]).integers(0, s - patch + 1, (per_image, 2))
-                for i in range(len(b))
-            ]
-        )  # (B, P, 2)
-        win = lv.unfold(2, patch, 1).unfold(3, patch, 1)  # (B, C, s-6, s-6, 7, 7)
-        bi = np.arange(len(b))[:, None]
-        d = win.permute(0, 2, 3, 1, 4, 5)[bi, pos[..., 0], pos[..., 1]]  # (B, P, C, 7, 7)
-        out.append(d.reshape(-1, d.shape[2] * patch * patch).numpy())
-    return out
-
-
-def collect_descriptors(
-    images: Images, batch: int, per_image: int, max_images: int, seed: int
-) -> list[np.ndarray]:
-    parts: list[list[np.ndarray]] = []
-    seen = 0
-    for b in images.batches(batch):
-        b = b[: max_images - seen]
-        for li, d in enumerate(swd_descriptors(b, seen, per_image, seed)):
-            if li == len(parts):
-                parts.append([])
-            parts[li].append(d)
-        seen += len(b)
-        if seen >= max_images:
-            break
-    return [np.concatenate(p) for p in parts]
-
-
-def sliced_wasserstein(
-    a: np.ndarray, b: np.ndarray, dirs: int = 128, repeats: int = 4, seed: int = 0, device: str | None = None
-) -> float:
-    """Mean over `repeats` x `dirs` random unit directions of the 1-D Wasserstein-1 of the projections."""
-    m = min(len(a), len(b))
-    rng = np.random.default_rng(seed)
-    # equal counts make W1 a mean of sorted differences; subsample the larger set deterministically
-    a = a[np.sort(rng.choice(len(a), m, replace=False))] if len(a) > m else a
-    b = b[np.sort(rng.choice(len(b), m, replace=False))] if len(b) > m else b
-    dev = _device(device)
-    ta, tb = (torch.as_tensor(np.asarray(x, np.float32), device=dev) for x in (a, b))
-    total = 0.0
-    for _ in range(repeats):
-        v = torch.from_numpy(rng.standard_normal((a.shape[1], dirs)).astype(np.float32)).to(dev)
-        v /= v.norm(dim=0, keepdim=True)
-        pa, pb = ta @ v, tb @ v  # (m, dirs)
-        if dev.type == "cpu":  # numpy's sort is ~3x faster than torch's on CPU
-            diff = np.abs(np.sort(pa.numpy(), 0) - np.sort(pb.numpy(), 0)).mean()
-        else:
-            diff = (pa.sort(0).values - pb.sort(0).values).abs().mean().item()
-        total += float(diff)
-    return total / repeats
-
-
-def swd_levels(
-    ref_desc: list[np.ndarray],
-    desc: list[np.ndarray],
-    seed: int = 0,
-    device: str | torch.device | None = None,
-) -> dict:
-    """Per-level SWD, both sets normalised by the reference's per-coordinate mean and std."""
-    if len(ref_desc) != len(desc):
-        raise ValueError(f"pyramid depth differs: reference {len(ref_desc)} levels, samples {len(desc)}")
-    vals = []
-    for r, s in zip(ref_desc, desc, strict=True):
-        # the reference stores float16 descriptors: quantise both sets alike so identical images give 0
-        r, s = (x.astype(np.float16).astype(np.float32) for x in (r, s))
-        mu, sd = r.mean(0), r.std(0) + 1e-8
-        vals.append(sliced_wasserstein((r - mu) / sd, (s - mu) / sd, seed=seed, device=device))
-    return {"levels": vals, "mean": float(np.mean(vals))}
 
 
 # ----------------------------------------------------------------------------- reference and scoring
@@ -485,10 +177,6 @@ class _Moments:
             raise ValueError(f"{what}: {self.n} image(s) is too few for a covariance; FID needs at least 2")
         m = self.s / self.n
         return self.shift + m, (self.ss - self.n * np.outer(m, m)) / (self.n - 1)
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _parse_metrics(metrics: str | Sequence[str]) -> list[str]:
@@ -560,7 +248,7 @@ def build_reference(
     for s in sides:
         if s > side or side % s or (side // s) & (side // s - 1):
             raise ValueError(f"--sides {s} is not {side} divided by a power of two")
-    dev = _device(device)
+    dev = resolve_device(device)
     arrays: dict[str, np.ndarray] = {}
     desc = {"version": VERSIONS["reference"], "source": images.name, "count": images.n, "side": side}
     if {"fid", "pr"} & set(ms) or sides:
@@ -574,7 +262,7 @@ def build_reference(
             for b in images.batches(batch):
                 for s in [side, *sides]:
                     x = b if s == side else _stage_down(b, s)
-                    pool = net(_to_float(x, dev))[0].float().cpu().numpy()
+                    pool = net(to_float(x, dev))[0].float().cpu().numpy()
                     mom[s].add(pool)
                     if s == side and sum(map(len, keep)) < n_pr:
                         keep.append(pool)
@@ -656,7 +344,7 @@ def score_stages(
     with zipfile.ZipFile(st) as z:
         keys = sorted((k[:-4] for k in z.namelist() if k.startswith("stage")), key=lambda k: int(k[5:]))
     arrays, desc = load_reference(rp)
-    dev = _device(device)
+    dev = resolve_device(device)
     net, wid = _inception(inception_path, inception_weights, dev, model)
     _check_weights(desc, wid, rp)
     out = {}
@@ -706,7 +394,7 @@ def score(
         raise ValueError(
             f"{rp} was built without {','.join(lacking)}; rebuild it with `cdc score ref --metrics ...`"
         )
-    dev = _device(device)
+    dev = resolve_device(device)
     res: dict = {}
     wid = None
     if {"fid", "is", "pr"} & set(ms) or stages:

@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from cdc import evalio as E
 from cdc import inception as I
 from cdc import metrics as M
+from cdc import swd as S
 from cdc.cli import app
 
 
@@ -165,23 +167,23 @@ def test_knn_radii_match_bruteforce():
 
 def test_swd_zero_for_identical_and_grows_with_blur():
     imgs = _images(48)
-    ref = M.collect_descriptors(M.Images(48, 32, lambda b: iter([imgs]), "x"), 48, 32, 48, seed=0)
+    ref = S.collect_descriptors(E.Images(48, 32, lambda b: iter([imgs]), "x"), 48, 32, 48, seed=0)
     assert len(ref) == 2  # 32 px: levels 32 and 16
-    same = M.swd_levels(ref, [r.copy() for r in ref])
+    same = S.swd_levels(ref, [r.copy() for r in ref])
     assert same["mean"] == 0.0
     vals = []
     for s in (0.6, 1.2, 2.5):
         b = _blur(imgs, s)
-        d = M.collect_descriptors(M.Images(48, 32, lambda _, b=b: iter([b]), "x"), 48, 32, 48, seed=0)
-        vals.append(M.swd_levels(ref, d))
+        d = S.collect_descriptors(E.Images(48, 32, lambda _, b=b: iter([b]), "x"), 48, 32, 48, seed=0)
+        vals.append(S.swd_levels(ref, d))
     assert all(x["levels"][0] < y["levels"][0] for x, y in zip(vals, vals[1:], strict=False))
     assert all(x["mean"] < y["mean"] for x, y in zip(vals, vals[1:], strict=False)), vals
 
 
 def test_laplacian_pyramid_reconstructs():
     x = torch.rand(2, 3, 32, 32)
-    lv = M.laplacian_pyramid(x)
-    up = M._blur(torch.nn.functional.interpolate(lv[1], scale_factor=2, mode="nearest"))
+    lv = S.laplacian_pyramid(x)
+    up = S._blur(torch.nn.functional.interpolate(lv[1], scale_factor=2, mode="nearest"))
     torch.testing.assert_close(lv[0] + up, x)
 
 
@@ -296,11 +298,11 @@ def test_reference_from_shards(tmp_path):
                 ti.size = len(raw)
                 tf.addfile(ti, io.BytesIO(raw))
     (d / "manifest.json").write_text(json.dumps({"count": 5}))
-    src = M.reference_images(d, 32, n=4)
+    src = E.reference_images(d, 32, n=4)
     got = np.concatenate(list(src.batches(3)))
     assert got.shape == (4, 32, 32, 3)
     np.testing.assert_array_equal(got, imgs[:4, 2:34, 2:34])  # centre crop of the 36 level, no resampling
-    assert np.concatenate(list(M.reference_images(d, 16).batches(8))).shape == (5, 16, 16, 3)
+    assert np.concatenate(list(E.reference_images(d, 16).batches(8))).shape == (5, 16, 16, 3)
 
 
 # ----------------------------------------------------------------------------- bad input

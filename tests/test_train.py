@@ -27,8 +27,17 @@ def shards(tmp_path_factory):
 
 
 def recipe(shards, **train):
-    t = dict(batch_size=8, steps=12, lr=1e-3, log_every=1, ckpt_every=4, keep_last=10, sample_every=0,
-             precision="fp32", ema_decay=0.99)
+    t = dict(
+        batch_size=8,
+        steps=12,
+        lr=1e-3,
+        log_every=1,
+        ckpt_every=4,
+        keep_last=10,
+        sample_every=0,
+        precision="fp32",
+        ema_decay=0.99,
+    )
     t.update(train)
     return {
         "model": {"preset": "tiny", "in_channels": 1, "num_classes": 10, "patch": 4},
@@ -77,8 +86,14 @@ def test_tiny_run_writes_run_dir(shards, tmp_path):
 
 
 def _run_cli(rec, run, **kw):
-    return subprocess.Popen([sys.executable, "-m", "cdc", "train", str(rec), "--run-dir", str(run)],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cdc", "train", str(rec), "--run-dir", str(run)],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(shards, tmp_path):
@@ -156,8 +171,21 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkeyp
 def test_two_process_torchrun_gloo_stays_in_sync(shards, tmp_path):
     rec = write_recipe(tmp_path, recipe(shards, steps=4, ckpt_every=4))
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "cdc", "train", str(rec), "--run-dir", str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "cdc",
+        "train",
+        str(rec),
+        "--run-dir",
+        str(run),
+    ]
     r = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     st = final_state(run)
@@ -178,7 +206,8 @@ def test_bad_recipe_is_one_line_error(tmp_path, shards):
 
 
 def test_dry_run_prints_config_and_params(tmp_path, shards):
-    r = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path, recipe(shards))), "--dry-run",
-                                 "--set", "model.depth=3"])
+    r = CliRunner().invoke(
+        app, ["train", str(write_recipe(tmp_path, recipe(shards))), "--dry-run", "--set", "model.depth=3"]
+    )
     assert r.exit_code == 0 and "depth: 3" in r.output and "# parameters:" in r.output
     assert not (Path("runs") / "r").exists()
