@@ -1,0 +1,69 @@
+"""The Fashion-MNIST judge: a tiny training run separates real images by class and its Frechet
+distance ranks real-vs-real far below real-vs-noise."""
+
+import numpy as np
+import pytest
+import torch
+
+from cdc import fmnist_eval as E
+from cdc.metrics import frechet_distance, gaussian_stats
+from cdc.sources import ASSETS
+
+
+def test_load_split_pads_like_prepare():
+    x, y = E.load_split("test", ASSETS)  # the bundled subset is always present
+    assert x.shape[1:] == (1, 32, 32) and len(x) == len(y)
+    assert x.min() >= -1 and x.max() <= 1
+    # 2-px zero padding on every side: the border is exactly background (-1)
+    border = torch.cat([x[..., :2, :].flatten(), x[..., -2:, :].flatten(), x[..., :, :2].flatten()])
+    assert torch.all(border == -1)
+    assert set(y.tolist()) == set(range(10))
+
+
+def test_to_float_accepts_nhwc_uint8():
+    u8 = np.zeros((3, 32, 32, 1), np.uint8)
+    u8[:, 5, 7, 0] = 255
+    x = E.to_float(u8)
+    assert x.shape == (3, 1, 32, 32)
+    assert x[0, 0, 5, 7] == 1 and x[0, 0, 0, 0] == -1
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clf") / "clf.pt"
+    model, info = E.load_or_train(path, ASSETS, seed=0, epochs=2, limit=1500, verbose=False, width=8)
+    return path, model, info
+
+
+def test_tiny_classifier_far_above_chance_and_cached(tiny):
+    path, model, info = tiny
+    assert info["test_accuracy"] > 0.5  # chance is 0.1
+    assert path.is_file()
+    again, info2 = E.load_or_train(path)  # cached: same weights, no retraining
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    assert info2["test_accuracy"] == info["test_accuracy"]
+
+
+def test_frechet_real_vs_real_below_real_vs_noise(tiny):
+    _, model, _ = tiny
+    x, _ = E.load_split("test", ASSETS)
+    n = len(x) // 2
+    a, b = x[:n], x[n : 2 * n]
+    g = torch.Generator().manual_seed(0)
+    noise = (torch.rand(a.shape, generator=g) * 2 - 1).clamp(-1, 1)
+    with torch.no_grad():
+        fa, fb, fn = (model.features(t).numpy() for t in (a, b, noise))
+    real = frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb))
+    fake = frechet_distance(*gaussian_stats(fa), *gaussian_stats(fn))
+    assert real < 0.2 * fake
+
+
+def test_evaluate_real_images_scores_high(tiny):
+    path, _, _ = tiny
+    x, y = E.load_split("test", ASSETS)
+    u8 = ((x[:300] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    res = E.evaluate(u8, y[:300].numpy(), clf=path)
+    assert res["n"] == 300 and res["accuracy"] > 0.5
+    shuffled = E.evaluate(u8, np.roll(y[:300].numpy(), 1), clf=path)  # wrong labels -> low accuracy
+    assert shuffled["accuracy"] < res["accuracy"] - 0.3
