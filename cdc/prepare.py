@@ -313,7 +313,7 @@ def prepare(
     limit: int | None = None,
     split: str = "train",
     progress: bool = True,
-    png: str = "huffman",
+    png: str = "store",
 ) -> dict[str, Any]:
     """Write webdataset shards of `src` under `out` and return the manifest (also in out/manifest.json).
 
