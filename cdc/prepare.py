@@ -16,162 +16,22 @@ ends with byte-identical shards. `manifest.json` is written atomically at the en
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
 import multiprocessing as mp
 import os
 import signal
-import struct
 import sys
 import tarfile
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from cdc.imageproc import encode_png, load_image, pad_idx, pyramid, top_side
 from cdc.sources import Item, Source, fingerprint, open_source
 
 FORMAT = "cdc-shards/1"
-_EXT_FORMAT = {
-    ".jpg": "JPEG",
-    ".jpeg": "JPEG",
-    ".jpe": "JPEG",
-    ".png": "PNG",
-    ".gif": "GIF",
-    ".bmp": "BMP",
-    ".webp": "WEBP",
-    ".tif": "TIFF",
-    ".tiff": "TIFF",
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# encoding
-
-
-def encode_png(arr: np.ndarray, compress: bool = True) -> bytes:
-    """Lossless 8-bit PNG of (H, W) or (H, W, 3) uint8, about 3x faster than PIL's writer.
-
-    Every row uses the "Up" filter (vectorised in numpy) and zlib Huffman-only coding: filtered
-    residuals of natural images are small, so entropy coding alone gets close to PIL's level-1
-    output size at a fraction of the time. compress=False stores the deflate blocks uncompressed
-    (about 10x faster to write, shards 1.2-1.6x larger).
-    """
-    h, w = arr.shape[:2]
-    c = 1 if arr.ndim == 2 else arr.shape[2]
-    raw = np.ascontiguousarray(arr).reshape(h, w * c)
-    f = np.empty((h, w * c + 1), np.uint8)  # (H, 1 + W*C): filter byte then the row
-    f[:, 0] = 2
-    f[0, 1:] = raw[0]
-    np.subtract(raw[1:], raw[:-1], out=f[1:, 1:])  # uint8 wrap-around is what PNG "Up" means
-    z = zlib.compressobj(1 if compress else 0, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
-    data = z.compress(f.tobytes()) + z.flush()
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
-
-
-def top_side(side: int, expand: float, levels: int) -> int:
-    """Side of the stored top level: side*expand rounded (half up) to a multiple of 2^(levels-1), >= side."""
-    m = 2 ** (levels - 1)
-    top = m * max(1, math.floor(side * expand / m + 0.5))
-    return top if top >= side else m * math.ceil(side / m)
-
-
-def pyramid(top: Image.Image, levels: int) -> list[Image.Image]:
-    """[top, D(top), D^2(top), ...]: Image.reduce(f) is the f x f box mean rounded half up."""
-    return [top] + [top.reduce(2**j) for j in range(1, levels)]
-
-
-# ---------------------------------------------------------------------------------------------
-# decoding one file, with every conversion named and every failure a skip reason
-
-
-def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale PNG/TIFF: rescale, don't clip
-        a = np.asarray(img, dtype=np.int64).clip(0, 65535)
-        notes.append("16-bit greyscale -> RGB")
-        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
-    if mode == "F":
-        raise ValueError("floating-point image (mode F) has no defined 0..255 range")
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        notes.append("palette -> RGB")
-        mode = img.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        if rgba.getextrema()[3][0] < 255:
-            notes.append("alpha composited on white")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    if mode == "RGB":
-        return img
-    notes.append(
-        {"L": "greyscale -> RGB", "1": "bilevel -> RGB", "CMYK": "CMYK -> RGB"}.get(mode, f"{mode} -> RGB")
-    )
-    return img.convert("RGB")
-
-
-def load_image(path: str, top: int) -> tuple[Image.Image | None, list[str], str | None]:
-    """(top x top RGB image, conversion notes, None) or (None, [], skip reason). Never raises on bad files."""
-    notes: list[str] = []
-    try:
-        if os.path.getsize(path) == 0:
-            return None, [], "empty file"
-        with open(path, "rb") as f:
-            data = f.read()
-        img = Image.open(io.BytesIO(data))
-        ext = os.path.splitext(path)[1].lower()
-        if _EXT_FORMAT.get(ext, img.format) != img.format:
-            notes.append(f"mislabelled: {img.format} data in a {ext} file")
-        if (
-            img.format == "PNG"
-            and img.mode in ("RGB", "RGBA")
-            and img.tile
-            and str(img.tile[0][3]).endswith(";16B")
-        ):
-            notes.append("16-bit -> 8-bit")
-        if img.format == "JPEG":
-            img.draft(img.mode, (top, top))  # DCT-domain downscale while decoding, never below top
-        img.load()
-        img = _to_rgb(img, notes)
-        w, h = img.size
-        if (w, h) != (top, top):
-            s = min(w, h)
-            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)  # centre square, resampled in one pass
-            img = img.resize((top, top), Image.LANCZOS, box=box)
-    except UnidentifiedImageError:
-        return None, [], "not a recognised image format"
-    except Image.DecompressionBombError as e:
-        return None, [], f"too large: {e}"
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as e:
-        return None, [], f"unreadable or truncated: {e}"
-    return img, notes, None
-
-
-def pad_idx(a: np.ndarray, top: int) -> Image.Image:
-    """Zero-pad an idx image (value 0 = background) to top x top; odd margins put the extra pixel last."""
-    h, w = a.shape
-    if h > top or w > top:
-        raise ValueError(f"idx images are {h}x{w}, larger than --side {top}; they are never resampled")
-    py, px = (top - h) // 2, (top - w) // 2
-    out = np.zeros((top, top), np.uint8)
-    out[py : py + h, px : px + w] = a
-    return Image.fromarray(out, "L")
-
-
-# ---------------------------------------------------------------------------------------------
-# one shard (runs in a worker process)
 
 _counter: Any = None  # shared images-done counter for the progress bar
 

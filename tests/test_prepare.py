@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdc.prepare import encode_png, prepare, top_side
+from cdc.imageproc import encode_png, top_side
+from cdc.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
