@@ -60,17 +60,20 @@ N_COMBINED = 4  # images in the combined stages.png
 # options
 
 
+def _int_list(text: str, option: str, example: str) -> list[int]:
+    """'4,4,4' -> [4, 4, 4], or a one-line error naming the option."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: expected {example}, got {text!r}") from None
+
+
 def parse_steps(steps: int | str | list[int] | None, default: list[int], K: int) -> list[int]:
     """'24' or '4,4,4,4' or ints -> one count per stage (model evaluations, x2 with CFG)."""
     if steps is None:
         steps = default
     if isinstance(steps, str):
-        try:
-            steps = [int(s) for s in steps.split(",") if s.strip()]
-        except ValueError:
-            raise ValueError(
-                f"--steps: expected a number or a comma list like 4,4,4,4, got {steps!r}"
-            ) from None
+        steps = _int_list(steps, "--steps", "a number or a comma list like 4,4,4,4")
     vals = [int(steps)] if isinstance(steps, int) else [int(s) for s in steps]
     if len(vals) == 1:
         vals = vals * K
@@ -84,12 +87,7 @@ def parse_classes(classes: str | list[int] | None, num_classes: int) -> list[int
     if classes is None or (isinstance(classes, str) and classes.strip().lower() == "all"):
         return list(range(num_classes))
     if isinstance(classes, str):
-        try:
-            classes = [int(c) for c in classes.split(",") if c.strip()]
-        except ValueError:
-            raise ValueError(
-                f"--classes: expected 'all' or a comma list like 3,5,7, got {classes!r}"
-            ) from None
+        classes = _int_list(classes, "--classes", "'all' or a comma list like 3,5,7")
     vals = [int(c) for c in classes]
     bad = [c for c in vals if not 0 <= c < num_classes]
     if not vals or bad:
