@@ -48,6 +48,8 @@ class ModelConfig:
     attn_bias: bool = True  # bias in the qkv projection (Table 7)
     qk_norm: bool = False  # RMS-normalise q and k per head (stabilises bf16 at scale)
     dropout: float = 0.0  # dropout in attention/MLP (Table 7: 0)
+    head: str = "linear"  # output head: "linear" (DiT: each token -> its p*p*C pixels) | "conv" (see below)
+    head_channels: int = 16  # head=conv: per-pixel feature maps the tokens emit for the two 3x3 convs
 
 
 @dataclass
@@ -58,6 +60,8 @@ class FlowConfig:
     gamma: float = 2.0  # diminish factor: sigma_k = gamma^-(k-1) * sigma for k > 1
     interpolant: str = "linear"  # "linear" | "trig" | "sbd" (Table 5)
     loss_weight: str = "pixel_sum"  # "pixel_sum": eq. 13 (sum over pixels, / d_K) | "sample_mean"
+    predict: str = "velocity"  # net output: "velocity" b (eq. 13) | "data": x1-hat, turned into b (loss stays on b)
+    alpha_min: float = 0.05  # predict=data: floor on alpha(tau) when solving for x0-hat, keeps tau -> 1 finite
     timesteps: int = 1000  # tau is embedded as tau * timesteps (Table 7 num.train.timesteps)
 
 
@@ -223,14 +227,18 @@ def validate(cfg: Config) -> None:
         ("model.pos", m.pos, ("rope", "sincos")),
         ("model.pos_units", m.pos_units, ("final", "native")),
         ("model.res_fusion", m.res_fusion, ("xattn", "add")),
+        ("model.head", m.head, ("linear", "conv")),
         ("flow.interpolant", f.interpolant, ("linear", "trig", "sbd")),
         ("flow.loss_weight", f.loss_weight, ("pixel_sum", "sample_mean")),
+        ("flow.predict", f.predict, ("velocity", "data")),
         ("train.precision", t.precision, ("bf16", "fp32")),
         ("train.schedule", t.schedule, ("constant", "cosine")),
         ("sample.solver", s.solver, ("euler", "heun", "sde")),
     ]:
         if val not in ok:
             raise ConfigError(f"{key}: {val!r} is not one of {list(ok)}")
+    if not 0.0 < f.alpha_min < 1.0:
+        raise ConfigError(f"flow.alpha_min must be in (0, 1), got {f.alpha_min}")
     if not f.sides:
         raise ConfigError("flow.sides: give at least one side, e.g. [32, 64, 128, 256]")
     for a, b in zip(f.sides, f.sides[1:]):

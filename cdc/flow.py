@@ -103,6 +103,38 @@ class Interpolant:
         return a * x0 + b * x1, da * x0 + db * x1
 
 
+def velocity_net(net: VelocityNet, interp: Interpolant, predict: str = "velocity", alpha_min: float = 0.05):
+    """The velocity field b of a network that predicts `predict` ("velocity" or "data").
+
+    With predict="data" the network outputs x1-hat (the clean image of its stage); since
+    I = alpha x0 + beta x1, x0-hat = (I - beta x1-hat) / alpha and b = alpha' x0-hat + beta' x1-hat
+    (linear: b = (x1-hat - I) / (1 - tau), JiT's form). Training still regresses b, so the loss, the sampler and
+    the paper's equations are unchanged; only the network's target manifold is. A clean image is
+    smooth and low-dimensional where a velocity carries the source noise pixel by pixel, which a
+    small patch-4 net reproduces poorly (residual speckle); see docs/design-notes.md.
+    The 1/alpha in front of (I - x1-hat) is floored at `alpha_min` so tau -> 1 stays finite and
+    b vanishes there when I = x1-hat.
+    """
+    if predict == "velocity":
+        return net
+    if predict != "data":
+        raise ValueError(f"unknown prediction target {predict!r}; use velocity or data")
+
+    def field(xs: list[Tensor], taus: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+        out = []
+        for x, tau, x1_hat in zip(xs, taus, net(xs, taus, ys)):
+            a, b, da, db = (c.float().view(-1, *([1] * (x.dim() - 1))) for c in interp.coeffs(tau))
+            x1_hat = x1_hat.float()
+            # b = alpha' x0-hat + beta' x1-hat rearranged so that only the (x - x1-hat) term divides by
+            # alpha: that one is floored; the other coefficient stays bounded (0 for linear) as tau -> 1
+            pull = da / a.clamp_min(alpha_min)
+            rest = db + da * (1 - b) / a.clamp_min(1e-12)
+            out.append(pull * (x.float() - x1_hat) + rest * x1_hat)  # (B_g, C, r, r)
+        return out
+
+    return field
+
+
 # ---------------------------------------------------------------------------------------------
 # couplings
 

@@ -36,7 +36,7 @@ from cdc import __version__
 from cdc import checkpoint as ckpt_lib
 from cdc import distributed as dist_lib
 from cdc.figures import grid, stage_figure, stages_figure, to_uint8
-from cdc.flow import Schedule
+from cdc.flow import Interpolant, Schedule, velocity_net
 from cdc.sampler import image_seed, sample
 
 __all__ = [
@@ -376,7 +376,9 @@ def generate(
             interpolant=mcfg.flow.interpolant,
             return_stages=stages,
         )
-        net, timer = velocity_fn(model, use_bf16), StageTimer(sched.K, dev)
+        f = mcfg.flow
+        net = velocity_net(velocity_fn(model, use_bf16), Interpolant(f.interpolant), f.predict, f.alpha_min)
+        timer = StageTimer(sched.K, dev)
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="img", disable=not (progress and main), desc="sampling")

@@ -226,6 +226,26 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(h), shift, scale, groups))  # (T, p*p*C)
 
 
+class PixelHead(nn.Module):
+    """head=conv: two 3x3 convs over [token features unpatchified to F maps, the input image].
+
+    A linear head predicts each p x p patch from its token alone, so small nets leave patch seams
+    and cannot denoise pixel by pixel (the 4 px "speckle" of a tiny Fashion-MNIST run). The convs
+    see the pixels themselves and both sides of every token border; they cost ~2 r^2 9 (F+C) F
+    FLOPs per sample, a few percent of the blocks. The last conv starts at zero (AdaLN-Zero spirit).
+    """
+
+    def __init__(self, feats: int, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(feats + channels, feats, 3, padding=1)
+        self.act = nn.SiLU()
+        self.conv2 = nn.Conv2d(feats, channels, 3, padding=1)
+
+    def forward(self, f: Tensor, x: Tensor) -> Tensor:
+        h = torch.cat([f, x.to(f.dtype)], dim=1)  # (B, F + C, r, r)
+        return self.conv2(self.act(self.conv1(h)))  # (B, C, r, r)
+
+
 class DiT(nn.Module):
     def __init__(
         self,
@@ -244,6 +264,8 @@ class DiT(nn.Module):
         attn_bias: bool = True,
         qk_norm: bool = False,
         dropout: float = 0.0,
+        head: str = "linear",
+        head_channels: int = 16,
     ):
         super().__init__()
         if width % heads or (pos == "rope" and (width // heads) % 4) or (pos == "sincos" and width % 4):
@@ -251,6 +273,8 @@ class DiT(nn.Module):
                 f"model: width {width} / heads {heads} does not fit pos={pos!r} "
                 "(rope needs head dim % 4 == 0, sincos width % 4 == 0)"
             )
+        if head not in ("linear", "conv"):
+            raise ValueError(f"model: head={head!r} not supported (linear, conv)")
         if pos not in ("rope", "sincos") or pos_units not in ("final", "native"):
             raise ValueError(f"model: pos={pos!r} / pos_units={pos_units!r} not supported")
         if final_side % patch:
@@ -269,7 +293,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio, attn_bias, qk_norm, dropout) for _ in range(depth)
         )
-        self.final = FinalLayer(width, patch, in_channels)
+        self.out_channels = in_channels if head == "linear" else head_channels  # per pixel, from tokens
+        self.final = FinalLayer(width, patch, self.out_channels)
+        self.pixel_head = PixelHead(head_channels, in_channels) if head == "conv" else None
         self._pos_cache: dict[tuple[int, str], object] = {}
         self.initialize_weights()
 
@@ -288,7 +314,9 @@ class DiT(nn.Module):
         for blk in self.blocks:
             nn.init.zeros_(blk.adaLN[-1].weight)
             nn.init.zeros_(blk.adaLN[-1].bias)
-        for lin in (self.final.adaLN[-1], self.final.linear):
+        zero = [self.final.adaLN[-1]]
+        zero += [self.final.linear] if self.pixel_head is None else [self.pixel_head.conv2]
+        for lin in zero:  # the conv head keeps its token features alive so gradients reach them
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
@@ -368,12 +396,15 @@ class DiT(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(blk, h, c, rope, groups, seqlens, use_reentrant=False)
             else:
                 h = blk(h, c, rope, groups, seqlens)
-        out = self.final(h, c, groups)  # (T, p*p*C)
+        out = self.final(h, c, groups)  # (T, p*p*F), F = C (linear head) or head_channels
         parts = out.split([n * L for n, L in groups])
-        return [
-            unpatchify(o, xi.shape[0], self.in_channels, xi.shape[-1], p)
+        maps = [
+            unpatchify(o, xi.shape[0], self.out_channels, xi.shape[-1], p)  # (B_g, F, r, r)
             for o, xi in zip(parts, xs, strict=True)
         ]
+        if self.pixel_head is None:
+            return maps
+        return [self.pixel_head(f, xi) for f, xi in zip(maps, xs, strict=True)]
 
 
 def build_model(cfg: Config) -> DiT:
@@ -395,6 +426,8 @@ def build_model(cfg: Config) -> DiT:
         attn_bias=m.attn_bias,
         qk_norm=m.qk_norm,
         dropout=m.dropout,
+        head=m.head,
+        head_channels=m.head_channels,
     )
 
 
@@ -415,7 +448,10 @@ def forward_flops(cfg: Config, side: int) -> float:
     per_block += 2 * 2 * N * N * D  # Q K^T and A V over all heads
     per_block += 2 * D * 6 * D  # AdaLN modulation (per sample)
     total = m.depth * per_block
-    total += 2 * N * (p * p * C) * D * 2  # patch embedding + final linear
+    F = C if m.head == "linear" else m.head_channels
+    total += 2 * N * (p * p * C) * D + 2 * N * (p * p * F) * D  # patch embedding + final linear
+    if m.head == "conv":
+        total += 2 * side * side * 9 * ((F + C) * F + F * C)  # the two 3x3 convs
     total += 2 * D * 2 * D  # final AdaLN
     total += 2 * 2 * (FREQ_DIM * D + D * D)  # timestep + resolution MLPs
     if m.res_fusion == "xattn":

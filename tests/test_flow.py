@@ -86,6 +86,32 @@ def test_loss_zero_for_exact_target_and_weighting():
     assert sum(n for _, n in out_sum.per_stage.values()) == 64
 
 
+@pytest.mark.parametrize("name", ["linear", "trig", "sbd"])
+def test_data_prediction_oracle_gives_exact_velocity_and_zero_loss(name):
+    """predict=data: a net that outputs the true x1 yields b = dI/dtau exactly (alpha > alpha_min)."""
+    sched = F.Schedule.make([8, 16, 32])
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(48, 1, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    k, tau = torch.arange(48) % 3, torch.rand(48, generator=g, dtype=torch.float64) * 0.9
+    t = (k + tau) / 3  # stage k's window is [k/3, (k+1)/3); tau <= 0.9 keeps alpha above 0.05
+    batch = F.group_batch(x, t, torch.zeros(48, dtype=torch.long), sched)
+    by_side = {x1.shape[-1]: x1 for x1 in batch.x1}
+    it = F.Interpolant(name)
+    field = F.velocity_net(lambda xs, taus, ys: [by_side[v.shape[-1]] for v in xs], it, "data", 0.05)
+    for k_, x1, tt in zip(batch.stage, batch.x1, batch.t):
+        tau = sched.tau_of(tt, k_)
+        x0 = F.source(x1, k_, sched, torch.randn(x1.shape, generator=g, dtype=x1.dtype))
+        xt, dx = it.path(x0, x1, tau)
+        assert torch.allclose(field([xt], [tau], [None])[0].double(), dx, atol=1e-4)
+    assert F.loss(field, batch, sched, it, g).loss.item() < 1e-8
+    # linear, closed form: b = (x1_hat - x_tau) / (1 - tau), floored at alpha_min near tau = 1
+    xt, tau = torch.randn(2, 1, 4, 4), torch.tensor([0.5, 0.99])
+    x1_hat = torch.randn(2, 1, 4, 4)
+    b = F.velocity_net(lambda *a: [x1_hat], F.Interpolant("linear"), "data", 0.05)([xt], [tau], [None])[0]
+    assert torch.allclose(b, (x1_hat - xt) / torch.tensor([0.5, 0.05]).view(-1, 1, 1, 1), atol=1e-5)
+    assert F.velocity_net(abs, it, "velocity") is abs
+
+
 def test_single_stage_is_plain_pixel_flow_matching():
     """K = 1: x0 = sigma * noise, tau = t, target x1 - x0; the loss is plain FM MSE."""
     sched = F.Schedule.make([16], sigma=1.0)

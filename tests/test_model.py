@@ -56,6 +56,42 @@ def test_paper_preset_param_count():
     assert m64.head_dim == 64 and abs(count_params(m64) - 677e6) / 677e6 < 0.01
 
 
+@pytest.mark.parametrize("head", ["linear", "conv"])
+def test_forward_flops_matches_torch_flop_counter(head):
+    """forward_flops (used for MFU) agrees with torch's own count of matmul/conv/attention FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = C.from_dict(
+        {
+            "model": {"preset": "tiny", "depth": 2, "width": 64, "heads": 4, "in_channels": 1, "head": head},
+            "flow": {"sides": [8, 16, 32]},
+        }
+    )
+    m = build_model(cfg).eval()
+    for side in (8, 32):
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            m(torch.randn(2, 1, side, side), torch.rand(2), torch.zeros(2, dtype=torch.long))
+        assert fc.get_total_flops() / 2 == pytest.approx(forward_flops(cfg, side), rel=0.025)
+
+
+def test_conv_head_starts_at_zero_and_sees_pixels():
+    m = build_model(_cfg(head="conv", sides=[8, 16, 32], in_channels=1))
+    x = torch.randn(3, 1, 32, 32)
+    t, y = torch.rand(3), torch.zeros(3, dtype=torch.long)
+    assert m(x, t, y).abs().max() == 0  # zero-init last conv, like AdaLN-Zero
+    with torch.no_grad():
+        m.pixel_head.conv2.weight.normal_(0, 0.1)
+        m.final.linear.weight.zero_()  # silence the tokens: only the input skip remains
+        m.final.linear.bias.zero_()
+        x2 = x.clone()
+        x2[:, :, 10, 13] += 1.0
+        d = (m(x2, t, y) - m(x, t, y)).abs()[:, 0]  # (3, 32, 32)
+    # two 3x3 convs: a one-pixel change reaches exactly its 5x5 neighbourhood, across patch borders
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[8:13, 11:16] = True
+    assert (d[:, inside] > 0).all() and (d[:, ~inside] == 0).all()
+
+
 def test_forward_flops_matches_design():
     # DESIGN §4: ~5.4 TFLOP per training sample (fwd+bwd) of the paper preset, uniform stages
     cfg = C.from_dict({"model": {"preset": "paper"}})
@@ -91,9 +127,11 @@ def test_tiny_runs_at_every_stage(sides, channels):
     assert m(x, torch.rand(2), torch.tensor([0, 1])).abs().max() == 0
 
 
-@pytest.mark.parametrize("pos,fusion", [("rope", "xattn"), ("sincos", "add"), ("rope", "add")])
-def test_packed_mixed_batch_equals_per_sample(pos, fusion):
-    cfg = _cfg(pos=pos, res_fusion=fusion)
+@pytest.mark.parametrize(
+    "pos,fusion,head", [("rope", "xattn", "linear"), ("sincos", "add", "linear"), ("rope", "add", "conv")]
+)
+def test_packed_mixed_batch_equals_per_sample(pos, fusion, head):
+    cfg = _cfg(pos=pos, res_fusion=fusion, head=head)
     m = _randomised(cfg)
     xs, taus, ys = _mixed_batch()
     with torch.no_grad():
@@ -120,8 +158,9 @@ def test_grad_checkpointing_same_result():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_gradient_reaches_every_parameter():
-    cfg = _cfg(qk_norm=True)
+@pytest.mark.parametrize("head", ["linear", "conv"])
+def test_gradient_reaches_every_parameter(head):
+    cfg = _cfg(qk_norm=True, head=head)
     m = _randomised(cfg).train()
     xs, taus, ys = _mixed_batch()
     sum(o.square().mean() for o in m(xs, taus, ys)).backward()
