@@ -60,8 +60,8 @@ class FlowConfig:
     gamma: float = 2.0  # diminish factor: sigma_k = gamma^-(k-1) * sigma for k > 1
     interpolant: str = "linear"  # "linear" | "trig" | "sbd" (Table 5)
     loss_weight: str = "pixel_sum"  # "pixel_sum": eq. 13 (sum over pixels, / d_K) | "sample_mean"
-    predict: str = "velocity"  # net output: "velocity" b (eq. 13) | "data": x1-hat, turned into b (loss stays on b)
-    alpha_min: float = 0.05  # predict=data: floor on alpha(tau) when solving for x0-hat, keeps tau -> 1 finite
+    predict: str = "velocity"  # net output: "velocity" b (eq. 13) | "data" x1-hat, turned into b
+    alpha_min: float = 0.05  # predict=data: floor on alpha(tau) in 1/alpha, keeps tau -> 1 finite
     timesteps: int = 1000  # tau is embedded as tau * timesteps (Table 7 num.train.timesteps)
 
 
@@ -72,6 +72,7 @@ class DataConfig:
     hflip: bool = True  # random horizontal flip (commutes with box downsampling)
     workers: int = 8  # dataloader worker processes per rank
     shuffle: int = 2000  # webdataset shuffle buffer (samples)
+    cache_mb: int = 0  # keep up to this many MB of parsed shards in RAM per worker (small datasets; 0 = off)
 
 
 @dataclass
@@ -96,7 +97,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (recompiles per stage mix: see docs/design-notes.md)
     seed: int = 0  # base seed; every rank derives its own from (seed, rank)
     log_every: int = 100  # steps between metrics.jsonl lines
-    ckpt_every: int = 5000  # steps between checkpoints
+    ckpt_every: int = 5000  # steps between checkpoints (0 = only at the end and on signals)
     keep_last: int = 3  # rolling checkpoints kept
     milestone_every: int = 100_000  # steps between checkpoints that are never deleted (0 = none)
     sample_every: int = 10_000  # steps between EMA sample grids (0 = never)
@@ -262,6 +263,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"sample.interval: need [lo, hi] with 0 <= lo <= hi <= 1, got {s.interval}")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas: need two values, got {t.betas}")
+    if cfg.data.cache_mb < 0:
+        raise ConfigError(f"data.cache_mb must be >= 0 (0 = off), got {cfg.data.cache_mb}")
+    if t.log_every < 1:
+        raise ConfigError(f"train.log_every must be >= 1, got {t.log_every}")
+    if t.ckpt_every < 0 or t.sample_every < 0:
+        raise ConfigError("train.ckpt_every / train.sample_every must be >= 0 (0 = off)")
     if t.batch_size < 1 or t.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
     if not 0.0 <= t.label_dropout < 1.0:

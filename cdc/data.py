@@ -94,6 +94,7 @@ class _Plan:
         self.workers = max(cfg.data.workers, 1)
         self.batch = cfg.train.batch_size
         self.shuffle = cfg.data.shuffle
+        self.cache_bytes = cfg.data.cache_mb * 2**20
         self.random_crop, self.hflip = cfg.data.random_crop, cfg.data.hflip
         self.sched = Schedule.from_config(cfg.flow)
         self.sides = list(cfg.flow.sides)
@@ -147,6 +148,31 @@ class _Stream(torch.utils.data.IterableDataset):
     def __init__(self, plan: _Plan, start: int):
         super().__init__()
         self.plan, self.start = plan, start
+        self._cache: dict[int, list[tuple[str, dict[str, bytes]]]] = {}  # shard -> samples (per worker)
+        self._cached_bytes = 0
+
+    def _read(self, i: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Shard i's samples; with data.cache_mb, from RAM after the first full read.
+
+        Parsing tar headers in Python costs more than decoding a small PNG, so for datasets that
+        fit in memory (Fashion-MNIST: 44 MB) later epochs skip it; order and bytes are unchanged.
+        """
+        if i in self._cache:
+            yield from self._cache[i]
+            return
+        budget = self.plan.cache_bytes - self._cached_bytes
+        kept: list | None = [] if budget > 0 else None
+        size = 0
+        for key, sample in read_tar(self.plan.urls[i]):
+            if kept is not None:
+                size += sum(len(v) for v in sample.values())
+                kept = kept if size <= budget else None
+                if kept is not None:
+                    kept.append((key, sample))
+            yield key, sample
+        if kept is not None:  # only a shard read to its end is cached
+            self._cache[i] = kept
+            self._cached_bytes += size
 
     def __iter__(self) -> Iterator[tuple]:
         info = torch.utils.data.get_worker_info()
@@ -195,7 +221,7 @@ class _Stream(torch.utils.data.IterableDataset):
         j = -1  # position in this slot's input stream
         g = -1  # position in the shared stream (sample-level split)
         for i in shards:
-            for key, sample in read_tar(P.urls[i]):
+            for key, sample in self._read(i):
                 g += 1
                 if g % stride != phase:
                     continue

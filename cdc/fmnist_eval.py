@@ -10,7 +10,9 @@ greyscale clothing, so for Fashion-MNIST we judge samples with our own classifie
 The classifier trains in about a minute on CPU on the full train split (60k images, from
 /work/shared/datasets/fashion-mnist or FMNIST_ROOT) or, when that is absent, the bundled 10k
 subset in cdc/assets; it is deterministic for a seed and cached to a .pt file together with the
-test-split feature statistics. CLI: `python -m cdc.fmnist_eval SAMPLES.npz [--clf PATH]` (JSON).
+test-split feature statistics. CLI: `python -m cdc.fmnist_eval SAMPLES.npz [--clf PATH]` (JSON);
+`python -m cdc.fmnist_eval --probe RUN` measures, per refinement stage, accuracy from real coarse
+images and how much the class label changes the output (see probe_stages).
 """
 
 from __future__ import annotations
@@ -218,12 +220,64 @@ def evaluate(
     }
 
 
+@torch.no_grad()
+def probe_stages(
+    ckpt: str | Path, per_class: int = 40, steps: int = 16, solver: str = "heun", seed: int = 0,
+    clf: str | Path = DEFAULT_CLF, root: str | Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Where a checkpoint makes or loses class identity, one refinement stage k >= 1 at a time.
+
+    Real test images are box-downsampled to r_{k-1} and refined by stages k..K (cdc.sampler
+    `start`). Per stage: `acc_coarse`, the judge's accuracy on those coarse images upsampled (what
+    the stage is given); `acc_refined`, its accuracy on the refined images with the true label;
+    `label_effect`, the mean total-variation distance between the judge's class probabilities of
+    images refined with the true label and with the null label from the same noise (0 = the
+    stages ignore the class; 1 = the label alone decides). No CFG, so the net itself is probed.
+    """
+    from cdc.checkpoint import load_for_inference
+    from cdc.flow import Interpolant, Schedule, velocity_net
+    from cdc.pyramid import down_to, up_to
+    from cdc.sampler import image_seed, sample
+
+    model, cfg, info = load_for_inference(ckpt)
+    f = cfg.flow
+    if f.sides[-1] != 32 or cfg.model.in_channels != 1:
+        raise ValueError(f"{info['path']}: probe needs a 1-channel model ending at 32 px, got {f.sides}")
+    sched = Schedule.from_config(f)
+    net = velocity_net(model, Interpolant(f.interpolant), f.predict, f.alpha_min)
+    judge, _ = load_or_train(clf, root, verbose=False)
+    x, y = load_split("test", root)
+    idx = torch.cat([torch.nonzero(y == c)[:per_class, 0] for c in range(10)])
+    x, y = x[idx], y[idx]
+    seeds = [image_seed(seed, i) for i in range(len(y))]
+    null = torch.full_like(y, cfg.model.num_classes)
+    out: dict[str, Any] = {"ckpt": info["path"], "step": info["step"], "images": len(y), "stages": []}
+    for k in range(1, sched.K):
+        coarse = down_to(x, f.sides[k - 1])
+        probs = []
+        for lab in (y, null):
+            img = sample(net, sched, lab, seeds, 1, steps=steps, solver=solver, start=(k, coarse)).x
+            probs.append(_batched(judge, img.clamp(-1, 1)).softmax(1))
+        p0 = _batched(judge, up_to(coarse, 32)).softmax(1)
+        out["stages"].append({
+            "stage": k + 1, "from_side": f.sides[k - 1],
+            "acc_coarse": float((p0.argmax(1) == y).float().mean()),
+            "acc_refined": float((probs[0].argmax(1) == y).float().mean()),
+            "label_effect": float(0.5 * (probs[0] - probs[1]).abs().sum(1).mean()),
+        })  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("samples", help="samples.npz with labels (arr_1), or the folder holding it")
+    ap.add_argument("samples", nargs="?", help="samples.npz with labels (arr_1), or the folder holding it")
     ap.add_argument("--clf", default=str(DEFAULT_CLF), help="cached classifier (.pt; trained if absent)")
+    ap.add_argument("--probe", metavar="RUN", help="instead: probe each refinement stage of a checkpoint")
     a = ap.parse_args(argv)
-    print(json.dumps(evaluate(a.samples, clf=a.clf), indent=1))
+    if (a.samples is None) == (a.probe is None):
+        ap.error("give a samples.npz to judge, or --probe RUN_OR_CKPT")
+    res = probe_stages(a.probe, clf=a.clf) if a.probe else evaluate(a.samples, clf=a.clf)
+    print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

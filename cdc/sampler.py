@@ -130,8 +130,14 @@ def sample(
     interpolant: str = "linear",
     return_stages: bool = False,
     on_stage: Callable[[int, Tensor], None] | None = None,
+    start: tuple[int, Tensor] | None = None,
 ) -> SampleOut:
-    """Generate one image per label in `y` (B,), image i from `seeds[i]`; see the module doc."""
+    """Generate one image per label in `y` (B,), image i from `seeds[i]`; see the module doc.
+
+    start=(k, coarse): skip stages < k and refine the given (B, C, r_{k-1}, r_{k-1}) images from
+    stage k on (super-resolution of an existing image; probing one stage on real coarse data).
+    The noise streams are drawn as if the skipped stages had run, so image i is unchanged.
+    """
     B = y.shape[0]
     if len(seeds) != B:
         raise ValueError(f"need one seed per image: {len(seeds)} seeds for {B} labels")
@@ -153,8 +159,22 @@ def sample(
     v, nfe = _guided(net, y, null_class if null_class is not None else -1, float(cfg), tuple(interval))
     stages: list[Tensor] = []
     x = None
+    k0 = 0
+    if start is not None:
+        k0, x = int(start[0]), start[1]
+        if not 1 <= k0 < sched.K or tuple(x.shape) != (B, channels, sched.sides[k0 - 1], sched.sides[k0 - 1]):
+            raise ValueError(
+                f"start=(k, images) needs 1 <= k < {sched.K} and images of shape "
+                f"({B}, {channels}, r, r) at the side of stage k-1, got k={k0}, {tuple(x.shape)}"
+            )
     for k, side in enumerate(sched.sides):
         shape = (channels, side, side)
+        if k < k0:  # keep every image's noise stream where a full run would have it
+            noise(shape)
+            if solver == "sde":
+                for _ in range(steps_k[k] - 1):
+                    noise(shape)
+            continue
         if k == 0:
             m = torch.zeros((B, *shape), device=device)
             x0 = sched.sigma * noise(shape)

@@ -302,7 +302,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
                 break
             if finish:
                 break
-            if step % t.ckpt_every == 0:
+            if t.ckpt_every and step % t.ckpt_every == 0:
                 save(step, "periodic")
     if not stop.flag:
         save(step, "end")

@@ -121,6 +121,21 @@ def test_resume_reproduces_batches(shards, workers):
     assert not all(same(a, b) for a, b in zip(ref[:4], other, strict=True))
 
 
+def test_memory_cache_gives_the_same_batches_and_skips_tar_reads(shards, monkeypatch):
+    import cdc.data as data_mod
+
+    ref = take(make_loader(config(shards), seed=3), 18)  # 48 samples / 8: three epochs
+    reads = []
+    real = data_mod.read_tar
+    monkeypatch.setattr(data_mod, "read_tar", lambda url: (reads.append(url), real(url))[1])
+    got = take(make_loader(config(shards, cache_mb=64), seed=3), 18)
+    assert all(same(a, b) for a, b in zip(ref, got, strict=True))
+    assert len(reads) == 6  # each shard parsed once, later epochs from RAM
+    reads.clear()
+    tiny = take(make_loader(config(shards, cache_mb=0), seed=3), 18)  # off: every epoch re-reads
+    assert all(same(a, b) for a, b in zip(ref, tiny, strict=True)) and len(reads) >= 12
+
+
 def test_epoch_covers_every_sample_once_across_ranks_and_workers(shards):
     # (workers, world, shard spec, samples): 6 shards over 2 or 6 slots; 1 shard split by sample
     for workers, world, spec, n in (

@@ -67,3 +67,30 @@ def test_evaluate_real_images_scores_high(tiny):
     assert res["n"] == 300 and res["accuracy"] > 0.5
     shuffled = E.evaluate(u8, np.roll(y[:300].numpy(), 1), clf=path)  # wrong labels -> low accuracy
     assert shuffled["accuracy"] < res["accuracy"] - 0.3
+
+
+def test_probe_stages_on_a_zero_velocity_model(tiny, tmp_path):
+    """A freshly initialised DiT outputs 0 (AdaLN-Zero), so refinement only adds the stage noise:
+    the label cannot matter (label_effect exactly 0) and one entry per refinement stage comes back."""
+    from cdc import checkpoint
+    from cdc.config import from_dict, to_dict
+    from cdc.model import build_model
+
+    cfg = from_dict(
+        {
+            "model": {"preset": "tiny", "in_channels": 1, "num_classes": 10},
+            "flow": {"sides": [8, 16, 32]},
+        }
+    )
+    checkpoint.save(
+        tmp_path / "step_0000000.pt", {"config": to_dict(cfg), "model": build_model(cfg).state_dict()}
+    )
+    res = E.probe_stages(tmp_path / "step_0000000.pt", per_class=3, steps=2, clf=tiny[0], root=ASSETS)
+    assert [s["from_side"] for s in res["stages"]] == [8, 16] and res["images"] == 30
+    for s in res["stages"]:
+        assert s["label_effect"] == 0.0
+        assert 0.0 <= s["acc_refined"] <= 1.0 and 0.0 <= s["acc_coarse"] <= 1.0
+    with pytest.raises(ValueError, match="1-channel model ending at 32 px"):
+        bad = from_dict({"model": {"preset": "tiny"}, "flow": {"sides": [16, 32, 64]}})
+        checkpoint.save(tmp_path / "b.pt", {"config": to_dict(bad), "model": build_model(bad).state_dict()})
+        E.probe_stages(tmp_path / "b.pt", clf=tiny[0], root=ASSETS)

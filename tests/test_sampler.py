@@ -217,3 +217,17 @@ def test_bad_arguments():
         sample(net, sched, torch.zeros(2, dtype=torch.long), [0], 1)
     with pytest.raises(ValueError, match="linear"):
         sample(net, sched, torch.zeros(1, dtype=torch.long), [0], 1, solver="sde", interpolant="trig")
+
+
+@pytest.mark.parametrize("solver", ["euler", "sde"])
+def test_start_from_a_coarse_image_continues_the_same_run(solver):
+    """start=(k, stage k-1 output of a full run) gives that run's final images exactly."""
+    net, sched, _, _ = gaussian_problem()
+    y = torch.zeros(5, dtype=torch.long)
+    seeds = [image_seed(2, i) for i in range(5)]
+    full = sample(net, sched, y, seeds, 1, steps=[3, 4, 5], solver=solver, return_stages=True)
+    for k in (1, 2):
+        part = sample(net, sched, y, seeds, 1, steps=[3, 4, 5], solver=solver, start=(k, full.stages[k - 1]))
+        assert torch.equal(part.x, full.x)
+    with pytest.raises(ValueError, match="start="):
+        sample(net, sched, y, seeds, 1, start=(1, full.stages[1]))  # wrong side for stage 1
