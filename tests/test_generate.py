@@ -134,6 +134,11 @@ def test_grid_one_row_per_class():
     pad = 2
     assert g.shape == (pad + 3 * (4 + pad), pad + 4 * (4 + pad), 3)
     assert g[pad, pad + 6, 0] == 3  # row 0 (class 5), column 1 = image 3
+    # 10 classes x 10 samples (Fashion-MNIST quickstart): 8 per row, beyond the 64-image cap
+    imgs = np.stack([np.full((4, 4, 1), i, np.uint8) for i in range(100)])
+    g = grid(imgs, labels_for(100, list(range(10))), min_tile=4)
+    assert g.shape == (pad + 10 * (4 + pad), pad + 8 * (4 + pad), 3)
+    assert g[pad + 9 * 6, pad + 7 * 6, 0] == 79  # row 9 (class 9), column 7 = image 9 + 7 * 10
 
 
 # ---------------------------------------------------------------------------------------------
