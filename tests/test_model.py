@@ -6,16 +6,8 @@ import pytest
 import torch
 
 import cdc.config as C
-from cdc.model import (
-    apply_rope,
-    build_model,
-    count_params,
-    forward_flops,
-    grid_coords,
-    patchify,
-    rope_table,
-    unpatchify,
-)
+from cdc.model import build_model, count_params, forward_flops
+from cdc.tokens import apply_rope, grid_coords, patchify, rope_table, unpatchify
 
 
 def _cfg(**model):
