@@ -135,6 +135,11 @@ def velocity_net(net: VelocityNet, interp: Interpolant, predict: str = "velocity
     return field
 
 
+def velocity_net_from_config(net: VelocityNet, flow_cfg) -> VelocityNet:  # flow_cfg: cdc.config.FlowConfig
+    """velocity_net with the interpolant and prediction target a run was trained with."""
+    return velocity_net(net, Interpolant(flow_cfg.interpolant), flow_cfg.predict, flow_cfg.alpha_min)
+
+
 # ---------------------------------------------------------------------------------------------
 # couplings
 

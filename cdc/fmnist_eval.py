@@ -235,7 +235,7 @@ def probe_stages(
     stages ignore the class; 1 = the label alone decides). No CFG, so the net itself is probed.
     """
     from cdc.checkpoint import load_for_inference
-    from cdc.flow import Interpolant, Schedule, velocity_net
+    from cdc.flow import Schedule, velocity_net_from_config
     from cdc.pyramid import down_to, up_to
     from cdc.sampler import image_seed, sample
 
@@ -244,7 +244,7 @@ def probe_stages(
     if f.sides[-1] != 32 or cfg.model.in_channels != 1:
         raise ValueError(f"{info['path']}: probe needs a 1-channel model ending at 32 px, got {f.sides}")
     sched = Schedule.from_config(f)
-    net = velocity_net(model, Interpolant(f.interpolant), f.predict, f.alpha_min)
+    net = velocity_net_from_config(model, f)
     judge, _ = load_or_train(clf, root, verbose=False)
     x, y = load_split("test", root)
     idx = torch.cat([torch.nonzero(y == c)[:per_class, 0] for c in range(10)])

@@ -36,7 +36,7 @@ from cdc import __version__
 from cdc import checkpoint as ckpt_lib
 from cdc import distributed as dist_lib
 from cdc.figures import grid, stage_figure, stages_figure, to_uint8
-from cdc.flow import Interpolant, Schedule, velocity_net
+from cdc.flow import Schedule, velocity_net_from_config
 from cdc.sampler import image_seed, sample
 
 __all__ = [
@@ -376,8 +376,7 @@ def generate(
             interpolant=mcfg.flow.interpolant,
             return_stages=stages,
         )
-        f = mcfg.flow
-        net = velocity_net(velocity_fn(model, use_bf16), Interpolant(f.interpolant), f.predict, f.alpha_min)
+        net = velocity_net_from_config(velocity_fn(model, use_bf16), mcfg.flow)
         timer = StageTimer(sched.K, dev)
         from tqdm import tqdm
 

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from cdc import checkpoint as ckpt
 from cdc import distributed as D
 from cdc.config import Config, ConfigError, dump, from_dict, to_dict
-from cdc.flow import Interpolant, Schedule, loss, velocity_net
+from cdc.flow import Interpolant, Schedule, loss, velocity_net_from_config
 from cdc.model import build_model, count_params, forward_flops
 
 
@@ -186,7 +186,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
         net = torch.compile(net, dynamic=True)
     if dist.world > 1:
         net = DDP(net, device_ids=[dev.index] if cuda else None)
-    field = velocity_net(net, interp, cfg.flow.predict, cfg.flow.alpha_min)
+    field = velocity_net_from_config(net, cfg.flow)
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if cuda and t.precision == "bf16"
@@ -355,9 +355,8 @@ def save_grid(ema: torch.nn.Module, cfg: Config, path: Path, dev: torch.device, 
     n_cls = min(cfg.model.num_classes, 10)
     y = torch.arange(n_cls, device=dev).repeat_interleave(per_class)
     s = cfg.sample
-    f = cfg.flow
     out = sample(
-        velocity_net(ema, Interpolant(f.interpolant), f.predict, f.alpha_min),
+        velocity_net_from_config(ema, cfg.flow),
         Schedule.from_config(cfg.flow),
         y,
         [image_seed(s.seed, i) for i in range(len(y))],
