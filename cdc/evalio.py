@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from cdc.data import read_tar
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -118,22 +119,10 @@ def center_crop_resize(img: Image.Image, side: int) -> np.ndarray:
 
 
 def _shard_samples(tars: list[Path]) -> Iterator[dict[str, bytes]]:
-    """webdataset samples as {ext: bytes}; the key is the file name up to its first dot."""
+    """webdataset samples as {ext: bytes}, in shard order (the training loader's reader)."""
     for t in tars:
-        cur, key = {}, None
-        with tarfile.open(t, "r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                if key is not None and k != key:
-                    yield cur
-                    cur = {}
-                key = k
-                cur[ext] = tf.extractfile(m).read()
-        if cur:
-            yield cur
+        for _, sample in read_tar(str(t)):
+            yield sample
 
 
 def reference_images(data: str | Path, side: int | None, n: int | None = None) -> Images:
