@@ -161,16 +161,13 @@ class _Stream(torch.utils.data.IterableDataset):
             yield from self._cache[i]
             return
         budget = self.plan.cache_bytes - self._cached_bytes
-        kept: list | None = [] if budget > 0 else None
-        size = 0
+        kept, size = [], 0
         for key, sample in read_tar(self.plan.urls[i]):
-            if kept is not None:
-                size += sum(len(v) for v in sample.values())
-                kept = kept if size <= budget else None
-                if kept is not None:
-                    kept.append((key, sample))
+            size += sum(len(v) for v in sample.values())
+            if size <= budget:
+                kept.append((key, sample))
             yield key, sample
-        if kept is not None:  # only a shard read to its end is cached
+        if size <= budget:  # only a shard read to its end, and that fits, is cached
             self._cache[i] = kept
             self._cached_bytes += size
 

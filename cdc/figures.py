@@ -44,14 +44,15 @@ def grid(images: np.ndarray, labels: np.ndarray, max_images: int = 64, min_tile:
     """Sample grid (H', W', 3) from uint8 (N, H, W, C) images.
 
     When the labels cycle through c <= 16 distinct classes (``--classes``), each row holds one class
-    and its columns are successive samples of it (max(8, max_images // c) of them); otherwise the first `max_images` images fill rows of 8.
+    and its columns are successive samples of it (max(8, max_images // c) of them); otherwise the
+    first `max_images` images fill rows of 8.
     Images smaller than `min_tile` are enlarged (nearest, integer factor) so 32-px samples stay visible.
     """
     n = len(images)
     side = images.shape[1]
     c = len(dict.fromkeys(labels.tolist()))  # distinct classes in first-seen order
     cycling = 1 < c <= 16 and n >= 2 * c and bool((labels == labels[np.arange(n) % c]).all())
-    cols = min(n // c, max(8, max_images // c)) if cycling else 0  # >= 8 per class row when there are
+    cols = min(n // c, max(8, max_images // c)) if cycling else 0
     images = images[: max(max_images, c * cols)]  # both layouts below index only these
     if side < min_tile:
         images = np.stack([_upsample(im, side * -(-min_tile // side)) for im in images])
