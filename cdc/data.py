@@ -161,6 +161,9 @@ class _Stream(torch.utils.data.IterableDataset):
             yield from self._cache[i]
             return
         budget = self.plan.cache_bytes - self._cached_bytes
+        if budget <= 0:  # cache off or full: no bookkeeping on the hot path
+            yield from read_tar(self.plan.urls[i])
+            return
         kept, size = [], 0
         for key, sample in read_tar(self.plan.urls[i]):
             size += sum(len(v) for v in sample.values())
