@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cdc.fileio import display, is_utf8, path_record, read_json
 from cdc.imageproc import encode_png, load_image, pad_idx, pyramid, top_side
 from cdc.sources import Item, Source, fingerprint, open_source
 
@@ -97,10 +98,10 @@ def _do_shard(task: dict) -> dict:
             else:
                 img, notes, reason = load_image(os.path.join(task["root"], ref), top)
             if img is None:
-                skipped.append({"path": ref, "reason": reason})
+                skipped.append({**path_record(ref), "reason": reason})
             else:
                 if notes:
-                    converted.append({"path": ref, "note": "; ".join(notes)})
+                    converted.append({**path_record(ref), "note": "; ".join(notes)})
                 members = [("cls", str(cls).encode())]
                 pngs = [
                     (f"{im.width}.png", encode_png(np.asarray(im), squeeze)) for im in pyramid(img, levels)
@@ -202,7 +203,7 @@ def prepare(
     names = [f"{split}-{i:06d}.tar" for i in range(n_shards)]
     args = {
         "format": FORMAT,
-        "source": source.ident,
+        "source": display(source.ident),
         "split": split,
         "side": side,
         "expand": expand,
@@ -217,7 +218,7 @@ def prepare(
     state = out / ".prepare"
     state.mkdir(parents=True, exist_ok=True)
     if (state / "args.json").is_file():
-        old = json.loads((state / "args.json").read_text())
+        old = read_json(state / "args.json", "a `cdc prepare` state file; delete the folder's .prepare/ to start over")
         if old != args:
             diff = {k: (old.get(k), v) for k, v in args.items() if old.get(k) != v}
             raise ValueError(
@@ -252,7 +253,7 @@ def prepare(
     counter = mp.Value("q", 0) if parallel else None
     # the pool is forked before tqdm starts its monitor thread
     pool = mp.get_context().Pool(min(workers, len(tasks)), _init_worker, (counter,)) if parallel else None
-    bar = _bar(todo, f"prepare {out}") if progress and todo else None
+    bar = _bar(todo, f"prepare {display(out)}") if progress and todo else None
     try:
         if pool is None:
             for t in tasks:
@@ -288,6 +289,7 @@ def prepare(
 
     shards = [{k: records[n][k] for k in ("name", "count", "bytes", "sha256")} for n in names]
     skipped = [s for n in names for s in records[n]["skipped"]]
+    skipped_paths = {s["path"] for s in skipped}
     converted_files = [c for n in names for c in records[n]["converted"]]
     counts: dict[str, int] = {}
     for c in converted_files:
@@ -296,7 +298,7 @@ def prepare(
     lv = [top >> j for j in range(levels)]
     manifest = {
         "format": FORMAT,
-        "source": source.ident,
+        "source": display(source.ident),
         "source_type": source.kind,
         "split": split,
         "side": side,
@@ -305,8 +307,8 @@ def prepare(
         "levels": lv,
         "level_keys": [f"{s}.png" for s in lv],
         "channels": source.channels,
-        "classes": source.classes,
-        "class_names": source.class_names,
+        "classes": [display(c) for c in source.classes],
+        "class_names": source.class_names and [display(c) for c in source.class_names],
         "num_classes": len(source.classes),
         "count": sum(s["count"] for s in shards),
         "files": len(items),
@@ -318,12 +320,18 @@ def prepare(
         "skipped": skipped,
         "converted": counts,
         "converted_files": converted_files,
+        # names that are not UTF-8 (legal on Linux): the shard key each was written under, and its bytes
+        "escaped_names": [
+            {"key": it.key, **path_record(it.ref)}
+            for it in items
+            if isinstance(it.ref, str) and not is_utf8(it.ref) and display(it.ref) not in skipped_paths
+        ],
     }
     _write_json(out / "manifest.json", manifest)
     if progress and todo:
         print(
             f"prepared {todo} files in {elapsed:.1f}s ({todo / max(elapsed, 1e-9):.0f} img/s); "
-            f"{manifest['count']} samples, {len(skipped)} skipped -> {out}",
+            f"{manifest['count']} samples, {len(skipped)} skipped -> {display(out)}",
             file=sys.stderr,
         )
     return manifest

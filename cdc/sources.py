@@ -63,7 +63,7 @@ def fingerprint(items: list[Item]) -> str:
     """sha256 over keys, classes and refs: a changed file list must not resume an old output."""
     h = hashlib.sha256()
     for it in items:
-        h.update(f"{it.key}\t{it.cls}\t{it.ref}\n".encode())
+        h.update(f"{it.key}\t{it.cls}\t{it.ref}\n".encode("utf-8", "surrogateescape"))  # names are bytes
     return h.hexdigest()
 
 
@@ -163,7 +163,7 @@ def _names(tree: Path, stop: Path, classes: list[str]) -> list[str] | None:
         f = d / "LOC_synset_mapping.txt"
         if f.is_file():
             table = {}
-            for line in f.read_text().splitlines():
+            for line in f.read_text(errors="replace").splitlines():
                 parts = line.strip().split(maxsplit=1)
                 if parts:
                     table[parts[0]] = parts[1] if len(parts) > 1 else parts[0]
