@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cdc.fileio import BadFileError, one_line
 
 CKPT_RE = re.compile(r"^step_(\d{7,})\.pt$")
 
@@ -84,9 +87,26 @@ def verify(path: Path) -> bool:
     return expected == sha256_file(Path(path))
 
 
+EXPECTED = "a cdc checkpoint (a .pt file written by `cdc train`)"
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint onto `map_location` (CPU by default) without executing any code."""
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+    """Load a checkpoint onto `map_location` (CPU by default) without executing any code.
+
+    A file that does not unpickle under `weights_only` (random bytes, truncated, or holding code
+    objects) or holds no dict is a one-line BadFileError; `pickle.UnpicklingError` stays its cause.
+    """
+    try:
+        state = torch.load(Path(path), map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, UnicodeDecodeError) as e:
+        raise BadCheckpointError(f"{path}: not {EXPECTED} ({one_line(e)})") from e
+    if not isinstance(state, dict):
+        raise BadCheckpointError(f"{path}: not {EXPECTED} (holds a {type(state).__name__}, not a dict)")
+    return state
+
+
+class BadCheckpointError(BadFileError, pickle.UnpicklingError):
+    """A checkpoint file that cannot be loaded safely; still an UnpicklingError for old callers."""
 
 
 def ckpt_name(step: int) -> str:
@@ -164,17 +184,25 @@ def load_for_inference(
     runs_dir: str | Path = "runs",
 ):
     """(model in eval mode, Config, info) from a checkpoint file, a run dir, or the newest run."""
-    from cdc.config import from_dict
+    from cdc.config import ConfigError, from_dict
     from cdc.model import build_model
 
     path = resolve(ckpt, runs_dir)
     state = load(path)
     if "config" not in state or "model" not in state:
-        raise ValueError(f"{path} is not a cdc checkpoint (no config/model entries)")
-    cfg = from_dict(state["config"])
+        raise BadCheckpointError(f"{path}: not {EXPECTED} (no config/model entries)")
+    try:
+        cfg = from_dict(state["config"])
+    except ConfigError as e:
+        raise BadCheckpointError(f"{path}: its stored config is invalid ({one_line(e)})") from None
     model = build_model(cfg)
     key = "ema" if ema and state.get("ema") is not None else "model"
-    model.load_state_dict(state[key])
+    try:
+        model.load_state_dict(state[key])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise BadCheckpointError(
+            f"{path}: its {key} weights do not fit the network its config describes ({one_line(e)})"
+        ) from None
     model.to(device).eval().requires_grad_(False)
     info = {"path": str(path), "step": int(state.get("step", 0)), "weights": key}
     return model, cfg, info

@@ -1,8 +1,8 @@
 """The `cdc` command line: thin Typer commands, each parsing options and calling one library function.
 
 No tensor code lives here, and the library never imports typer. Library errors that are the
-user's to fix (ConfigError, ValueError from bad input, FileNotFoundError) become one-line
-messages with exit code 2 instead of tracebacks.
+user's to fix (ConfigError, ValueError from bad input, and OSError such as FileNotFoundError)
+become one-line messages with exit code 2 instead of tracebacks.
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, UserError, FileNotFoundError, ValueError) as e:
-            typer.echo(f"error: {e}", err=True)
+        except (ConfigError, UserError, ValueError, OSError) as e:  # OSError: missing/unreadable files
+            from cdc.fileio import one_line
+
+            msg = one_line(e).encode("utf-8", "backslashreplace").decode("utf-8")  # names may be bytes
+            typer.echo(f"error: {msg}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

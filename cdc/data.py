@@ -17,11 +17,11 @@ its workers and each skips its batches without decoding any image.
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import tarfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cdc.fileio import bad_file, read_json
 from cdc.flow import Batch, Schedule
 
 
@@ -42,7 +43,9 @@ def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
             raise FileNotFoundError(
                 f"{mpath} not found; run `cdc prepare` to create shards in {mpath.parent}"
             )
-        manifest = json.loads(mpath.read_text())
+        manifest = read_manifest(mpath)
+        if not manifest.get("shards"):
+            raise bad_file(mpath, "a manifest listing shards; run `cdc prepare` to completion")
         return [str(mpath.parent / s["name"]) for s in manifest["shards"]], manifest
     from braceexpand import braceexpand
 
@@ -50,7 +53,7 @@ def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
     manifest = None
     if not spec.startswith("pipe:") and "://" not in spec:
         mpath = Path(urls[0]).parent / "manifest.json"
-        manifest = json.loads(mpath.read_text()) if mpath.is_file() else None
+        manifest = read_manifest(mpath) if mpath.is_file() else None
         missing = [u for u in urls if not Path(u).is_file()]
         if missing and len(urls) == 1:
             raise FileNotFoundError(
@@ -61,8 +64,31 @@ def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
     return urls, manifest
 
 
+def read_manifest(path: Path) -> dict:
+    """A `cdc prepare` manifest.json, or a one-line error naming it."""
+    expected = "a `cdc prepare` manifest (JSON with a 'shards' list); re-run `cdc prepare` to rewrite it"
+    m = read_json(path, expected)
+    if not isinstance(m, dict) or not isinstance(m.get("shards", []), list):
+        raise bad_file(path, expected)
+    if any(not isinstance(s, dict) or "name" not in s for s in m.get("shards", [])):
+        raise bad_file(path, expected, "a shard entry has no name")
+    return m
+
+
 def read_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream (key, {ext: bytes}) samples from any location webdataset's gopen opens."""
+    """Stream (key, {ext: bytes}) samples from any location webdataset's gopen opens.
+
+    A file that is not a tar archive, or one cut short, is a one-line BadFileError naming it.
+    """
+    try:
+        yield from _read_tar(url)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise bad_file(url, "a readable tar shard written by `cdc prepare` (re-run it to rewrite)", e) from None
+
+
+def _read_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     from webdataset import gopen
 
     stream = gopen(url, "rb")

@@ -8,7 +8,6 @@ never sit in memory at once. References come from an image folder (ADM centre cr
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cdc.data import read_tar
+from cdc.data import read_manifest, read_tar
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -137,7 +136,7 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
     if not d.is_dir():
         raise FileNotFoundError(f"reference data folder not found: {d}")
     if (d / "manifest.json").is_file():
-        manifest = json.loads((d / "manifest.json").read_text())
+        manifest = read_manifest(d / "manifest.json")
         listed = [d / sh["name"] for sh in manifest.get("shards", []) if "name" in sh]
         tars = [t for t in listed if t.is_file()] if listed else sorted(d.glob("*.tar"))
         if not tars or len(tars) < len(listed):

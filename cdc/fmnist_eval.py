@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdc.checkpoint import atomic_write_bytes
+from cdc.fileio import one_line
 from cdc.metrics import frechet_distance, gaussian_stats
 from cdc.sources import ASSETS, _find_one, _read_idx
 
@@ -140,10 +141,18 @@ def load_or_train(
     """Load the cached classifier at `path`, or train it (and measure test accuracy/feature stats) first."""
     path = Path(path)
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        model = Classifier(state["width"])
-        model.load_state_dict(state["model"])
-        return model.eval(), state["info"]
+        try:  # weights_only: opening a file must never run code; mu/sigma are stored as tensors
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model = Classifier(state["width"])
+            model.load_state_dict(state["model"])
+        except Exception as e:
+            raise ValueError(
+                f"{path}: not a Fashion-MNIST judge saved by this version ({one_line(e)}); "
+                "delete it to train a new one"
+            ) from None
+        info = dict(state["info"])
+        info["mu"], info["sigma"] = info["mu"].numpy(), info["sigma"].numpy()
+        return model.eval(), info
     t0 = time.perf_counter()
     x, y = load_split("train", root)
     if limit:
@@ -169,7 +178,8 @@ def load_or_train(
     import io
 
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "width": width, "info": info}, buf)
+    stored = {**info, "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}
+    torch.save({"model": model.state_dict(), "width": width, "info": stored}, buf)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
     if verbose:

@@ -36,6 +36,7 @@ from cdc import __version__
 from cdc import checkpoint as ckpt_lib
 from cdc import distributed as dist_lib
 from cdc.figures import grid, stage_figure, stages_figure, to_uint8
+from cdc.fileio import read_json
 from cdc.flow import Schedule, velocity_net_from_config
 from cdc.sampler import image_seed, sample
 
@@ -198,7 +199,7 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, resume: b
         raise ValueError(
             f"--resume: {out} has no samples.json (not a `cdc sample` output); pick another --out"
         )
-    old = json.loads(meta.read_text())
+    old = read_json(meta, "a `cdc sample` record (samples.json); use --overwrite to start again")
     for key in MATCH:
         if old.get(key) != settings[key]:
             raise ValueError(
@@ -357,7 +358,7 @@ def generate(
             for k in range(sched.K if stages else 0):
                 (out / "stages" / f"stage{k}").mkdir(parents=True, exist_ok=True)
             meta = out / "samples.json"
-            old = json.loads(meta.read_text()) if resume and meta.is_file() else {}  # keeps timings on resume
+            old = read_json(meta, "a `cdc sample` record (samples.json); use --overwrite to start again") if resume and meta.is_file() else {}  # keeps timings on resume
             _write_json(meta, {**old, **settings, "status": "running", "cdc_version": __version__})
             done = _done(out, n, side, C, stage_sides)
         else:
@@ -411,7 +412,7 @@ def generate(
         count = sum(s[0] for s in stats)
         secs = sum(s[1] for s in stats)
         nfes = [s[3] for s in stats if s[3] is not None]
-        old = json.loads((out / "samples.json").read_text())
+        old = read_json(out / "samples.json", "a `cdc sample` record (samples.json); use --overwrite to start again")
         assemble(out, labels, C, list(sched.sides), stages)
         summary = {
             **settings,

@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from cdc.fileio import one_line
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
 NUM_CLASSES = 1008
@@ -279,7 +281,9 @@ def load_inception(
         try:
             sd = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # a corrupt or non-checkpoint file: one line, not a traceback
-            raise ValueError(f"cannot read Inception weights {p}: {type(e).__name__}: {e}") from None
+            raise ValueError(f"cannot read Inception weights {p}: {type(e).__name__}: {one_line(e)}") from None
+        if not isinstance(sd, dict):
+            raise ValueError(f"{p} is not the FID Inception weights {WEIGHTS_NAME}: it holds no state dict")
         missing, unexpected = model.load_state_dict(sd, strict=False)
         # old checkpoints have no BatchNorm step counters; anything else means a wrong file
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]

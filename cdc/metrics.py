@@ -320,7 +320,7 @@ def _sampler_settings(samples: Path) -> dict:
         if c.is_file() and not c.name.endswith(".scores.json"):
             try:
                 return json.loads(c.read_text())
-            except json.JSONDecodeError:
+            except ValueError:  # JSONDecodeError or UnicodeDecodeError: record it, do not fail the score
                 return {"unreadable": str(c)}
     return {}
 

@@ -64,9 +64,16 @@ def _check_compatible(run_dir: Path, cfg: Config) -> None:
     f = run_dir / "config.yaml"
     if not f.is_file():
         return
-    import yaml
+    from cdc.fileio import bad_file, read_yaml
 
-    old = from_dict(yaml.safe_load(f.read_text()))
+    expected = "a cdc run config (restore it or use a new --run-dir)"
+    raw = read_yaml(f, expected)
+    if not isinstance(raw, dict):
+        raise bad_file(f, expected, f"holds a {type(raw).__name__}, not a mapping")
+    try:
+        old = from_dict(raw)
+    except ConfigError as e:
+        raise bad_file(f, expected, e) from None
     for sec in ("model", "flow"):
         if to_dict(old)[sec] != to_dict(cfg)[sec]:
             diff = [k for k, v in to_dict(cfg)[sec].items() if to_dict(old)[sec].get(k) != v]
@@ -230,7 +237,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     last: dict[str, Any] = {}
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
-    with _Stop() as stop:
+    with _Stop() as stop, bar if bar is not None else contextlib.nullcontext():  # bar ends before errors print
         while step < t.steps:
             lr = lr_at(step, cfg)
             for g in opt.param_groups:

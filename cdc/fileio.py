@@ -1,0 +1,71 @@
+"""Reading the small files users hand us (JSON, YAML) and naming the ones that are not what they claim.
+
+Every reader here raises `BadFileError` (a ValueError, so the CLI prints it as one line with exit
+code 2) whose message names the file and what was expected, instead of a decoder's message that
+names neither. Also: how a file name that is not valid UTF-8 (legal on Linux, where names are
+bytes) is shown and recorded losslessly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class BadFileError(ValueError):
+    """A file exists but is not what the caller expected; the message names it in one line."""
+
+
+def one_line(e: BaseException | str) -> str:
+    """The first meaningful line of an exception message (decoders and torch write paragraphs)."""
+    text = str(e).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the cause is the last line
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def bad_file(path: str | os.PathLike, expected: str, cause: BaseException | str | None = None) -> BadFileError:
+    """`PATH: not EXPECTED (cause)`: e.g. bad_file(p, "a cdc checkpoint (.pt from `cdc train`)", e)."""
+    why = f" ({one_line(cause)})" if cause is not None else ""
+    return BadFileError(f"{display(path)}: not {expected}{why}")
+
+
+def read_json(path: str | os.PathLike, expected: str) -> Any:
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_file(path, expected, e) from None
+
+
+def read_yaml(path: str | os.PathLike, expected: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise bad_file(path, f"valid YAML text: {expected}", e) from None
+    except yaml.YAMLError as e:
+        raise bad_file(path, f"valid YAML: {expected}", e) from None
+
+
+def display(path: str | os.PathLike) -> str:
+    """A printable, strict-UTF-8 form of a path: undecodable bytes shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_utf8(path: str | os.PathLike) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def path_record(path: str | os.PathLike) -> dict[str, str]:
+    """JSON-safe record of a path: `path` to read, plus `path_hex` (its raw bytes) when not UTF-8."""
+    rec = {"path": display(path)}
+    if not is_utf8(path):
+        rec["path_hex"] = os.fsencode(path).hex()
+    return rec
