@@ -164,6 +164,12 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
 
     step, nonfinite_total = 0, 0
     found = ckpt.load_latest(run_dir / "checkpoints")
+    if found is None and ckpt.list_checkpoints(run_dir / "checkpoints"):
+        # starting over here would let pruning delete the new checkpoints in favour of the bad ones
+        raise ValueError(
+            f"{run_dir}/checkpoints holds checkpoints but none verifies and loads; restore one, "
+            "or move them away to start a fresh run"
+        )
     if found is not None:
         state, path = found
         model.load_state_dict(state["model"])
