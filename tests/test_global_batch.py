@@ -1,4 +1,5 @@
-"""train.global_batch: the same optimizer step on 1 or 2 processes (gloo), and resume across world sizes."""
+"""train.global_batch: the same optimizer step on 1 or 2 processes (gloo), resume across world sizes;
+the loader is told its device (pinned memory on CUDA)."""
 
 from __future__ import annotations
 
@@ -145,6 +146,7 @@ def fm_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_resume_on_another_world_size_keeps_the_global_batch(fm_shards, tmp_path):
     run = tmp_path / "run"
     _launch(1, _cfg(str(fm_shards), steps=2), run, synthetic=False)
@@ -158,3 +160,49 @@ def test_resume_on_another_world_size_keeps_the_global_batch(fm_shards, tmp_path
     assert st["ranks"][0]["param_checksum"] == st["ranks"][1]["param_checksum"]
     msg = (run / "warnings-2.txt").read_text()
     assert "global batch 16 kept (grad_accum 4 -> 2)" in msg and "after 32 samples" in msg
+
+
+class _Built(Exception):
+    pass
+
+
+def test_train_tells_the_loader_its_device(tmp_path, monkeypatch):
+    import cdc.data
+    from cdc.train import train
+
+    def record(cfg, **kw):
+        raise _Built(kw)
+
+    monkeypatch.setattr(cdc.data, "make_loader", record)
+    with pytest.raises(_Built) as e:
+        train(from_dict(_cfg("unused")), tmp_path / "run", progress=False)
+    assert e.value.args[0]["device"] == torch.device("cpu")
+
+
+def test_loader_pins_memory_on_cuda_only(fm_shards, monkeypatch):
+    from cdc.data import make_loader
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, *a, **kw):
+            seen.append(kw["pin_memory"])
+            raise _Built()
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Recorder)
+    raw = _cfg(str(fm_shards))
+    raw["data"]["workers"] = 1
+    for dev in ("cpu", "cuda"):
+        with pytest.raises(_Built):
+            next(iter(make_loader(from_dict(raw), device=dev)))
+    assert seen == [False, True]
+
+
+@pytest.mark.gpu
+def test_cuda_loader_yields_device_batches(fm_shards):
+    from cdc.data import make_loader
+
+    raw = _cfg(str(fm_shards))
+    raw["data"]["workers"] = 1
+    b = next(iter(make_loader(from_dict(raw), device="cuda")))
+    assert all(x.is_cuda for x in b.x1 + b.t + b.y)
