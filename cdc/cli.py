@@ -78,12 +78,17 @@ def prepare(
         "--png",
         help="store (default, fastest: ~185 img/s/core) | huffman (~20% smaller shards, ~120 img/s/core).",
     ),
+    crop: str = typer.Option(
+        None,
+        "--crop",
+        help="full (photos' default, Table 7): whole image at its aspect ratio | center: centre square.",
+    ),
 ) -> None:
     """Decode images once into webdataset shards holding every pyramid level (resumable)."""
     from cdc.prepare import prepare as run_prepare
 
     try:
-        m = run_prepare(src, out, side, expand, levels, shard_size, workers, limit, split, png=png)
+        m = run_prepare(src, out, side, expand, levels, shard_size, workers, limit, split, png=png, crop=crop)
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)
         raise typer.Exit(130) from None

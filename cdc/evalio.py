@@ -130,8 +130,8 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
 
     Folder: images of side `side` are used as they are, others get ADM's centre crop + resize.
     Shards (a folder with manifest.json and *.tar, one PNG per pyramid level, `{side}.png`): the
-    smallest stored level >= `side` (the expanded image, e.g. 288 for 256) is centre-cropped to
-    `side` without resampling, matching the training crops.
+    smallest stored level >= `side` (the expanded image, e.g. 288 for 256, square or at its aspect
+    ratio) is centre-cropped to `side` without resampling, matching the training crops.
     """
     d = Path(data)
     if not d.is_dir():
@@ -162,13 +162,13 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
 
         def gen_shards(batch: int) -> Iterator[np.ndarray]:
             buf, seen = [], 0
-            o = (level - side) // 2
             for s in _shard_samples(tars):
                 if seen >= total:
                     break
                 with Image.open(io.BytesIO(s[f"{level}.png"])) as im:
                     a = np.asarray(im.convert("RGB"))
-                buf.append(a[o : o + side, o : o + side])
+                y, x = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2  # full-image shards: not square
+                buf.append(a[y : y + side, x : x + side])
                 seen += 1
                 if len(buf) == batch:
                     yield np.stack(buf)
