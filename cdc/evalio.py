@@ -126,7 +126,8 @@ def _shard_samples(tars: list[Path]) -> Iterator[dict[str, bytes]]:
 
 
 def reference_images(data: str | Path, side: int | None, n: int | None = None) -> Images:
-    """Reference images from an image folder (recursive, class folders fine) or prepared shards.
+    """Reference images from an image folder (recursive, class folders fine), prepared shards, or the
+    arr_0 images of an .npz (e.g. an ADM reference batch, used as they are).
 
     Folder: images of side `side` are used as they are, others get ADM's centre crop + resize.
     Shards (a folder with manifest.json and *.tar, one PNG per pyramid level, `{side}.png`): the
@@ -134,6 +135,8 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
     ratio) is centre-cropped to `side` without resampling, matching the training crops.
     """
     d = Path(data)
+    if d.is_file() and d.suffix == ".npz":
+        return _npz_reference(d, side, n)
     if not d.is_dir():
         raise FileNotFoundError(f"reference data folder not found: {d}")
     if (d / "manifest.json").is_file():
@@ -201,6 +204,24 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
             yield np.stack(out)
 
     return Images(len(files), side, gen_folder, f"folder {d} (ADM centre crop to {side})")
+
+
+def _npz_reference(path: Path, side: int | None, n: int | None) -> Images:
+    """arr_0 of an .npz (ADM layout: uint8 NHWC) as reference images, the first n of them."""
+    imgs = npz_images(path)
+    if side is not None and side != imgs.side:
+        raise ValueError(f"{path} holds {imgs.side}px images; --side {side} would need resampling them")
+    total = min(n, imgs.n) if n else imgs.n
+
+    def gen(batch: int) -> Iterator[np.ndarray]:
+        seen = 0
+        for b in imgs.batches(batch):
+            if seen >= total:
+                break
+            yield b[: total - seen]
+            seen += len(b)
+
+    return Images(total, imgs.side, gen, f"npz {path} (arr_0)")
 
 
 def to_float(b: np.ndarray, device: torch.device) -> torch.Tensor:
