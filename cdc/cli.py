@@ -81,12 +81,17 @@ def prepare(
         "--png",
         help="store (default, fastest: ~185 img/s/core) | huffman (~20% smaller shards, ~120 img/s/core).",
     ),
+    crop: str = typer.Option(
+        None,
+        "--crop",
+        help="full (photos' default, Table 7): whole image at its aspect ratio | center: centre square.",
+    ),
 ) -> None:
     """Decode images once into webdataset shards holding every pyramid level (resumable)."""
     from cdc.prepare import prepare as run_prepare
 
     try:
-        m = run_prepare(src, out, side, expand, levels, shard_size, workers, limit, split, png=png)
+        m = run_prepare(src, out, side, expand, levels, shard_size, workers, limit, split, png=png, crop=crop)
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)
         raise typer.Exit(130) from None
@@ -191,7 +196,11 @@ def score_cmd(
         metavar="SAMPLES|ref",
         help="samples.npz (ADM: arr_0 uint8 NHWC) or PNG folder; `ref`: build a reference",
     ),
-    ref: Path | None = typer.Option(None, "--ref", help="Reference .npz from `cdc score ref`."),
+    ref: Path | None = typer.Option(
+        None,
+        "--ref",
+        help="Reference .npz from `cdc score ref`, or an ADM batch (VIRTUAL_imagenet256_labeled.npz).",
+    ),
     metrics: str = typer.Option("fid,is,pr,swd", "--metrics", help="Comma list of fid,is,pr,swd."),
     inception: Path | None = typer.Option(
         None, "--inception", help="pt_inception-2015-12-05-6726825d.pth (default: torch hub checkpoints dir)."
@@ -199,7 +208,9 @@ def score_cmd(
     batch: int = typer.Option(100, "--batch", min=1, help="Images per Inception batch."),
     stages: bool = typer.Option(False, "--stages", help="Also per-stage FID of stages.npz next to SAMPLES."),
     device: str | None = typer.Option(None, "--device", help="cuda / cpu (default: cuda if available)."),
-    data: Path | None = typer.Option(None, "--data", help="ref: image folder or prepared shards folder."),
+    data: Path | None = typer.Option(
+        None, "--data", help="ref: image folder, prepared shards folder, or .npz (arr_0, e.g. ADM's)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="ref: reference .npz to write; score: JSON path."),
     side: int | None = typer.Option(None, "--side", help="ref: image side (default: that of the data)."),
     sides: str | None = typer.Option(None, "--sides", help="ref: stage sides for per-stage FID: 32,64"),
@@ -227,6 +238,7 @@ def score_cmd(
     if ref is None:
         raise ValueError("--ref REF.npz is required (build it with `cdc score ref --data DIR --out REF.npz`)")
     res = M.score(samples, ref, ms, inception, batch, device, stages=stages, out=out)
+    typer.echo(f"reference: {res['reference']['used']}")
     for k, v in res["metrics"].items():
         if k == "fid_stages":
             v = ", ".join(f"{s['side']}px {s['fid']:.3f}" for s in v.values())

@@ -6,6 +6,7 @@ name the key. The resolved config is written next to every run and inside every 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -78,7 +79,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 8  # samples per GPU per micro-step (Table 7)
-    grad_accum: int = 1  # micro-steps per optimizer step
+    grad_accum: int = 1  # micro-steps per optimizer step (derived from global_batch when that is set)
+    global_batch: int = 0  # samples per optimizer step, all ranks: batch_size x grad_accum x world; 0 = off
     steps: int = 1_000_000  # optimizer steps (~200 ImageNet epochs at global batch 256)
     max_minutes: float = 0.0  # stop after this wall-clock budget (0 = no limit)
     lr: float = 1e-4  # AdamW learning rate
@@ -271,8 +273,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.ckpt_every / train.sample_every must be >= 0 (0 = off)")
     if t.batch_size < 1 or t.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if t.global_batch < 0 or t.global_batch % t.batch_size:
+        raise ConfigError(
+            f"train.global_batch ({t.global_batch}) must be 0 (off) or a multiple of "
+            f"train.batch_size ({t.batch_size})"
+        )
     if not 0.0 <= t.label_dropout < 1.0:
         raise ConfigError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
+
+
+def for_world(cfg: Config, world: int) -> Config:
+    """A copy of cfg whose train.grad_accum makes batch_size x grad_accum x world = train.global_batch.
+
+    With global_batch 0 (off) the copy is unchanged. The paper's global batch 256 is 8 per GPU on
+    32 GPUs; on 8 GPUs the same optimisation needs 4 micro-steps per optimizer step.
+    """
+    out = copy.deepcopy(cfg)
+    t = out.train
+    if t.global_batch:
+        per_step = t.batch_size * world
+        if t.global_batch % per_step:
+            raise ConfigError(
+                f"train.global_batch={t.global_batch} is not a multiple of train.batch_size "
+                f"({t.batch_size}) x {world} processes = {per_step}; change the process count, "
+                f"train.batch_size or train.global_batch"
+            )
+        t.grad_accum = t.global_batch // per_step
+    return out
 
 
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

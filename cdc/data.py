@@ -133,6 +133,8 @@ class _Plan:
         self.top = manifest["top"] if manifest else None
         self.levels = list(manifest["levels"]) if manifest else None
         self.align = final // self.sides[0]  # crop offsets, in pixels of the final stage's level
+        # centre-square shards (no "crop" in the manifest) are T x T: no need to read image headers
+        self.full = manifest.get("crop") == "full" if manifest else None
         if manifest:
             self._geometry(self.levels)
 
@@ -151,6 +153,27 @@ class _Plan:
             )
         self.T, self.need = int(T), [int(n) for n in need]
         self.n_pos = (self.T - final) // self.align
+
+    def crop_offsets(self, rng: np.random.Generator, level: bytes, k: int) -> tuple[int, int]:
+        """Top-left (y, x) of the final-side crop, in pixels of the final stage's level; multiples of align.
+
+        The stored image may be T x T (centre square) or T x L at its aspect ratio (`cdc prepare
+        --crop full`); its size comes from the header of the level stage k decodes anyway. Every
+        aligned position is equally likely, so random crops cover the whole image (Table 7), and
+        the same crop at every level is the exact box average of the final one.
+        """
+        if self.full is False:
+            h = w = self.T
+        else:
+            scale = self.T // self.need[k]
+            w, h = (x * scale for x in Image.open(io.BytesIO(level)).size)
+        final = self.sides[-1]
+        ny, nx = (h - final) // self.align, (w - final) // self.align
+        # a square keeps the draw of the centre-square format, so its batches are unchanged
+        pos = rng.integers(0, ny + 1, 2) if ny == nx else rng.integers(0, [ny + 1, nx + 1])
+        if not self.random_crop:
+            pos = (ny // 2, nx // 2)
+        return int(pos[0]) * self.align, int(pos[1]) * self.align
 
     def epoch_shards(self, epoch: int, slot: int) -> tuple[list[int], int, int]:
         """(shard indices this slot reads in `epoch`, sample stride, sample phase)."""
@@ -256,18 +279,17 @@ class _Stream(torch.utils.data.IterableDataset):
                     P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(".png")))
                 rng = np.random.default_rng([P.seed, P.rank, w, epoch, j])
                 t = float(rng.random())
-                oy, ox = (rng.integers(0, P.n_pos + 1, 2) * P.align).tolist()
-                flip = bool(rng.random() < 0.5)
-                if not P.random_crop:
-                    oy = ox = (P.n_pos // 2) * P.align
                 t32 = torch.tensor([t], dtype=torch.float32)
                 k = int(P.sched.stage_of(t32)[0])
+                level = sample[f"{P.need[k]}.png"]
+                oy, ox = P.crop_offsets(rng, level, k)
+                flip = bool(rng.random() < 0.5)
                 rec = (
                     key,
                     int(sample["cls"]),
                     float(t32[0]),
                     k,
-                    sample[f"{P.need[k]}.png"],
+                    level,
                     oy,
                     ox,
                     flip and P.hflip,

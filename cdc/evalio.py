@@ -125,14 +125,17 @@ def _shard_samples(tars: list[Path]) -> Iterator[dict[str, bytes]]:
 
 
 def reference_images(data: str | Path, side: int | None, n: int | None = None) -> Images:
-    """Reference images from an image folder (recursive, class folders fine) or prepared shards.
+    """Reference images from an image folder (recursive, class folders fine), prepared shards, or the
+    arr_0 images of an .npz (e.g. an ADM reference batch, used as they are).
 
     Folder: images of side `side` are used as they are, others get ADM's centre crop + resize.
     Shards (a folder with manifest.json and *.tar, one PNG per pyramid level, `{side}.png`): the
-    smallest stored level >= `side` (the expanded image, e.g. 288 for 256) is centre-cropped to
-    `side` without resampling, matching the training crops.
+    smallest stored level >= `side` (the expanded image, e.g. 288 for 256, square or at its aspect
+    ratio) is centre-cropped to `side` without resampling, matching the training crops.
     """
     d = Path(data)
+    if d.is_file() and d.suffix == ".npz":
+        return _npz_reference(d, side, n)
     if not d.is_dir():
         raise FileNotFoundError(f"reference data folder not found: {d}")
     if (d / "manifest.json").is_file():
@@ -161,13 +164,13 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
 
         def gen_shards(batch: int) -> Iterator[np.ndarray]:
             buf, seen = [], 0
-            o = (level - side) // 2
             for s in _shard_samples(tars):
                 if seen >= total:
                     break
                 with Image.open(io.BytesIO(s[f"{level}.png"])) as im:
                     a = np.asarray(im.convert("RGB"))
-                buf.append(a[o : o + side, o : o + side])
+                y, x = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2  # full-image shards: not square
+                buf.append(a[y : y + side, x : x + side])
                 seen += 1
                 if len(buf) == batch:
                     yield np.stack(buf)
@@ -200,6 +203,24 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
             yield np.stack(out)
 
     return Images(len(files), side, gen_folder, f"folder {d} (ADM centre crop to {side})")
+
+
+def _npz_reference(path: Path, side: int | None, n: int | None) -> Images:
+    """arr_0 of an .npz (ADM layout: uint8 NHWC) as reference images, the first n of them."""
+    imgs = npz_images(path)
+    if side is not None and side != imgs.side:
+        raise ValueError(f"{path} holds {imgs.side}px images; --side {side} would need resampling them")
+    total = min(n, imgs.n) if n else imgs.n
+
+    def gen(batch: int) -> Iterator[np.ndarray]:
+        seen = 0
+        for b in imgs.batches(batch):
+            if seen >= total:
+                break
+            yield b[: total - seen]
+            seen += len(b)
+
+    return Images(total, imgs.side, gen, f"npz {path} (arr_0)")
 
 
 def to_float(b: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -101,8 +101,12 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str, top: int) -> tuple[Image.Image | None, list[str], str | None]:
-    """(top x top RGB image, conversion notes, None) or (None, [], skip reason). Never raises on bad files."""
+def load_image(path: str, top: int, keep_aspect: int = 0) -> tuple[Image.Image | None, list[str], str | None]:
+    """(top x top RGB image, conversion notes, None) or (None, [], skip reason). Never raises on bad files.
+
+    keep_aspect=m > 0: the whole image instead, shorter side `top`, longer side a multiple of m
+    (see resize_short_side).
+    """
     notes: list[str] = []
     try:
         if os.path.getsize(path) == 0:
@@ -125,7 +129,9 @@ def load_image(path: str, top: int) -> tuple[Image.Image | None, list[str], str 
         img.load()
         img = _to_rgb(img, notes)
         w, h = img.size
-        if (w, h) != (top, top):
+        if keep_aspect:
+            img = resize_short_side(img, top, keep_aspect)
+        elif (w, h) != (top, top):
             s = min(w, h)
             box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)  # centre square, resampled in one pass
             img = img.resize((top, top), Image.LANCZOS, box=box)
@@ -136,6 +142,27 @@ def load_image(path: str, top: int) -> tuple[Image.Image | None, list[str], str 
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as e:
         return None, [], f"unreadable or truncated: {e}"
     return img, notes, None
+
+
+def resize_short_side(img: Image.Image, short: int, multiple: int) -> Image.Image:
+    """Resize (LANCZOS) so the shorter side is `short`, keeping the aspect ratio (Table 7's Resize).
+
+    The longer side is cut to a multiple of `multiple` (2^(levels-1), so every pyramid level is an
+    exact box average), at least `short`: the resampling box drops at most multiple-1 output pixels,
+    split evenly between both ends, so nothing is stretched.
+    """
+    w, h = img.size
+    scale = short / min(w, h)
+    wide = w > h
+    exact = (w if wide else h) * scale
+    long_ = max(short, multiple * math.floor(exact / multiple + 1e-9))
+    span = long_ / scale  # source pixels along the long axis that the output covers
+    lo = ((w if wide else h) - span) / 2
+    size = (long_, short) if wide else (short, long_)
+    box = (lo, 0.0, lo + span, float(h)) if wide else (0.0, lo, float(w), lo + span)
+    if size == (w, h):
+        return img
+    return img.resize(size, Image.LANCZOS, box=box)
 
 
 def pad_idx(a: np.ndarray, top: int) -> Image.Image:

@@ -9,8 +9,11 @@ graph, which differs from torchvision's Inception-v3 in three places we reproduc
 Parameter names follow torchvision's Inception3 (`Mixed_5b.branch1x1.conv.weight`, ...) so the
 state dict of the converted weights file `pt_inception-2015-12-05-6726825d.pth` loads unchanged.
 
-Input: float images in [0, 1], (B, 3, H, W), any H, W. They are bilinearly resized to 299
-(align_corners=False) and scaled to [-1, 1], which is what the graph expects.
+Input: float images in [0, 1], (B, 3, H, W), any H, W. They go through the graph's own input ops,
+as ADM's evaluator feeds them (uint8 values as floats into `ExpandDims`): TF1 `ResizeBilinear` to
+299 without half-pixel centres, then (x - 128) / 128. pytorch-fid instead resizes with half-pixel
+centres and scales by 2x - 1; that moves every pool3 feature a little, so statistics stored by the
+TF graph (ADM's reference batches) would not be comparable (docs/design-notes.md).
 Output: pool3 features (B, 2048) and logits (B, 1008).
 """
 
@@ -163,6 +166,27 @@ class InceptionE(nn.Module):
         return torch.cat([b1, b3, bd, bp], 1)
 
 
+def tf1_resize_bilinear(x: Tensor, size: int) -> Tensor:
+    """TF1 `ResizeBilinear(align_corners=False)` of (B, C, H, W) to (B, C, size, size).
+
+    Output pixel i reads input coordinate i * in / out (clamped at the last pixel); torch's
+    align_corners=False reads (i + 0.5) * in / out - 0.5 instead, a shift of up to half a pixel.
+    """
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+
+    def taps(n: int) -> tuple[Tensor, Tensor, Tensor]:
+        src = torch.arange(size, device=x.device, dtype=torch.float32) * torch.tensor(n / size)
+        lo = src.floor().long().clamp(max=n - 1)
+        return lo, (lo + 1).clamp(max=n - 1), (src - lo).to(x.dtype)
+
+    y0, y1, wy = taps(h)
+    x = x[..., y0, :] + (x[..., y1, :] - x[..., y0, :]) * wy[:, None]  # (B, C, size, W)
+    x0, x1, wx = taps(w)
+    return x[..., x0] + (x[..., x1] - x[..., x0]) * wx  # (B, C, size, size)
+
+
 class FIDInceptionV3(nn.Module):
     """The FID Inception-v3; forward(images in [0, 1]) -> (pool3 (B, 2048), logits (B, 1008))."""
 
@@ -189,8 +213,8 @@ class FIDInceptionV3(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"Inception expects (B, 3, H, W) images, got {tuple(x.shape)}")
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1  # the graph's input scaling: [0, 1] -> [-1, 1]
+        x = tf1_resize_bilinear(x * 255, 299)  # the graph's ResizeBilinear, on 0..255 values
+        x = (x - 128) / 128  # the graph's Sub and Mul nodes
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)

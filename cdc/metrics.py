@@ -32,7 +32,7 @@ from cdc.pyramid import down_to
 from cdc.swd import collect_descriptors, swd_levels
 
 VERSIONS = {
-    "fid": "cdc-fid-1: pool3 2048-d, scipy sqrtm, eps 1e-6 fallback",
+    "fid": "cdc-fid-2: pool3 2048-d, TF-graph input (legacy bilinear, (x-128)/128), scipy sqrtm",
     "is": "cdc-is-1: 1008-way softmax, 10 splits",
     "pr": "cdc-pr-1: ADM/Kynkaanniemi manifolds, k=3, euclidean pool3",
     "swd": "cdc-swd-1: 5-tap Laplacian pyramid, 7x7 patches, ref-normalised, 4 x 128 directions",
@@ -303,6 +303,64 @@ def load_reference(path: str | Path) -> tuple[dict, dict]:
     return arrays, json.loads(str(arrays.pop("meta")))
 
 
+def is_adm_reference(path: str | Path) -> bool:
+    """True for an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz): arr_0 images plus
+    stored TF-Inception statistics mu/sigma, and no cdc 'meta' entry."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return {"arr_0", "mu", "sigma"} <= names and "meta" not in names
+
+
+def adm_reference(
+    path: str | Path,
+    metrics: Sequence[str],
+    net: tuple[torch.nn.Module, str] | None,
+    batch: int = 100,
+    device: torch.device | None = None,
+    progress: bool = True,
+    swd_images: int = 1024,
+    swd_per_image: int = 32,
+    seed: int = 0,
+) -> tuple[dict, dict]:
+    """(arrays, description) of an ADM reference batch, in the layout score() reads.
+
+    FID uses the batch's stored mu/sigma: ADM computed them with the TF Inception graph over the
+    whole training set, which its 10k images cannot reproduce, and our network is that graph with
+    its input resize and scaling (docs/design-notes.md). Precision/recall use the batch's images
+    through our Inception, as ADM's evaluator does with the same images; SWD their descriptors.
+    """
+    p = Path(path)
+    with np.load(p, allow_pickle=False) as z:
+        arrays = {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64)}
+    images = npz_images(p)
+    desc = {
+        "version": VERSIONS["reference"],
+        "kind": "adm",
+        "source": f"ADM reference batch {p.name}",
+        "count": images.n,
+        "side": images.side,
+        "fid_statistics": "stored mu/sigma (ADM, TF Inception 2015-12-05, its whole dataset)",
+        "metrics": ["fid"],
+        "sides": [images.side],
+        "versions": {"fid": VERSIONS["fid"]},
+    }
+    if "pr" in metrics:
+        assert net is not None
+        pool, _ = inception_features(net[0], images.batches(batch), images.n, device, progress)
+        arrays["feats"] = pool.astype(np.float32)
+        desc.update(n_pr=len(pool), pr_features=f"arr_0 ({images.n} images) through our Inception")
+        desc["metrics"].append("pr")
+    if "swd" in metrics:
+        for li, d in enumerate(collect_descriptors(images, batch, swd_per_image, swd_images, seed)):
+            arrays[f"swd_{li}"] = d.astype(np.float16)
+        desc.update(swd_images=min(swd_images, images.n), swd_per_image=swd_per_image, swd_seed=seed)
+        desc["metrics"].append("swd")
+    return arrays, desc
+
+
 def _ref_stats(arrays: dict, desc: dict, s: int, ref: Path) -> tuple[np.ndarray, np.ndarray]:
     sfx = "" if s == desc["side"] else f"_{s}"
     if f"mu{sfx}" not in arrays:
@@ -338,6 +396,11 @@ def score_stages(
     """Per-stage FID (paper Fig. 7): `stages.npz` next to the samples (stage0, stage1, ... at each
     stage's side) against the reference's statistics at that side. Returns {"stage<k>": {side, fid}}."""
     sp, rp = Path(samples), Path(ref)
+    if is_adm_reference(rp):
+        raise ValueError(
+            f"{rp} is an ADM reference batch without per-stage statistics; build a cdc reference from "
+            f"its images: `cdc score ref --data {rp} --out ref.npz --sides 32,64,128`"
+        )
     st = (sp if sp.is_dir() else sp.parent) / "stages.npz"
     if not st.is_file():
         raise FileNotFoundError(f"{st} not found; write stage outputs with `cdc sample --stages`")
@@ -355,6 +418,29 @@ def score_stages(
         mu, sigma = gaussian_stats(pool, f"{st}:{k}")
         out[k] = {"side": imgs.side, "count": imgs.n, "fid": frechet_distance(mu, sigma, mu_r, s_r)}
     return out
+
+
+def _ref_used(rp: Path, desc: dict, ms: Sequence[str]) -> str:
+    """One line saying which reference, and which part of it, each metric was scored against."""
+    if desc.get("kind") == "adm":
+        parts = []
+        if "fid" in ms:
+            parts.append("FID vs its stored mu/sigma (TF Inception, whole dataset)")
+        if "pr" in ms:
+            parts.append(f"precision/recall vs its {desc['n_pr']} images through our Inception")
+        if "swd" in ms:
+            parts.append(f"SWD vs {desc['swd_images']} of its images")
+        return f"{rp} (ADM reference batch; {'; '.join(parts) or 'IS needs no reference'})"
+    return f"{rp} (cdc reference: {desc.get('source', '?')}, {desc.get('count', '?')} images)"
+
+
+def _check_version(desc: dict, ref: Path) -> None:
+    old = (desc.get("versions") or {}).get("fid")
+    if old not in (None, VERSIONS["fid"]):
+        raise ValueError(
+            f"{ref} holds features of {old.split(':')[0]}, scoring uses {VERSIONS['fid'].split(':')[0]} "
+            f"(TF-exact Inception input); rebuild it with `cdc score ref`"
+        )
 
 
 def _check_weights(desc: dict, wid: str, ref: Path) -> None:
@@ -383,7 +469,17 @@ def score(
     ms = _parse_metrics(metrics)
     sp, rp = Path(samples), Path(ref)
     images = open_samples(sp)
-    arrays, desc = load_reference(rp)
+    dev = resolve_device(device)
+    net_wid = None
+    if is_adm_reference(rp):
+        if stages:
+            score_stages(sp, rp)  # raises: says how to build per-stage statistics from the ADM images
+        want = ms if npz_images(rp).side == images.side else ()  # wrong side: fail below, no work
+        if "pr" in want:
+            net_wid = _inception(inception_path, inception_weights, dev, model)
+        arrays, desc = adm_reference(rp, want, net_wid, batch, dev, progress)
+    else:
+        arrays, desc = load_reference(rp)
     if images.side != desc["side"]:
         raise ValueError(
             f"samples are {images.side}px but the reference {rp} is {desc['side']}px; "
@@ -394,13 +490,13 @@ def score(
         raise ValueError(
             f"{rp} was built without {','.join(lacking)}; rebuild it with `cdc score ref --metrics ...`"
         )
-    dev = resolve_device(device)
     res: dict = {}
     wid = None
     if {"fid", "is", "pr"} & set(ms) or stages:
-        net, wid = _inception(inception_path, inception_weights, dev, model)
+        net, wid = net_wid or _inception(inception_path, inception_weights, dev, model)
         if {"fid", "pr"} & set(ms) or stages:
             _check_weights(desc, wid, rp)
+            _check_version(desc, rp)
         if "fid" in ms and images.n < 2:
             raise ValueError(
                 f"{sp} has {images.n} image(s); FID needs at least 2 (use thousands: 50k is standard)"
@@ -423,7 +519,12 @@ def score(
         "count": images.n,
         "side": images.side,
         "metrics": res,
-        "reference": {"path": str(rp), "description": desc},
+        "reference": {
+            "path": str(rp),
+            "kind": desc.get("kind", "cdc"),
+            "used": _ref_used(rp, desc, ms),
+            "description": desc,
+        },
         "versions": {m: VERSIONS[m] for m in ms},
         "inception_sha256": wid,
         "sampler": _sampler_settings(sp),

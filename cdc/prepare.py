@@ -1,10 +1,13 @@
 """`cdc prepare`: decode a source once into webdataset shards holding every pyramid level (DESIGN.md §3).
 
-Each sample is `__key__`, `cls` (class index, ascii) and one PNG per level, `{side}.png`:
-the top level is the centre square of the image resized (LANCZOS) to `top = side * expand`
-(rounded to a multiple of 2^(levels-1)), each lower level the box average of the top one,
-computed from the top directly and rounded half up to uint8. So a stored level differs from the
-box average of the stored (rounded) top by at most 0.5/255, i.e. 1/255 in [-1, 1] units.
+Each sample is `__key__`, `cls` (class index, ascii) and one PNG per level, `{side}.png`, named
+by the level's shorter side. The top level is the image resized (LANCZOS) so its shorter side is
+`top = side * expand` (rounded to a multiple of 2^(levels-1)): with `crop="full"` (Table 7, the
+default for photos) the whole image at its aspect ratio, the longer side cut to a multiple of
+2^(levels-1); with `crop="center"` only the centre square. Each lower level is the box average
+of the top one, computed from the top directly and rounded half up to uint8. So a stored level
+differs from the box average of the stored (rounded) top by at most 0.5/255, i.e. 1/255 in
+[-1, 1] units.
 idx sources (28 px) are zero-padded to the side, never resampled, and stay 1-channel.
 
 Shard i holds items [i*N, (i+1)*N) of the sorted item list (skipped files make it shorter), is
@@ -96,7 +99,8 @@ def _do_shard(task: dict) -> dict:
             if isinstance(ref, np.ndarray):
                 img, notes, reason = pad_idx(ref, top), [], None
             else:
-                img, notes, reason = load_image(os.path.join(task["root"], ref), top)
+                aspect = 2 ** (levels - 1) if task.get("crop") == "full" else 0
+                img, notes, reason = load_image(os.path.join(task["root"], ref), top, aspect)
             if img is None:
                 skipped.append({**path_record(ref), "reason": reason})
             else:
@@ -104,7 +108,8 @@ def _do_shard(task: dict) -> dict:
                     converted.append({**path_record(ref), "note": "; ".join(notes)})
                 members = [("cls", str(cls).encode())]
                 pngs = [
-                    (f"{im.width}.png", encode_png(np.asarray(im), squeeze)) for im in pyramid(img, levels)
+                    (f"{min(im.size)}.png", encode_png(np.asarray(im), squeeze))
+                    for im in pyramid(img, levels)
                 ]
                 members += pngs
                 for ext, body in members:
@@ -141,6 +146,19 @@ def _defaults(
     return side or 256, 1.125 if expand is None else expand, levels or 4
 
 
+def _crop_mode(src: Source, crop: str | None) -> str:
+    """Crop mode: default "full" (whole image at its aspect ratio, Table 7) for photos; idx is "center"."""
+    if crop not in (None, "full", "center"):
+        raise ValueError(f"--crop must be full or center, got {crop!r}")
+    if src.kind == "idx":
+        if crop == "full":
+            raise ValueError(
+                "--crop full is for photos; idx images are zero-padded squares (use --crop center)"
+            )
+        return "center"
+    return crop or "full"
+
+
 def _subset(items: list[Item], limit: int | None) -> list[Item]:
     """`--limit N`: N items evenly spaced over the sorted list, so every class keeps its share."""
     if not limit or limit >= len(items):
@@ -175,17 +193,21 @@ def prepare(
     split: str = "train",
     progress: bool = True,
     png: str = "store",
+    crop: str | None = None,
 ) -> dict[str, Any]:
     """Write webdataset shards of `src` under `out` and return the manifest (also in out/manifest.json).
 
     side/expand/levels default to 256/1.125/4 for image trees and 32/1.0/3 for idx sources; `out`
     defaults to data/<source name>-<side>. Re-running with the same arguments resumes. png:
-    "huffman" (smaller shards) or "store" (uncompressed PNG, fastest to write and read).
+    "huffman" (smaller shards) or "store" (uncompressed PNG, fastest to write and read). crop:
+    "full" (default for image trees; Table 7) stores the whole image, shorter side `top`, at its
+    aspect ratio, for random crops anywhere in it; "center" stores only the centre square.
     """
     if png not in ("huffman", "store"):
         raise ValueError(f"--png must be huffman or store, got {png!r}")
     source = open_source(src, split)
     side, expand, levels = _defaults(source, side, expand, levels)
+    crop = _crop_mode(source, crop)
     if side < 1 or levels < 1 or expand < 1.0 or shard_size < 1:
         raise ValueError("need --side >= 1, --levels >= 1, --expand >= 1.0 and --shard-size >= 1")
     top = top_side(side, expand, levels)
@@ -215,6 +237,8 @@ def prepare(
         "items": len(items),
         "fingerprint": fingerprint(items),
     }
+    if crop != "center":  # only then, so centre-square dirs prepared before --crop existed still resume
+        args["crop"] = crop
     state = out / ".prepare"
     state.mkdir(parents=True, exist_ok=True)
     if (state / "args.json").is_file():
@@ -244,6 +268,7 @@ def prepare(
                 "top": top,
                 "levels": levels,
                 "png": png,
+                "crop": crop,
                 "items": [(it.key, it.cls, r) for it, r in zip(chunk, refs, strict=True)],
             }
         )
@@ -315,6 +340,7 @@ def prepare(
         "limit": limit,
         "shard_size": shard_size,
         "png": png,
+        "crop": crop,
         "pattern": f"{split}-{{000000..{n_shards - 1:06d}}}.tar",
         "shards": shards,
         "skipped": skipped,

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import signal
 import time
 import warnings
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cdc import checkpoint as ckpt
 from cdc import distributed as D
-from cdc.config import Config, ConfigError, dump, from_dict, to_dict
+from cdc.config import Config, ConfigError, dump, for_world, from_dict, to_dict
 from cdc.flow import Interpolant, Schedule, loss, velocity_net_from_config
 from cdc.model import build_model, count_params, forward_flops
 
@@ -83,8 +84,40 @@ def _check_compatible(run_dir: Path, cfg: Config) -> None:
             )
 
 
-def describe(cfg: Config) -> dict[str, Any]:
-    """Resolved config and parameter count without allocating weights (for --dry-run)."""
+def _resume_other_world(
+    state: dict, cfg: Config, dist: D.Dist, loader: Any, gen: torch.Generator, step: int
+) -> None:
+    """Resume a checkpoint written by another number of ranks: same samples seen, fresh streams.
+
+    Per-rank data and noise streams depend on the rank count, so they cannot continue exactly.
+    Each rank's loader instead starts at (samples seen by all old ranks) / (new ranks), i.e. at the
+    same point of its epoch, and the noise generators are reseeded from (seed, rank, step) so they
+    do not replay step 0's noise. With train.global_batch set, the optimisation is unchanged.
+    """
+    ranks, t = state.get("ranks", []), cfg.train
+    seen = sum(int(r["data"]["batches"]) * int(r["data"].get("batch_size", t.batch_size)) for r in ranks)
+    loader.load_state_dict({"batches": seen // (dist.world * t.batch_size)})
+    gen.manual_seed(t.seed * 100_003 + dist.rank + 1_000_003 * step)
+    torch.manual_seed(t.seed * 100_003 + dist.rank + 1_000_003 * step)
+    old = state.get("config", {}).get("train", {})
+    old_global = old.get("batch_size", t.batch_size) * old.get("grad_accum", 1) * len(ranks)
+    new_global = t.batch_size * t.grad_accum * dist.world
+    kept = (
+        f"global batch {new_global} kept (grad_accum {old.get('grad_accum', 1)} -> {t.grad_accum})"
+        if old_global == new_global
+        else f"global batch changes {old_global} -> {new_global} (set train.global_batch to keep it)"
+    )
+    warnings.warn(
+        f"checkpoint was written by {len(ranks)} ranks, resuming on {dist.world}: {kept}; "
+        f"data continues after {seen} samples on fresh per-rank streams",
+        stacklevel=3,
+    )
+
+
+def describe(cfg: Config, world: int | None = None) -> dict[str, Any]:
+    """Resolved config (grad_accum for `world` ranks, default $WORLD_SIZE or 1) and parameter count
+    without allocating weights (for --dry-run)."""
+    cfg = for_world(cfg, world or int(os.environ.get("WORLD_SIZE", "1")))
     with torch.device("meta"):
         n = count_params(build_model(cfg))
     return {"config": dump(cfg), "params": n}
@@ -132,6 +165,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     from cdc.data import make_loader
 
     dist = D.init()
+    cfg = for_world(cfg, dist.world)  # grad_accum from train.global_batch, recorded in config.yaml
     run_dir = Path(run_dir)
     t = cfg.train
     if dist.main:
@@ -158,7 +192,8 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
         **opt_kwargs,
     )
     gen = torch.Generator(dev).manual_seed(t.seed * 100_003 + dist.rank)  # noise and label dropout
-    loader = make_loader(cfg, rank=dist.rank, world_size=dist.world, seed=t.seed)
+    # told its device, the loader pins host memory on CUDA so the copies are truly asynchronous
+    loader = make_loader(cfg, rank=dist.rank, world_size=dist.world, seed=t.seed, device=dev)
     sched, interp = Schedule.from_config(cfg.flow), Interpolant(cfg.flow.interpolant)
     null = cfg.model.num_classes
 
@@ -179,11 +214,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
         nonfinite_total = int(state.get("nonfinite_total", 0))
         ranks = state.get("ranks", [])
         if len(ranks) != dist.world:
-            warnings.warn(
-                f"checkpoint was written by {len(ranks)} ranks, resuming on {dist.world}: "
-                "data order and noise restart from fresh streams",
-                stacklevel=2,
-            )
+            _resume_other_world(state, cfg, dist, loader, gen, step)
         else:
             r = ranks[dist.rank]
             gen.set_state(r["gen"])
@@ -351,6 +382,8 @@ def _log(run_dir, dist, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total) -
         "mfu": tflops / (cfg.train.peak_tflops * dist.world) if cuda else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
         "nonfinite_total": nonfinite_total,
+        "grad_accum": cfg.train.grad_accum,
+        "global_batch": cfg.train.batch_size * cfg.train.grad_accum * dist.world,
         "time": time.time(),
     }
     if dist.main:

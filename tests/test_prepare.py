@@ -102,9 +102,9 @@ def bad_tree(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     (root / "banana/random.jpg").write_bytes(
         np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes()
     )
-    (root / "banana/wide.png").write_bytes(b"")  # replaced below: a 48x32 image, centre square kept
+    (root / "banana/wide.png").write_bytes(b"")  # replaced below: a 48x32 image, kept whole (crop full)
     Image.fromarray(smooth(32, 48, 3)).save(root / "banana/wide.png")
-    want["banana/wide.png"] = smooth(32, 48, 3)[:, 8:40]
+    want["banana/wide.png"] = smooth(32, 48, 3)
     return root, want
 
 
@@ -132,7 +132,7 @@ def test_bad_files_converted_or_skipped_with_reason(bad_tree, tmp_path):
         s = samples[key]
         assert s["cls"] == (b"0" if rel.startswith("apple") else b"1")
         top = np.asarray(Image.open(io.BytesIO(s["32.png"])))
-        assert top.shape == (32, 32, 3), rel
+        assert top.shape == expect.shape, rel
         err = np.abs(top.astype(int) - expect.astype(int))
         if rel.endswith("jpg"):  # lossy: exactly PIL's own RGB decode, and close to the original
             assert np.array_equal(top, np.asarray(Image.open(root / rel).convert("RGB"))), rel
@@ -146,9 +146,11 @@ def test_levels_are_box_pyramid_of_top(bad_tree, tmp_path):
     prepare(root, tmp_path / "out", side=24, expand=1.4, levels=3, progress=False)  # top 32 (34 -> 32)
     for key, s in read_shards(tmp_path / "out").items():
         top = np.asarray(Image.open(io.BytesIO(s["32.png"]))).astype(np.float64)
+        h, w = top.shape[:2]
+        assert min(h, w) == 32 and h % 4 == 0 and w % 4 == 0, key
         for side in (16, 8):
             f = 32 // side
-            box = top.reshape(side, f, side, f, 3).mean((1, 3))
+            box = top.reshape(h // f, f, w // f, f, 3).mean((1, 3))
             lvl = np.asarray(Image.open(io.BytesIO(s[f"{side}.png"]))).astype(np.float64)
             assert np.abs(lvl - box).max() <= 0.5, key  # rounding of the stored level only
 
@@ -296,10 +298,14 @@ def _check_imagenet(root: Path, out: Path, m: dict, split: str) -> None:
         stem = key if split == "train" else key[len(wnid) + 1 :]
         assert (root / split / wnid / f"{stem}.JPEG").is_file()
         top = np.asarray(Image.open(io.BytesIO(s[f"{m['top']}.png"]))).astype(np.float64)
-        assert top.shape == (m["top"], m["top"], 3)
+        h, w = top.shape[:2]
+        mult = m["top"] // m["levels"][-1]
+        assert min(h, w) == m["top"] and top.shape[2] == 3 and h % mult == 0 and w % mult == 0
+        if m.get("crop", "center") == "center":
+            assert h == w
         for side in m["levels"][1:]:
             f = m["top"] // side
-            box = top.reshape(side, f, side, f, 3).mean((1, 3))
+            box = top.reshape(h // f, f, w // f, f, 3).mean((1, 3))
             lvl = np.asarray(Image.open(io.BytesIO(s[f"{side}.png"]))).astype(np.float64)
             assert np.abs(lvl - box).max() <= 0.5
 

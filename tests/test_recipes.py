@@ -1,0 +1,176 @@
+"""recipes/k4.yaml is App. J Table 7, line by line: each row of the table is checked on the resolved
+recipe (or, for data rows, on what `cdc prepare` and the loader do), so an edit cannot drift silently."""
+
+from __future__ import annotations
+
+import inspect
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdc import imageproc, prepare, train
+from cdc.config import for_world, load
+from cdc.sources import Source
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGENET_TRAIN = 1_281_167  # ILSVRC2012 training images
+
+# (category, parameter, value) exactly as Table 7 prints them
+TABLE7 = [
+    ("model", "num.attention.heads", 16),
+    ("model", "attention.head.dim", 72),
+    ("model", "in.channels", 3),
+    ("model", "out.channels", 3),
+    ("model", "depth", 28),
+    ("model", "num.classes", 1000),
+    ("model", "patch.size", 4),
+    ("model", "attention.bias", True),
+    ("model", "embed.dim", 1152),
+    ("scheduler", "dropout", 0.0),
+    ("scheduler", "num.train.timesteps", 1000),
+    ("scheduler", "num.stages", 4),
+    ("training", "diminish factor", 2.0),
+    ("training", "lr", 1e-4),
+    ("training", "weight_decay", 0.0),
+    ("training", "epochs", 200),
+    ("training", "grad.clip.norm", 1.0),
+    ("training", "ema_decay", 0.9999),
+    ("data", "logging_steps", 100),
+    ("data", "root", "ILSVRC2012/train"),
+    ("data", "center.crop", False),
+    ("data", "resolution", 256),
+    ("data", "expand.ratio", 1.125),
+    ("data", "num.workers", 8),
+    ("augmentation", "batch.size", 8),
+    ("augmentation", "RandomHorizontalFlip", True),
+    ("augmentation", "RandomCrop", True),
+    ("augmentation", "Resize", "LANCZOS"),
+    ("optimization", "Normalize", [0.5, 0.5, 0.5]),
+    ("optimization", "optimizer", "AdamW"),
+    ("optimization", "betas/eps", (0.9, 0.95, 1e-6)),
+    ("optimization", "Learning rate", 1e-4),
+    ("optimization", "precision", "bf16"),
+    ("inference", "deterministic.ops", False),
+    ("inference", "num.inference.steps", 24),
+    ("inference", "CFG strength", 3.0),
+    ("inference", "num.fid.samples", 50000),
+]
+
+
+@pytest.fixture(scope="module")
+def k4():
+    return load(ROOT / "recipes" / "k4.yaml")
+
+
+def _photo_source() -> Source:
+    return Source("imagenet", "x", "x", Path("."), "train", [], None, [], 3)
+
+
+def _value(cfg, name: str):  # noqa: C901 - one branch per table row is the point
+    m, f, d, t, s = cfg.model, cfg.flow, cfg.data, cfg.train, cfg.sample
+    readme = (ROOT / "README.md").read_text()
+    return {
+        "num.attention.heads": m.heads,
+        "attention.head.dim": m.width // m.heads,
+        "in.channels": m.in_channels,
+        "out.channels": _out_channels(cfg),
+        "depth": m.depth,
+        "num.classes": m.num_classes,
+        "patch.size": m.patch,
+        "attention.bias": m.attn_bias,
+        "embed.dim": m.width,
+        "dropout": m.dropout,
+        "num.train.timesteps": f.timesteps,
+        "num.stages": len(f.sides),
+        "diminish factor": f.gamma,
+        "lr": t.lr,
+        "weight_decay": t.weight_decay,
+        "epochs": round(t.steps * t.global_batch / IMAGENET_TRAIN),
+        "grad.clip.norm": t.grad_clip,
+        "ema_decay": t.ema_decay if not t.ema_warmup and t.warmup_steps == 0 else "warm-up",
+        "logging_steps": t.log_every,
+        "root": "ILSVRC2012/train"
+        if d.shards == "data/ILSVRC2012-256" and _prepare_split() == "train"
+        else d.shards,
+        "center.crop": _prepare_defaults()[3] == "center",
+        "resolution": f.sides[-1],
+        "expand.ratio": _prepare_defaults()[1],
+        "num.workers": d.workers,
+        "batch.size": t.batch_size,
+        "RandomHorizontalFlip": d.hflip,
+        "RandomCrop": d.random_crop,
+        "Resize": "LANCZOS" if "Image.LANCZOS" in inspect.getsource(imageproc.resize_short_side) else "?",
+        "Normalize": _normalize(),
+        "optimizer": "AdamW" if "torch.optim.AdamW(" in inspect.getsource(train.train) else "?",
+        "betas/eps": (*t.betas, t.eps),
+        "Learning rate": t.lr,
+        "precision": t.precision,
+        "deterministic.ops": "use_deterministic_algorithms" in inspect.getsource(train),
+        "num.inference.steps": s.steps[0] if len(set(s.steps)) == 1 else s.steps,
+        "CFG strength": s.cfg,
+        "num.fid.samples": 50000 if "-n 50000" in readme and "50k" in readme else None,
+    }[name]
+
+
+def _out_channels(cfg) -> int:
+    from cdc.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return model.final.linear.out_features // cfg.model.patch**2
+
+
+def _prepare_defaults() -> tuple[int, float, int, str]:
+    src = _photo_source()
+    side, expand, levels = prepare._defaults(src, None, None, None)
+    return side, expand, levels, prepare._crop_mode(src, None)
+
+
+def _prepare_split() -> str:
+    return inspect.signature(prepare.prepare).parameters["split"].default
+
+
+def _normalize() -> list[float]:
+    """Mean/std m such that the loader's x / 127.5 - 1 equals (x / 255 - m) / m: checked on real pixels."""
+    from cdc.data import _Stream
+
+    a = np.arange(256, dtype=np.uint8).reshape(16, 16)[..., None].repeat(3, -1)  # every uint8 value
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+
+    class P:
+        sides, T, need = [16], 16, [16]
+
+    stream = _Stream.__new__(_Stream)
+    stream.plan = P
+    out = stream._collate([("k", 0, 0.5, 0, buf.getvalue(), 0, 0, False)])
+    x = out[1][0][0]  # (C, 16, 16)
+    want = (torch.from_numpy(a).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    assert torch.allclose(x, want, atol=1e-6)
+    return [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(("category", "name", "value"), TABLE7, ids=[r[1] for r in TABLE7])
+def test_k4_matches_table7(k4, category, name, value):
+    got = _value(k4, name)
+    if isinstance(value, float):
+        assert got == pytest.approx(value, rel=1e-12), f"{category}/{name}"
+    else:
+        assert got == value, f"{category}/{name}"
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8, 16, 32])
+def test_k4_global_batch_is_256_on_any_gpu_count(k4, world):
+    cfg = for_world(k4, world)
+    assert cfg.train.batch_size * cfg.train.grad_accum * world == 256
+    assert cfg.train.grad_accum == 32 // world
+
+
+def test_k4_readme_launch_line_trains_the_paper_schedule():
+    readme = (ROOT / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if "cdc train recipes/k4.yaml" in ln)
+    assert "torchrun" in line and "global batch 256" in line
