@@ -192,8 +192,8 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
             print(f"resumed from {path} at step {step}", flush=True)
 
     net = model
-    if t.compile:
-        net = torch.compile(net, dynamic=True)
+    if t.compile:  # the packed trunk only: one graph for every stage mix (cdc.model.compile_trunk)
+        model.compile_trunk()
     if dist.world > 1:
         net = DDP(net, device_ids=[dev.index] if cuda else None)
     field = velocity_net_from_config(net, cfg.flow)
