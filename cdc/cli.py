@@ -78,12 +78,22 @@ def prepare(
         "--png",
         help="store (default, fastest: ~185 img/s/core) | huffman (~20% smaller shards, ~120 img/s/core).",
     ),
+    store: str = typer.Option(
+        "png",
+        "--store",
+        help="png | webp (lossless) | jpeg (JPEG top, exact lossless lower levels) | jpeg-top "
+        "(JPEG top only, smallest); sizes in docs/performance.md.",
+    ),
+    jpeg_quality: int = typer.Option(95, "--jpeg-quality", help="JPEG quality of the top level (jpeg stores)."),
 ) -> None:
     """Decode images once into webdataset shards holding every pyramid level (resumable)."""
     from cdc.prepare import prepare as run_prepare
 
     try:
-        m = run_prepare(src, out, side, expand, levels, shard_size, workers, limit, split, png=png)
+        m = run_prepare(
+            src, out, side, expand, levels, shard_size, workers, limit, split,
+            png=png, store=store, jpeg_quality=jpeg_quality,
+        )
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)
         raise typer.Exit(130) from None

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from cdc.flow import Batch, Schedule
+from cdc.imageproc import LEVEL_EXTS
 
 
 def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
@@ -227,7 +228,7 @@ class _Stream(torch.utils.data.IterableDataset):
                     continue
                 j += 1
                 if not hasattr(P, "T"):  # no manifest: levels from the first sample's keys
-                    P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(".png")))
+                    P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(LEVEL_EXTS)))
                 rng = np.random.default_rng([P.seed, P.rank, w, epoch, j])
                 t = float(rng.random())
                 oy, ox = (rng.integers(0, P.n_pos + 1, 2) * P.align).tolist()
@@ -241,7 +242,7 @@ class _Stream(torch.utils.data.IterableDataset):
                     int(sample["cls"]),
                     float(t32[0]),
                     k,
-                    sample[f"{P.need[k]}.png"],
+                    level_bytes(sample, P.need[k]),
                     oy,
                     ox,
                     flip and P.hflip,
@@ -264,8 +265,9 @@ class _Stream(torch.utils.data.IterableDataset):
             members = [s for s in group if s[3] == k]
             r, scale = P.sides[k], P.T // P.need[k]  # offsets are in T pixels; this level is T/scale
             xs = []
-            for _, _, _, _, png, oy, ox, flip in members:
-                a = np.asarray(Image.open(io.BytesIO(png)))
+            for _, _, _, _, (body, box), oy, ox, flip in members:
+                im = Image.open(io.BytesIO(body))
+                a = np.asarray(im.reduce(box) if box > 1 else im)  # box > 1: a level of a jpeg-top shard
                 a = a[oy // scale : oy // scale + r, ox // scale : ox // scale + r]
                 a = a[:, ::-1] if flip else a
                 a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (H, W, C) -> (C, r, r)
@@ -279,6 +281,19 @@ class _Stream(torch.utils.data.IterableDataset):
             out[5].append([(s[5], s[6]) for s in members])
             out[6].append([s[7] for s in members])
         return out
+
+
+def level_bytes(sample: dict[str, bytes], side: int) -> tuple[bytes, int]:
+    """(encoded image, box factor) for the level of `side`: the stored level (factor 1), or for
+    `--store jpeg-top` shards the JPEG top level, which the collate box-averages by the factor."""
+    for ext in LEVEL_EXTS:
+        body = sample.get(f"{side}{ext}")
+        if body is not None:
+            return body, 1
+    tops = [int(k[:-4]) for k in sample if k.endswith(".jpg") and k[:-4].isdigit()]
+    if len(tops) == 1 and tops[0] % side == 0:
+        return sample[f"{tops[0]}.jpg"], tops[0] // side
+    raise ValueError(f"shard sample has no level {side} px (members: {sorted(sample)}); re-run cdc prepare")
 
 
 def _identity(x: Any) -> Any:

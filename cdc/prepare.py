@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cdc.imageproc import encode_png, load_image, pad_idx, pyramid, top_side
+from cdc.imageproc import STORES, encode_levels, load_image, pad_idx, top_side
 from cdc.sources import Item, Source, fingerprint, open_source
 
 FORMAT = "cdc-shards/1"
@@ -102,10 +102,7 @@ def _do_shard(task: dict) -> dict:
                 if notes:
                     converted.append({"path": ref, "note": "; ".join(notes)})
                 members = [("cls", str(cls).encode())]
-                pngs = [
-                    (f"{im.width}.png", encode_png(np.asarray(im), squeeze)) for im in pyramid(img, levels)
-                ]
-                members += pngs
+                members += encode_levels(img, levels, task.get("store", "png"), squeeze, task.get("quality", 95))
                 for ext, body in members:
                     tar.add(f"{key}.{ext}", body)
                 count += 1
@@ -130,6 +127,16 @@ def _do_shard(task: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # the command
+
+
+def _level_keys(lv: list[int], store: str, channels: int) -> list[str]:
+    """Tar member names of the stored levels, top first (jpeg-top stores the top alone)."""
+    if store == "png":
+        return [f"{s}.png" for s in lv]
+    lossless = "webp" if channels == 3 else "png"
+    if store == "webp":
+        return [f"{s}.webp" for s in lv]
+    return [f"{lv[0]}.jpg"] + ([f"{s}.{lossless}" for s in lv[1:]] if store == "jpeg" else [])
 
 
 def _defaults(
@@ -174,15 +181,24 @@ def prepare(
     split: str = "train",
     progress: bool = True,
     png: str = "store",
+    store: str = "png",
+    jpeg_quality: int = 95,
 ) -> dict[str, Any]:
     """Write webdataset shards of `src` under `out` and return the manifest (also in out/manifest.json).
 
     side/expand/levels default to 256/1.125/4 for image trees and 32/1.0/3 for idx sources; `out`
     defaults to data/<source name>-<side>. Re-running with the same arguments resumes. png:
-    "huffman" (smaller shards) or "store" (uncompressed PNG, fastest to write and read).
+    "huffman" (smaller shards) or "store" (uncompressed PNG, fastest to write and read). store:
+    "png" (every level PNG), "webp" (every level lossless WebP), "jpeg" (JPEG top at
+    `jpeg_quality`, lower levels exact box averages of the decoded top, lossless) or "jpeg-top"
+    (the JPEG top alone; the loader computes the levels); sizes and speeds in docs/performance.md.
     """
     if png not in ("huffman", "store"):
         raise ValueError(f"--png must be huffman or store, got {png!r}")
+    if store not in STORES:
+        raise ValueError(f"--store must be one of {', '.join(STORES)}, got {store!r}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
     source = open_source(src, split)
     side, expand, levels = _defaults(source, side, expand, levels)
     if side < 1 or levels < 1 or expand < 1.0 or shard_size < 1:
@@ -211,6 +227,7 @@ def prepare(
         "shard_size": shard_size,
         "limit": limit,
         "png": png,
+        **({"store": store, "jpeg_quality": jpeg_quality} if store != "png" else {}),
         "items": len(items),
         "fingerprint": fingerprint(items),
     }
@@ -243,6 +260,8 @@ def prepare(
                 "top": top,
                 "levels": levels,
                 "png": png,
+                "store": store,
+                "quality": jpeg_quality,
                 "items": [(it.key, it.cls, r) for it, r in zip(chunk, refs, strict=True)],
             }
         )
@@ -303,7 +322,7 @@ def prepare(
         "expand": expand,
         "top": top,
         "levels": lv,
-        "level_keys": [f"{s}.png" for s in lv],
+        "level_keys": _level_keys(lv, store, source.channels),
         "channels": source.channels,
         "classes": source.classes,
         "class_names": source.class_names,
@@ -313,6 +332,8 @@ def prepare(
         "limit": limit,
         "shard_size": shard_size,
         "png": png,
+        "store": store,
+        "jpeg_quality": jpeg_quality if store.startswith("jpeg") else None,
         "pattern": f"{split}-{{000000..{n_shards - 1:06d}}}.tar",
         "shards": shards,
         "skipped": skipped,
