@@ -79,10 +79,10 @@ def prepare(
         help="store (default, fastest: ~185 img/s/core) | huffman (~20% smaller shards, ~120 img/s/core).",
     ),
     store: str = typer.Option(
-        "png",
+        "auto",
         "--store",
-        help="png | webp (lossless) | jpeg (JPEG top, exact lossless lower levels) | jpeg-top "
-        "(JPEG top only, smallest); sizes in docs/performance.md.",
+        help="auto (jpeg-top for image trees, png for idx) | png | webp (lossless) | jpeg (JPEG top, "
+        "exact lossless lower levels) | jpeg-top (JPEG top only, smallest); see docs/performance.md.",
     ),
     jpeg_quality: int = typer.Option(95, "--jpeg-quality", help="JPEG quality of the top level (jpeg stores)."),
 ) -> None:

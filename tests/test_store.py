@@ -105,6 +105,23 @@ def test_jpeg_shards_are_smaller_than_png(shards):
     assert size["jpeg-top"] < size["jpeg"] < size["png"] and size["webp"] < size["png"]
 
 
+def test_reference_images_read_every_store(shards):
+    from cdc.evalio import reference_images
+
+    def first(store):
+        ref = reference_images(shards[store], side=32, n=5)
+        return np.concatenate(list(ref.batches(5)))
+
+    np.testing.assert_array_equal(first("png"), first("webp"))
+    np.testing.assert_array_equal(first("jpeg"), first("jpeg-top"))
+
+
+def test_auto_store_is_jpeg_top_for_image_trees_and_png_for_idx(shards, tmp_path):
+    assert prepare("fashion-mnist", tmp_path / "i", limit=8, progress=False, store="auto")["store"] == "png"
+    src = next(iter(shards["png"].parent.glob("src")))
+    assert prepare(src, tmp_path / "t", side=32, levels=4, progress=False, store="auto")["store"] == "jpeg-top"
+
+
 def test_store_errors(tmp_path):
     with pytest.raises(ValueError, match="--store"):
         prepare("fashion-mnist", tmp_path / "a", limit=8, progress=False, store="gif")
