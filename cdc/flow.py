@@ -65,9 +65,12 @@ class Schedule:
 
     def tau_of(self, t: Tensor, k: Tensor | int) -> Tensor:
         """Rescaled time tau = (t - t0_k) / (t1_k - t0_k) in [0, 1]."""
-        b = torch.tensor(self.bounds, dtype=t.dtype).to(t.device, non_blocking=True)
-        k = torch.as_tensor(k, device=t.device)
-        t0, t1 = b[k], b[k + 1]
+        b = torch.tensor(self.bounds, dtype=t.dtype)  # on the host
+        if isinstance(k, int):  # 0-dim host tensors act as scalars in device ops: no copy, no sync
+            t0, t1 = b[k], b[k + 1]
+        else:
+            b, k = b.to(t.device, non_blocking=True), torch.as_tensor(k).to(t.device)
+            t0, t1 = b[k], b[k + 1]
         return ((t - t0) / (t1 - t0)).clamp(0.0, 1.0)
 
     def t_of(self, tau: Tensor, k: int) -> Tensor:
