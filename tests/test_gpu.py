@@ -58,6 +58,7 @@ def _count_syncs(cfg, run_dir) -> int:
 def test_training_steps_make_no_host_sync(shards, tmp_path, compiled):
     """Ten more steps add no synchronizing call: setup, the final log and checkpoint sync, the
     steps in between do not (losses, skip decision and stop flags stay on the device)."""
+    _count_syncs(_recipe(shards, compiled, steps=2), tmp_path / "warm")  # lazy CUDA / cuBLAS / compile setup
     short = _count_syncs(_recipe(shards, compiled, steps=3), tmp_path / "short")
     long = _count_syncs(_recipe(shards, compiled, steps=13), tmp_path / "long")
     assert long == short, f"{long - short} host syncs in 10 training steps"
