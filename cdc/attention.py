@@ -131,9 +131,11 @@ def attention(
 # custom op taking the lengths as a CPU int tensor, the packed attention is a single node whose
 # only symbolic input sizes are T and B, so the rest of the network compiles once. Inside, the
 # eager `attention` runs (xformers BlockDiagonalMask or per-run SDPA); the lengths live on the
-# host, so reading them never waits for the GPU. Inside a custom op autograd is off, so backward is
-# written out: softmax attention's gradient from the recomputed probabilities, one equal-length
-# run at a time in chunks of samples that bound the (n, H, L, L) temporaries to ~2^26 elements.
+# host, so reading them never waits for the GPU. Inside a custom op autograd is off, so backward
+# calls the flash-attention kernels' own forward (for the log-sum-exp) and backward, one
+# equal-length run at a time; where they refuse the input (e.g. fp32 on CUDA) it falls back to the
+# written-out gradient from recomputed probabilities, in chunks that bound the (n, H, L, L)
+# temporaries to ~2^26 elements.
 
 
 @torch.library.custom_op("cdc::packed_attention", mutates_args=())
@@ -147,7 +149,37 @@ def _(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, backend: str) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def _flash_grad(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of attention for dense (n, L, H, D) inputs through torch's flash kernels (no dropout)."""
+    qt, kt, vt, gt = (x.transpose(1, 2) for x in (q, k, v, g))  # (n, H, L, D)
+    if q.device.type == "cpu":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(gt, qt, kt, vt, o, lse, 0.0, False)
+    else:
+        o, lse, cq, ck, mq, mk, rng, unused, _ = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            gt, qt, kt, vt, o, lse, cq, ck, mq, mk, 0.0, False, rng, unused
+        )
+    return tuple(x.transpose(1, 2) for x in grads)  # (n, L, H, D) each
+
+
+_FLASH_BACKWARD_OK: dict[tuple, bool] = {}  # (device type, dtype, head dim) -> the flash path works
+
+
 def _attention_grad(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """_flash_grad where the kernels accept the input, else the written-out gradient."""
+    key = (q.device.type, q.dtype, q.shape[-1])
+    if _FLASH_BACKWARD_OK.get(key, True):
+        try:
+            out = _flash_grad(q, k, v, g)
+            _FLASH_BACKWARD_OK[key] = True
+            return out
+        except RuntimeError:  # unsupported dtype / head dim / device: remember, use the math
+            _FLASH_BACKWARD_OK[key] = False
+    return _attention_grad_math(q, k, v, g)
+
+
+def _attention_grad_math(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of softmax(q k^T / sqrt(D)) v for dense (n, L, H, D) inputs and output grad g."""
     dt = torch.promote_types(q.dtype, torch.float32)  # bf16 -> fp32 math; fp64 stays fp64
     q, k, v, g = (x.to(dt).transpose(1, 2) for x in (q, k, v, g))  # (n, H, L, D)

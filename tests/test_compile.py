@@ -69,6 +69,16 @@ def test_packed_attention_op_matches_eager_attention_and_its_gradient():
     torch.library.opcheck(packed_attention, tuple(x.detach() for x in (q, k, v)) + (torch.tensor(seqlens), "auto"))
 
 
+def test_written_out_attention_gradient_matches_the_flash_kernels():
+    """The fallback backward (used where the flash kernels refuse the input) is the same gradient."""
+    from cdc.attention import _attention_grad_math, _flash_grad
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v, w = (torch.randn(3, 16, 2, 8, generator=g, dtype=torch.float64) for _ in range(4))  # (n, L, H, D)
+    for x, y in zip(_attention_grad_math(q, k, v, w), _flash_grad(q, k, v, w), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
 def test_compiled_trunk_compiles_once_over_200_stage_mixes(pair):
     m, ref, cnt = pair
     g = torch.Generator().manual_seed(1)
