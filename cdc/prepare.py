@@ -6,6 +6,9 @@ the top level is the centre square of the image resized (LANCZOS) to `top = side
 computed from the top directly and rounded half up to uint8. So a stored level differs from the
 box average of the stored (rounded) top by at most 0.5/255, i.e. 1/255 in [-1, 1] units.
 idx sources (28 px) are zero-padded to the side, never resampled, and stay 1-channel.
+`--store` (cdc.imageproc.encode_levels) swaps the codecs: `webp` lossless WebP levels, `jpeg` a
+JPEG top with the lower levels taken from the *decoded* JPEG, `jpeg-top` the JPEG top alone (the
+loader box-averages it); the relation above then holds for the top as decoded.
 
 Shard i holds items [i*N, (i+1)*N) of the sorted item list (skipped files make it shorter), is
 streamed to `<name>.partial-<pid>`, fsynced and renamed, then recorded in `.prepare/<name>.json`.
