@@ -122,3 +122,111 @@ def attention(
         shp = (n, L) + tuple(q.shape[1:])  # (n, L, H, D)
         outs.append(_sdpa(qg.reshape(shp), kg.reshape(shp), vg.reshape(shp)).reshape(n * L, *q.shape[1:]))
     return torch.cat(outs)  # (T, H, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# the same attention as one opaque op for torch.compile (cdc.model's compiled trunk)
+#
+# Dynamo would specialise on the Python list of sequence lengths (one graph per stage mix). As a
+# custom op taking the lengths as a CPU int tensor, the packed attention is a single node whose
+# only symbolic input sizes are T and B, so the rest of the network compiles once. Inside, the
+# eager `attention` runs (xformers BlockDiagonalMask or per-run SDPA); the lengths live on the
+# host, so reading them never waits for the GPU. Inside a custom op autograd is off, so backward
+# calls the flash-attention kernels' own forward (for the log-sum-exp) and backward, one
+# equal-length run at a time; where they refuse the input (e.g. fp32 on CUDA) it falls back to the
+# written-out gradient from recomputed probabilities, in chunks that bound the (n, H, L, L)
+# temporaries to ~2^26 elements.
+
+
+@torch.library.custom_op("cdc::packed_attention", mutates_args=())
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, backend: str) -> Tensor:
+    """attention(q, k, v, seqlens=...) with q, k, v (T, H, D) and seqlens a CPU int64 (B,) tensor."""
+    return attention(q, k, v, seqlens=seqlens.tolist(), backend=backend).contiguous()
+
+
+@packed_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, backend: str) -> Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _flash_grad(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of attention for dense (n, L, H, D) inputs through torch's flash kernels (no dropout)."""
+    qt, kt, vt, gt = (x.transpose(1, 2) for x in (q, k, v, g))  # (n, H, L, D)
+    if q.device.type == "cpu":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(gt, qt, kt, vt, o, lse, 0.0, False)
+    else:
+        o, lse, cq, ck, mq, mk, rng, unused, _ = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            gt, qt, kt, vt, o, lse, cq, ck, mq, mk, 0.0, False, rng, unused
+        )
+    return tuple(x.transpose(1, 2) for x in grads)  # (n, L, H, D) each
+
+
+_FLASH_BACKWARD_OK: dict[tuple, bool] = {}  # (device type, dtype, head dim) -> the flash path works
+
+
+def _attention_grad(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """_flash_grad where the kernels accept the input, else the written-out gradient."""
+    key = (q.device.type, q.dtype, q.shape[-1])
+    if _FLASH_BACKWARD_OK.get(key, True):
+        try:
+            out = _flash_grad(q, k, v, g)
+            _FLASH_BACKWARD_OK[key] = True
+            return out
+        except RuntimeError:  # unsupported dtype / head dim / device: remember, use the math
+            _FLASH_BACKWARD_OK[key] = False
+    return _attention_grad_math(q, k, v, g)
+
+
+def _attention_grad_math(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of softmax(q k^T / sqrt(D)) v for dense (n, L, H, D) inputs and output grad g."""
+    dt = torch.promote_types(q.dtype, torch.float32)  # bf16 -> fp32 math; fp64 stays fp64
+    q, k, v, g = (x.to(dt).transpose(1, 2) for x in (q, k, v, g))  # (n, H, L, D)
+    scale = q.shape[-1] ** -0.5
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (n, H, L, L)
+    o = p @ v
+    dv = p.transpose(-1, -2) @ g
+    ds = p * (g @ v.transpose(-1, -2) - (g * o).sum(-1, keepdim=True))  # softmax Jacobian
+    dq, dk = ds @ k * scale, ds.transpose(-1, -2) @ q * scale
+    return tuple(x.transpose(1, 2) for x in (dq, dk, dv))  # (n, L, H, D) each
+
+
+@torch.library.custom_op("cdc::packed_attention_backward", mutates_args=())
+def packed_attention_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of packed_attention for the output gradient `grad` (all (T, H, D))."""
+    T, H, D = q.shape
+    out = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+    start = 0
+    for n, L in groups_from_seqlens(seqlens.tolist()):
+        chunk = max(1, (1 << 26) // (H * L * L))  # samples per chunk
+        for i in range(0, n, chunk):
+            m = min(chunk, n - i)
+            sl = slice(start + i * L, start + (i + m) * L)
+            parts = (x[sl].reshape(m, L, H, D) for x in (q, k, v, grad))  # (m, L, H, D)
+            for o, d in zip(out, _attention_grad(*parts), strict=True):
+                o[sl] = d.reshape(m * L, H, D)
+        start += n * L
+    return out[0], out[1], out[2]
+
+
+@packed_attention_backward.register_fake
+def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, backend: str):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _setup(ctx, inputs, output) -> None:
+    q, k, v, seqlens, backend = inputs
+    ctx.save_for_backward(q, k, v, seqlens)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad: Tensor):
+    q, k, v, seqlens = ctx.saved_tensors
+    dq, dk, dv = packed_attention_backward(grad.contiguous(), q, k, v, seqlens, ctx.backend)
+    return dq, dk, dv, None, None
+
+
+packed_attention.register_autograd(_backward, setup_context=_setup)

@@ -86,12 +86,22 @@ def prepare(
         "--crop",
         help="full (photos' default, Table 7): whole image at its aspect ratio | center: centre square.",
     ),
+    store: str = typer.Option(
+        "auto",
+        "--store",
+        help="auto (jpeg-top for image trees, png for idx) | png | webp (lossless) | jpeg (JPEG top, "
+        "exact lossless lower levels) | jpeg-top (JPEG top only, smallest); see docs/performance.md.",
+    ),
+    jpeg_quality: int = typer.Option(95, "--jpeg-quality", help="JPEG quality of the top level (jpeg stores)."),
 ) -> None:
     """Decode images once into webdataset shards holding every pyramid level (resumable)."""
     from cdc.prepare import prepare as run_prepare
 
     try:
-        m = run_prepare(src, out, side, expand, levels, shard_size, workers, limit, split, png=png, crop=crop)
+        m = run_prepare(
+            src, out, side, expand, levels, shard_size, workers, limit, split,
+            png=png, crop=crop, store=store, jpeg_quality=jpeg_quality,
+        )
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)
         raise typer.Exit(130) from None

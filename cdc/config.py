@@ -96,7 +96,7 @@ class TrainConfig:
     label_dropout: float = 0.1  # p of replacing the class by the null class (CFG training)
     precision: str = "bf16"  # "bf16" autocast on CUDA | "fp32"; CPU always runs fp32
     tf32: bool = True  # allow TF32 matmuls on Ampere+
-    compile: bool = False  # torch.compile the model (recompiles per stage mix: see docs/design-notes.md)
+    compile: bool = False  # torch.compile the packed trunk, once for every stage mix (docs/performance.md)
     seed: int = 0  # base seed; every rank derives its own from (seed, rank)
     log_every: int = 100  # steps between metrics.jsonl lines
     ckpt_every: int = 5000  # steps between checkpoints (0 = only at the end and on signals)
@@ -104,6 +104,7 @@ class TrainConfig:
     milestone_every: int = 100_000  # steps between checkpoints that are never deleted (0 = none)
     sample_every: int = 10_000  # steps between EMA sample grids (0 = never)
     max_nonfinite: int = 20  # consecutive non-finite steps before the run stops
+    check_every: int = 10  # steps between host reads of stop signals / skipped steps (each waits for the GPU)
     peak_tflops: float = 800.0  # accelerator peak (dense bf16 TFLOP/s) for MFU; H100 measured ~800
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
 
@@ -269,6 +270,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.cache_mb must be >= 0 (0 = off), got {cfg.data.cache_mb}")
     if t.log_every < 1:
         raise ConfigError(f"train.log_every must be >= 1, got {t.log_every}")
+    if t.check_every < 1:
+        raise ConfigError(f"train.check_every must be >= 1, got {t.check_every}")
     if t.ckpt_every < 0 or t.sample_every < 0:
         raise ConfigError("train.ckpt_every / train.sample_every must be >= 0 (0 = off)")
     if t.batch_size < 1 or t.grad_accum < 1:

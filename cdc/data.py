@@ -32,6 +32,7 @@ from PIL import Image
 
 from cdc.fileio import bad_file, read_json
 from cdc.flow import Batch, Schedule
+from cdc.imageproc import LEVEL_EXTS
 
 
 def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
@@ -154,7 +155,7 @@ class _Plan:
         self.T, self.need = int(T), [int(n) for n in need]
         self.n_pos = (self.T - final) // self.align
 
-    def crop_offsets(self, rng: np.random.Generator, level: bytes, k: int) -> tuple[int, int]:
+    def crop_offsets(self, rng: np.random.Generator, level: bytes, k: int, box: int = 1) -> tuple[int, int]:
         """Top-left (y, x) of the final-side crop, in pixels of the final stage's level; multiples of align.
 
         The stored image may be T x T (centre square) or T x L at its aspect ratio (`cdc prepare
@@ -166,7 +167,7 @@ class _Plan:
             h = w = self.T
         else:
             scale = self.T // self.need[k]
-            w, h = (x * scale for x in Image.open(io.BytesIO(level)).size)
+            w, h = (x // box * scale for x in Image.open(io.BytesIO(level)).size)  # box: jpeg-top's factor
         final = self.sides[-1]
         ny, nx = (h - final) // self.align, (w - final) // self.align
         # a square keeps the draw of the centre-square format, so its batches are unchanged
@@ -276,20 +277,20 @@ class _Stream(torch.utils.data.IterableDataset):
                     continue
                 j += 1
                 if not hasattr(P, "T"):  # no manifest: levels from the first sample's keys
-                    P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(".png")))
+                    P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(LEVEL_EXTS)))
                 rng = np.random.default_rng([P.seed, P.rank, w, epoch, j])
                 t = float(rng.random())
                 t32 = torch.tensor([t], dtype=torch.float32)
                 k = int(P.sched.stage_of(t32)[0])
-                level = sample[f"{P.need[k]}.png"]
-                oy, ox = P.crop_offsets(rng, level, k)
+                level, box = level_bytes(sample, P.need[k])  # box > 1: a level of a jpeg-top shard
+                oy, ox = P.crop_offsets(rng, level, k, box)
                 flip = bool(rng.random() < 0.5)
                 rec = (
                     key,
                     int(sample["cls"]),
                     float(t32[0]),
                     k,
-                    level,
+                    (level, box),
                     oy,
                     ox,
                     flip and P.hflip,
@@ -312,8 +313,9 @@ class _Stream(torch.utils.data.IterableDataset):
             members = [s for s in group if s[3] == k]
             r, scale = P.sides[k], P.T // P.need[k]  # offsets are in T pixels; this level is T/scale
             xs = []
-            for _, _, _, _, png, oy, ox, flip in members:
-                a = np.asarray(Image.open(io.BytesIO(png)))
+            for _, _, _, _, (body, box), oy, ox, flip in members:
+                im = Image.open(io.BytesIO(body))
+                a = np.asarray(im.reduce(box) if box > 1 else im)  # box > 1: a level of a jpeg-top shard
                 a = a[oy // scale : oy // scale + r, ox // scale : ox // scale + r]
                 a = a[:, ::-1] if flip else a
                 a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (H, W, C) -> (C, r, r)
@@ -327,6 +329,19 @@ class _Stream(torch.utils.data.IterableDataset):
             out[5].append([(s[5], s[6]) for s in members])
             out[6].append([s[7] for s in members])
         return out
+
+
+def level_bytes(sample: dict[str, bytes], side: int) -> tuple[bytes, int]:
+    """(encoded image, box factor) for the level of `side`: the stored level (factor 1), or for
+    `--store jpeg-top` shards the JPEG top level, which the collate box-averages by the factor."""
+    for ext in LEVEL_EXTS:
+        body = sample.get(f"{side}{ext}")
+        if body is not None:
+            return body, 1
+    tops = [int(k[:-4]) for k in sample if k.endswith(".jpg") and k[:-4].isdigit()]
+    if len(tops) == 1 and tops[0] % side == 0:
+        return sample[f"{tops[0]}.jpg"], tops[0] // side
+    raise ValueError(f"shard sample has no level {side} px (members: {sorted(sample)}); re-run cdc prepare")
 
 
 def _identity(x: Any) -> Any:

@@ -150,9 +150,13 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
             int(v) for v in manifest.get("shard_counts", {}).values()
         )
         first = next(_shard_samples(tars[:1]), None)
-        lv = sorted(int(e[:-4]) for e in (first or {}) if e.endswith(".png") and e[:-4].isdigit())
-        if not lv:
-            raise ValueError(f"{tars[0]} has no '<side>.png' level images")
+        from cdc.data import level_bytes
+        from cdc.imageproc import LEVEL_EXTS
+
+        keys = [e.rsplit(".", 1)[0] for e in (first or {}) if e.endswith(LEVEL_EXTS)]
+        lv = sorted(manifest.get("levels") or [int(e) for e in keys if e.isdigit()])
+        if not lv or not keys:
+            raise ValueError(f"{tars[0]} has no '<side>.png' (or .webp / .jpg) level images")
         side = side or int(manifest.get("side") or lv[-1])  # prepare records the final (training) side
         fit = [s for s in lv if s >= side]
         if not fit:
@@ -167,8 +171,9 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
             for s in _shard_samples(tars):
                 if seen >= total:
                     break
-                with Image.open(io.BytesIO(s[f"{level}.png"])) as im:
-                    a = np.asarray(im.convert("RGB"))
+                body, box = level_bytes(s, level)  # box > 1: a level of a jpeg-top shard
+                with Image.open(io.BytesIO(body)) as im:
+                    a = np.asarray((im.reduce(box) if box > 1 else im).convert("RGB"))
                 y, x = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2  # full-image shards: not square
                 buf.append(a[y : y + side, x : x + side])
                 seen += 1

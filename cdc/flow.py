@@ -59,14 +59,18 @@ class Schedule:
 
     def stage_of(self, t: Tensor) -> Tensor:
         """Stage index (0-based, long) of each global time; t = 1 belongs to the last stage."""
-        inner = torch.tensor(self.bounds[1:-1], dtype=t.dtype, device=t.device)
+        # built on the host and sent without blocking: a device-side torch.tensor(...) would sync
+        inner = torch.tensor(self.bounds[1:-1], dtype=t.dtype).to(t.device, non_blocking=True)
         return torch.bucketize(t, inner, right=True).clamp_(max=self.K - 1)
 
     def tau_of(self, t: Tensor, k: Tensor | int) -> Tensor:
         """Rescaled time tau = (t - t0_k) / (t1_k - t0_k) in [0, 1]."""
-        b = torch.tensor(self.bounds, dtype=t.dtype, device=t.device)
-        k = torch.as_tensor(k, device=t.device)
-        t0, t1 = b[k], b[k + 1]
+        b = torch.tensor(self.bounds, dtype=t.dtype)  # on the host
+        if isinstance(k, int):  # 0-dim host tensors act as scalars in device ops: no copy, no sync
+            t0, t1 = b[k], b[k + 1]
+        else:
+            b, k = b.to(t.device, non_blocking=True), torch.as_tensor(k).to(t.device)
+            t0, t1 = b[k], b[k + 1]
         return ((t - t0) / (t1 - t0)).clamp(0.0, 1.0)
 
     def t_of(self, tau: Tensor, k: int) -> Tensor:
@@ -218,7 +222,9 @@ def group_batch(x: Tensor, t: Tensor, y: Tensor, sched: Schedule) -> Batch:
 @dataclass
 class LossOut:
     loss: Tensor  # scalar to backprop (MSE form, weighted per flow.loss_weight)
-    per_stage: dict[int, tuple[float, int]]  # stage -> (sum of per-sample MSE, count), detached
+    # stage -> (sum of per-sample MSE as a detached 0-dim tensor on the batch's device, count); kept
+    # on the device so that a training step never waits for it (cdc.train reads it at log steps)
+    per_stage: dict[int, tuple[Tensor, int]]
 
 
 def loss(
@@ -257,12 +263,12 @@ def loss(
     vs = net(xs, taus, ys)
     d_K = batch.x1[0].shape[1] * sched.sides[-1] ** 2
     total = torch.zeros((), device=batch.x1[0].device)
-    per_stage: dict[int, tuple[float, int]] = {}
+    per_stage: dict[int, tuple[Tensor, int]] = {}
     B = batch.size
     for k, v, dx in zip(batch.stage, vs, targets):
         se = (v.float() - dx.float()).pow(2).flatten(1)  # (B_g, d_k)
         mse = se.mean(1)  # (B_g,)
-        per_stage[k] = (float(mse.detach().sum()), len(mse))
+        per_stage[k] = (mse.detach().sum(), len(mse))
         per_sample = se.sum(1) / d_K if weight == "pixel_sum" else mse
         total = total + per_sample.sum()
     return LossOut(total / B, per_stage)

@@ -70,6 +70,58 @@ def pyramid(top: Image.Image, levels: int) -> list[Image.Image]:
 
 
 # ---------------------------------------------------------------------------------------------
+# compact storage: a JPEG top level, lower levels exact box averages of the decoded top
+
+# png: every level lossless PNG. webp: every level lossless WebP (RGB only). jpeg: the top level
+# JPEG, each lower level the box average of the *decoded* JPEG stored losslessly (WebP for RGB,
+# PNG for greyscale). jpeg-top: the JPEG top level alone; the loader box-averages the decoded top.
+STORES = ("png", "webp", "jpeg", "jpeg-top")
+LEVEL_EXTS = (".png", ".webp", ".jpg")
+
+
+def _save(im: Image.Image, fmt: str, **kw) -> bytes:
+    b = io.BytesIO()
+    im.save(b, fmt, **kw)
+    return b.getvalue()
+
+
+def _lossless(im: Image.Image, webp: bool, squeeze: bool) -> tuple[str, bytes]:
+    """(extension, bytes) of a lossless encoding; lossless WebP (method 0: fastest) needs RGB."""
+    if webp and im.mode == "RGB":
+        return "webp", _save(im, "WEBP", lossless=True, quality=0, method=0)
+    return "png", encode_png(np.asarray(im), squeeze)
+
+
+def encode_levels(
+    top: Image.Image, levels: int, store: str = "png", squeeze: bool = False, quality: int = 95
+) -> list[tuple[str, bytes]]:
+    """[(f"{side}.{ext}", bytes), ...] top first: the stored levels of one sample.
+
+    Every stored lower level equals `decoded(top).reduce(2^j)` exactly, where decoded(top) is the
+    top level as the loader will decode it (the JPEG round trip for jpeg / jpeg-top).
+    """
+    if store not in STORES:
+        raise ValueError(f"--store must be one of {list(STORES)}, got {store!r}")
+    if store in ("png", "webp"):
+        if store == "webp" and top.mode != "RGB":
+            raise ValueError(f"--store webp needs RGB images, got mode {top.mode}; use png or jpeg")
+        return [
+            (f"{min(im.size)}.{ext}", body)
+            for im in pyramid(top, levels)
+            for ext, body in [_lossless(im, store == "webp", squeeze)]
+        ]
+    jpg = _save(top, "JPEG", quality=quality)
+    out = [(f"{min(top.size)}.jpg", jpg)]
+    if store == "jpeg":
+        dec = Image.open(io.BytesIO(jpg))
+        dec.load()
+        for im in pyramid(dec, levels)[1:]:
+            ext, body = _lossless(im, True, squeeze)
+            out.append((f"{min(im.size)}.{ext}", body))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # decoding one file, with every conversion named and every failure a skip reason
 
 

@@ -12,6 +12,12 @@ The list form packs every group's tokens into ONE sequence (T, D): linear layers
 MLP run once over all tokens, AdaLN modulation is broadcast per sample, and attention is
 block-diagonal (cdc.attention), so the result equals running each sample alone.
 The model knows nothing about noise or flow math.
+
+`compile_trunk()` (train.compile) compiles everything between patchify and unpatchify as one
+graph whose inputs are shaped only by the token count T and sample count B: modulation gathers
+per-sample vectors by a (T,) token -> sample index, and attention is the custom op
+cdc::packed_attention taking the sequence lengths as a host tensor. So the graph never depends on
+the stage mix (see docs/design-notes.md); patchify / unpatchify stay eager around it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch import Tensor
 
-from cdc.attention import attention
+from cdc.attention import attention, packed_attention
 from cdc.config import Config
 from cdc.tokens import (
     FREQ_DIM,
@@ -37,6 +43,8 @@ from cdc.tokens import (
 )
 
 Groups = list[tuple[int, int]]  # [(n_samples, tokens_per_sample), ...] in packing order
+# eager: Groups; compiled trunk: a (T,) long tensor, the sample index of each packed token
+Layout = Groups | Tensor
 
 
 def _split(h: Tensor, groups: Groups) -> list[Tensor]:
@@ -51,11 +59,15 @@ def _per_sample(v: Tensor, groups: Groups) -> list[Tensor]:
     return [x[:, None] for x in parts]
 
 
-def modulate(h: Tensor, shift: Tensor, scale: Tensor, groups: Groups) -> Tensor:
+def modulate(h: Tensor, shift: Tensor, scale: Tensor, groups: Layout) -> Tensor:
     """AdaLN: h * (1 + scale) + shift with per-sample (B, D) vectors on packed tokens (T, D).
 
-    Broadcasting per group (no (T, D) gather) keeps the saved activations as small as unpacked.
+    Eager: broadcasting per group (no (T, D) gather) keeps the saved activations as small as
+    unpacked. Compiled (groups is the (T,) token -> sample index): a gather that inductor fuses
+    into the elementwise kernel, so the graph does not depend on the group sizes.
     """
+    if isinstance(groups, Tensor):
+        return h * (1 + scale[groups]) + shift[groups]
     out = [
         x * (1 + sc) + sh
         for x, sc, sh in zip(
@@ -65,8 +77,10 @@ def modulate(h: Tensor, shift: Tensor, scale: Tensor, groups: Groups) -> Tensor:
     return torch.cat([o.reshape(-1, o.shape[-1]) for o in out]) if len(out) > 1 else out[0].view_as(h)
 
 
-def gated_residual(h: Tensor, f: Tensor, gate: Tensor, groups: Groups) -> Tensor:
+def gated_residual(h: Tensor, f: Tensor, gate: Tensor, groups: Layout) -> Tensor:
     """h + gate * f with a per-sample gate (B, D) on packed tokens (T, D)."""
+    if isinstance(groups, Tensor):
+        return h + gate[groups] * f
     out = [
         x + g * y
         for x, y, g in zip(_split(h, groups), _split(f, groups), _per_sample(gate, groups), strict=True)
@@ -138,7 +152,12 @@ class Block(nn.Module):
         self.attn_backend = "auto"
 
     def forward(
-        self, h: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None, groups: Groups, seqlens: list[int]
+        self,
+        h: Tensor,
+        c: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        groups: Layout,
+        seqlens: list[int] | Tensor,
     ) -> Tensor:
         T, D = h.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)  # (B, D) each
@@ -147,7 +166,10 @@ class Block(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = attention(q, k, v, seqlens=seqlens, groups=groups, backend=self.attn_backend)  # (T, H, Dh)
+        if isinstance(seqlens, Tensor):  # compiled trunk: lengths as a host tensor, one opaque op
+            o = packed_attention(q, k, v, seqlens, self.attn_backend)  # (T, H, Dh)
+        else:
+            o = attention(q, k, v, seqlens=seqlens, groups=groups, backend=self.attn_backend)
         h = gated_residual(h, self.drop(self.proj(o.reshape(T, D))), gate1, groups)
         m = modulate(self.norm2(h), shift2, scale2, groups)
         return gated_residual(h, self.fc2(self.drop(self.act(self.fc1(m)))), gate2, groups)
@@ -160,7 +182,7 @@ class FinalLayer(nn.Module):
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.linear = nn.Linear(width, patch * patch * channels)
 
-    def forward(self, h: Tensor, c: Tensor, groups: Groups) -> Tensor:
+    def forward(self, h: Tensor, c: Tensor, groups: Layout) -> Tensor:
         shift, scale = self.adaLN(c).chunk(2, dim=1)  # (B, D) each
         return self.linear(modulate(self.norm(h), shift, scale, groups))  # (T, p*p*C)
 
@@ -236,6 +258,7 @@ class DiT(nn.Module):
         self.final = FinalLayer(width, patch, self.out_channels)
         self.pixel_head = PixelHead(head_channels, in_channels) if head == "conv" else None
         self._pos_cache: dict[tuple[int, str], object] = {}
+        self._trunk_compiled = None  # set by compile_trunk()
         self.initialize_weights()
 
     # -- init ----------------------------------------------------------------------------------
@@ -319,6 +342,8 @@ class DiT(nn.Module):
         grids = [xi.shape[-1] // p for xi in xs]
         groups = [(n, g * g) for n, g in zip(ns, grids, strict=True)]
         seqlens = [L for n, L in groups for _ in range(n)]
+        if self._trunk_compiled is not None:
+            return self._forward_compiled(xs, taus, ys, ns, grids, groups, seqlens)
 
         tok = torch.cat([patchify(xi, p) for xi in xs]) if len(xs) > 1 else patchify(xs[0], p)  # (T, p*p*C)
         h = self.x_embed(tok)  # (T, D)
@@ -336,6 +361,11 @@ class DiT(nn.Module):
             else:
                 h = blk(h, c, rope, groups, seqlens)
         out = self.final(h, c, groups)  # (T, p*p*F), F = C (linear head) or head_channels
+        return self._unpack(out, xs, groups)
+
+    def _unpack(self, out: Tensor, xs: list[Tensor], groups: Groups) -> list[Tensor]:
+        """Packed head output (T, p*p*F) -> per-group images (B_g, C, r, r)."""
+        p = self.patch
         parts = out.split([n * L for n, L in groups])
         maps = [
             unpatchify(o, xi.shape[0], self.out_channels, xi.shape[-1], p)  # (B_g, F, r, r)
@@ -344,6 +374,43 @@ class DiT(nn.Module):
         if self.pixel_head is None:
             return maps
         return [self.pixel_head(f, xi) for f, xi in zip(maps, xs, strict=True)]
+
+
+    # -- compiled trunk --------------------------------------------------------------------------
+    def compile_trunk(self, backend="inductor", **kwargs) -> None:
+        """Run the packed forward through torch.compile(dynamic=True) from now on (train.compile).
+
+        The compiled function sees only (T, ...) and (B, ...) tensors, so it compiles once per
+        train/eval mode and grad setting and is reused for every stage mix and batch size.
+        """
+        self._trunk_compiled = torch.compile(self._trunk, backend=backend, dynamic=True, **kwargs)
+
+    def _forward_compiled(self, xs, taus, ys, ns, grids, groups, seqlens) -> list[Tensor]:
+        p, dev = self.patch, xs[0].device
+        tok = torch.cat([patchify(xi, p) for xi in xs]) if len(xs) > 1 else patchify(xs[0], p)  # (T, p*p*C)
+        r = torch.cat([torch.full((n,), float(g), device=dev) for n, g in zip(ns, grids, strict=True)])  # (B,)
+        lens = torch.tensor(seqlens)  # (B,) on the host: the attention op reads it there
+        idx = torch.arange(len(seqlens)).repeat_interleave(lens).to(dev, non_blocking=True)  # (T,)
+        pos = self._packed_pos(grids, ns, dev)
+        rope = pos if self.pos == "rope" else None
+        sincos = None if self.pos == "rope" else pos
+        out = self._trunk_compiled(
+            tok, torch.cat(taus).float(), torch.cat(ys).long(), r, idx, rope, sincos, lens
+        )
+        return self._unpack(out, xs, groups)
+
+    def _trunk(self, tok, tau, y, r, idx, rope, sincos, seqlens) -> Tensor:
+        """tokens (T, p*p*C) -> head output (T, p*p*F); per-sample tau, y, r (B,); idx (T,)."""
+        h = self.x_embed(tok)  # (T, D)
+        c = self.fuse(self.t_embed(tau * self.timesteps), self.r_embed(r)) + self.y_embed(y)  # (B, D)
+        if sincos is not None:
+            h = h + sincos.to(h.dtype)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(blk, h, c, rope, idx, seqlens, use_reentrant=False)
+            else:
+                h = blk(h, c, rope, idx, seqlens)
+        return self.final(h, c, idx)
 
 
 def build_model(cfg: Config) -> DiT:

@@ -4,7 +4,9 @@ Each step: mixed-stage batches from the data loader (every sample its own t and 
 flow loss of eq. 13 (cdc.flow.loss) through the packed DiT, bf16 autocast on CUDA, gradient
 accumulation, clipping, AdamW, EMA. Non-finite losses/gradients skip the step (all ranks agree);
 too many in a row stop the run with a checkpoint of the last good state. SIGTERM/SIGINT save a
-checkpoint at the next step boundary. Everything needed to continue bit-for-bit on CPU (model,
+checkpoint at the next check. The step never waits for the device: the skip is decided on the
+device (fused AdamW's found_inf, a masked EMA), statistics accumulate there, and the host reads
+them only at log steps and every `train.check_every` steps (stop flags, skipped-step count). Everything needed to continue bit-for-bit on CPU (model,
 EMA, optimizer, step, every rank's RNG and data position) goes into each checkpoint.
 """
 
@@ -47,12 +49,18 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, cfg: Config) -> None:
+def ema_update(
+    ema: torch.nn.Module, model: torch.nn.Module, step: int, cfg: Config, keep: torch.Tensor | None = None
+) -> None:
+    """EMA <- EMA + (1 - d) (model - EMA); `keep` (0-dim bool on the device) False leaves it as is."""
     d = cfg.train.ema_decay
     if cfg.train.ema_warmup:  # short runs: the EMA must not be dominated by the random init
         d = min(d, (1 + step) / (10 + step))
+    w: float | torch.Tensor = 1 - d
+    if keep is not None:  # decided on the device: no host round trip
+        w = torch.where(keep, 1 - d, 0.0).to(next(ema.parameters()).dtype)
     for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach().float(), 1 - d)
+        pe.lerp_(pm.detach().float(), w)
 
 
 def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
@@ -182,7 +190,9 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     model = build_model(cfg).to(dev)
     model.grad_checkpointing = t.grad_checkpointing
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
-    opt_kwargs = {"fused": True} if cuda else {}
+    # fused AdamW (CUDA and CPU) takes a device-side found_inf flag: a non-finite step is skipped
+    # without the host ever reading the flag
+    opt_kwargs = {"fused": True}
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=t.lr,
@@ -226,8 +236,8 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
             print(f"resumed from {path} at step {step}", flush=True)
 
     net = model
-    if t.compile:
-        net = torch.compile(net, dynamic=True)
+    if t.compile:  # the packed trunk only: one graph for every stage mix (cdc.model.compile_trunk)
+        model.compile_trunk()
     if dist.world > 1:
         net = DDP(net, device_ids=[dev.index] if cuda else None)
     field = velocity_net_from_config(net, cfg.flow)
@@ -268,10 +278,15 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    win = {"loss": 0.0, "n": 0, "stage": {}, "flops": 0.0, "images": 0, "gn": 0.0, "steps": 0}
+    K = len(cfg.flow.sides)
+    # window statistics on the device: [loss, grad norm, good steps, stage MSE sums (K), counts (K)]
+    acc = torch.zeros(3 + 2 * K, dtype=torch.float64, device=dev)
+    # [consecutive skips, total skips, skips since the last check], also on the device
+    nf = torch.tensor([0.0, float(nonfinite_total), 0.0], dtype=torch.float64, device=dev)
+    win = {"flops": 0.0, "images": 0}
     t_start = t_win = time.perf_counter()
-    consecutive = 0
     last: dict[str, Any] = {}
+    done = step  # the last step whose logging / checkpointing / sampling has run
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     with _Stop() as stop, bar if bar is not None else contextlib.nullcontext():  # bar ends before errors print
@@ -280,7 +295,8 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
             for g in opt.param_groups:
                 g["lr"] = lr
             step_loss = torch.zeros((), device=dev)
-            stage_acc: dict[int, list[float]] = {}
+            stage_sum = torch.zeros(K, dtype=torch.float64, device=dev)
+            stage_n = [0] * K
             for micro in range(t.grad_accum):
                 batch = next(it).to(dev)
                 sync = micro == t.grad_accum - 1 or dist.world == 1
@@ -289,55 +305,76 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
                     out = loss(field, batch, sched, interp, gen, cfg.flow.loss_weight, null, t.label_dropout)
                 (out.loss / t.grad_accum).backward()
                 step_loss += out.loss.detach() / t.grad_accum
-                for k, (s, n) in out.per_stage.items():
-                    a = stage_acc.setdefault(k, [0.0, 0])
-                    a[0] += s
-                    a[1] += n
+                for k, (s_k, n_k) in out.per_stage.items():
+                    stage_sum[k] += s_k.double()
+                    stage_n[k] += n_k
                 win["flops"] += sum(
                     flops_side[cfg.flow.sides[k]] * len(y) for k, y in zip(batch.stage, batch.y)
                 )
                 win["images"] += batch.size
             clip = t.grad_clip if t.grad_clip > 0 else float("inf")
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            bad = torch.tensor([float(not (torch.isfinite(step_loss) and torch.isfinite(gn)))], device=dev)
-            if D.all_reduce_sum(bad).item() > 0:  # every rank skips together
-                opt.zero_grad(set_to_none=True)
-                consecutive += 1
-                nonfinite_total += 1
-                if consecutive >= t.max_nonfinite:
-                    save(step, "nonfinite")
-                    raise NonFiniteError(
-                        f"{consecutive} consecutive non-finite steps at step {step}; saved the "
-                        f"last good state in {run_dir}/checkpoints (lower train.lr or check data)"
-                    )
-                continue
-            consecutive = 0
+            bad = (~(torch.isfinite(step_loss) & torch.isfinite(gn))).float().reshape(1)
+            keep = D.all_reduce_sum(bad)[0] == 0  # every rank skips together; no host read
+            opt.grad_scale, opt.found_inf = None, (~keep).float()  # AdamW skips when found_inf = 1
             opt.step()
+            del opt.grad_scale, opt.found_inf
             opt.zero_grad(set_to_none=True)
-            step += 1
-            ema_update(ema, _unwrap(model), step, cfg)
-            win["loss"] += float(step_loss)
-            win["gn"] += float(gn)
-            win["steps"] += 1
-            for k, (s, n) in stage_acc.items():
-                a = win["stage"].setdefault(k, [0.0, 0])
-                a[0] += s
-                a[1] += n
+            step += 1  # provisional: the next check takes back the skipped steps
+            ema_update(ema, _unwrap(model), step, cfg, keep)
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
+            acc[0] += torch.where(keep, step_loss.double(), zero)
+            acc[1] += torch.where(keep, gn.double(), zero)
+            acc[2] += keep.double()
+            acc[3 : 3 + K] += torch.where(keep, stage_sum, zero)
+            for k in range(K):
+                if stage_n[k]:
+                    acc[3 + K + k] += keep.double() * stage_n[k]
+            nf[0] = (nf[0] + 1) * (~keep).double()
+            nf[1:] += (~keep).double()
             if bar is not None:
                 bar.update(1)
+            event = (
+                step >= t.steps
+                or step % t.log_every == 0
+                or step % t.check_every == 0
+                or (t.ckpt_every and step % t.ckpt_every == 0)
+                or (t.sample_every and step % t.sample_every == 0)
+                or (dist.world == 1 and stop.flag)  # ranks must agree on when they all-reduce
+            )
+            if not event:
+                continue
+            # the check: one host read of skip counters and (all-reduced) stop flags
             elapsed_min = (time.perf_counter() - t_start) / 60
             over = t.max_minutes > 0 and elapsed_min >= t.max_minutes
             flags = D.all_reduce_sum(torch.tensor([float(stop.flag), float(over)], device=dev))
-            finish = step >= t.steps or flags[1].item() > 0
-            if step % t.log_every == 0 or finish or flags[0].item() > 0:
-                last = _log(run_dir, dist, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
-                win = {"loss": 0.0, "n": 0, "stage": {}, "flops": 0.0, "images": 0, "gn": 0.0, "steps": 0}
-                t_win = time.perf_counter()
-            if t.sample_every and step % t.sample_every == 0 and dist.main:
-                save_grid(ema, cfg, run_dir / "samples" / f"step_{step:07d}.png", dev)
-            if flags[0].item() > 0:
+            consecutive, nonfinite, skipped, signalled, timed_out = torch.cat([nf, flags.double()]).tolist()
+            nf[2] = 0.0
+            step -= int(skipped)
+            nonfinite_total = int(nonfinite)
+            if bar is not None and skipped:
+                bar.n = step
+            if consecutive >= t.max_nonfinite:
+                save(step, "nonfinite")
+                raise NonFiniteError(
+                    f"{int(consecutive)} consecutive non-finite steps at step {step}; saved the "
+                    f"last good state in {run_dir}/checkpoints (lower train.lr or check data)"
+                )
+            finish = step >= t.steps or timed_out > 0
+            if step > done:
+                done = step
+                if step % t.log_every == 0 or finish or signalled > 0:
+                    last = _log(run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
+                    acc.zero_()
+                    win = {"flops": 0.0, "images": 0}
+                    t_win = time.perf_counter()
+                if t.sample_every and step % t.sample_every == 0 and dist.main:
+                    save_grid(ema, cfg, run_dir / "samples" / f"step_{step:07d}.png", dev)
+                if t.ckpt_every and step % t.ckpt_every == 0 and not (finish or signalled > 0):
+                    save(step, "periodic")
+            if signalled > 0:
                 save(step, "signal")
                 if dist.main:
                     print(
@@ -346,8 +383,6 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
                 break
             if finish:
                 break
-            if t.ckpt_every and step % t.ckpt_every == 0:
-                save(step, "periodic")
     if not stop.flag:
         save(step, "end")
         if dist.main and t.sample_every:
@@ -358,14 +393,16 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     return {"run_dir": str(run_dir), "step": step, **last}
 
 
-def _log(run_dir, dist, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total) -> dict[str, Any]:
-    """Reduce the logging window over ranks and append one metrics.jsonl line (rank 0)."""
+def _log(run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total) -> dict[str, Any]:
+    """Reduce the logging window over ranks and append one metrics.jsonl line (rank 0).
+
+    acc: the device-side window [loss, grad norm, good steps, stage sums (K), stage counts (K)];
+    this is the only place it is read on the host.
+    """
     K = len(cfg.flow.sides)
-    vec = [win["loss"], win["gn"], float(win["steps"]), win["flops"], float(win["images"])]
-    for k in range(K):
-        s, n = win["stage"].get(k, [0.0, 0])
-        vec += [s, float(n)]
-    tot = D.all_reduce_sum(torch.tensor(vec, dtype=torch.float64, device=dev)).tolist()
+    host = torch.tensor([win["flops"], float(win["images"])], dtype=torch.float64, device=dev)
+    vec = torch.cat([acc[:3], host, torch.stack([acc[3:3 + K], acc[3 + K:]], 1).flatten()])
+    tot = D.all_reduce_sum(vec).tolist()
     dt = max(time.perf_counter() - t_win, 1e-9)
     steps = max(tot[2] / dist.world, 1.0)
     tflops = tot[3] / dt / 1e12

@@ -84,6 +84,9 @@ def test_loss_zero_for_exact_target_and_weighting():
     out_sum = F.loss(_oracle(batch, sched, c), batch, sched, lin, g, weight="pixel_sum")
     assert out_sum.loss.item() == pytest.approx(expect.item(), rel=1e-4)
     assert sum(n for _, n in out_sum.per_stage.values()) == 64
+    for s, n in out_sum.per_stage.values():  # kept on the device as tensors: no host sync in the step
+        assert isinstance(s, torch.Tensor) and s.dim() == 0 and not s.requires_grad
+        assert s.item() == pytest.approx(c * c * n, rel=1e-4)
 
 
 @pytest.mark.parametrize("name", ["linear", "trig", "sbd"])

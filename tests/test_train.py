@@ -168,6 +168,41 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkeyp
     assert all(torch.isfinite(v).all() for v in st["model"].values())
 
 
+def test_skip_is_decided_on_device_whatever_the_check_interval(shards, tmp_path, monkeypatch):
+    """The host learns of skipped steps only every check_every steps, yet the weights match a run
+    that checks every step, and the stop rule still fires (a few attempts later)."""
+    import cdc.train as T
+
+    real = T.loss
+
+    def run(name, check_every):
+        calls = {"n": 0}
+
+        def flaky(*a, **k):
+            calls["n"] += 1
+            out = real(*a, **k)
+            if calls["n"] in (3, 6) or calls["n"] >= 9:
+                out.loss = out.loss * float("inf")
+            return out
+
+        monkeypatch.setattr(T, "loss", flaky)
+        with pytest.raises(T.NonFiniteError):
+            T.train(
+                from_dict(recipe(shards, steps=50, max_nonfinite=3, log_every=100, check_every=check_every)),
+                tmp_path / name,
+                progress=False,
+            )
+        return final_state(tmp_path / name), calls["n"]
+
+    (a, na), (b, nb) = run("every", 1), run("lazy", 7)
+    assert a["step"] == b["step"] == 6 and a["nonfinite_total"] == 5 and na == 11
+    assert nb >= na and b["nonfinite_total"] == nb - 6  # it noticed later, with the same state
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(float(sa[i]["step"]) == float(sb[i]["step"]) == 6 for i in sa)
+
+
 def test_two_process_torchrun_gloo_stays_in_sync(shards, tmp_path):
     rec = write_recipe(tmp_path, recipe(shards, steps=4, ckpt_every=4))
     run = tmp_path / "ddp"
