@@ -208,8 +208,9 @@ def resize_short_side(img: Image.Image, short: int, multiple: int) -> Image.Imag
     wide = w > h
     exact = (w if wide else h) * scale
     long_ = max(short, multiple * math.floor(exact / multiple + 1e-9))
-    span = long_ / scale  # source pixels along the long axis that the output covers
-    lo = ((w if wide else h) - span) / 2
+    length = w if wide else h
+    span = min(long_ / scale, length)  # source pixels along the long axis that the output covers
+    lo = max(0.0, (length - span) / 2)  # clamped: 288 / (288 / 500) is 500.00000000000006
     size = (long_, short) if wide else (short, long_)
     box = (lo, 0.0, lo + span, float(h)) if wide else (0.0, lo, float(w), lo + span)
     if size == (w, h):

@@ -160,3 +160,13 @@ def _take(loader, n: int) -> list:
         if len(out) == n:
             return out
     raise AssertionError("loader ended")
+
+
+@pytest.mark.parametrize("size", [(500, 500), (447, 447), (333, 500), (500, 375), (289, 1000)])
+def test_resize_short_side_any_size(size):
+    """Every source size gives shorter side `short`, longer side a multiple of 8 (squares included:
+    float rounding of the resampling box must not make it start before the image)."""
+    img = Image.new("RGB", size, (10, 20, 30))
+    out = resize_short_side(img, 288, 8)
+    assert min(out.size) == 288 and max(out.size) % 8 == 0
+    assert max(out.size) <= 288 * max(size) / min(size) + 1e-6
