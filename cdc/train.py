@@ -238,6 +238,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     net = model
     if t.compile:  # the packed trunk only: one graph for every stage mix (cdc.model.compile_trunk)
         model.compile_trunk()
+        model.warm_up_compiled(list(cfg.flow.sides), t.batch_size, dev)  # same kernels after resume
     if dist.world > 1:
         net = DDP(net, device_ids=[dev.index] if cuda else None)
     field = velocity_net_from_config(net, cfg.flow)
