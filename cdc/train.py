@@ -185,7 +185,10 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     if t.compile:
         net = torch.compile(net, dynamic=True)
     if dist.world > 1:
-        net = DDP(net, device_ids=[dev.index] if cuda else None)
+        # stage-specific DiTs: a step's batch may hold no sample of some stage
+        net = DDP(
+            net, device_ids=[dev.index] if cuda else None, find_unused_parameters=cfg.model.stage_models
+        )
     field = velocity_net_from_config(net, cfg.flow)
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16)
