@@ -284,7 +284,8 @@ def plan(
     out = Path(out) if out is not None else Path("runs") / "ablate" / name
     if D.init().main:
         _check_writable(out)
-    return Plan(s, out, base, points, str(recipe or DEFAULT_RECIPE), samples, default_data)
+    shown = str(recipe) if recipe is not None else "cdc/assets/ablate-base.yaml (the default)"
+    return Plan(s, out, base, points, shown, samples, default_data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,6 +161,7 @@ def write(out: Path, sweep: Any, rows: list[dict[str, Any]], plan: Any) -> dict[
         "Metrics: SWD (Laplacian-pyramid sliced Wasserstein x1e3, against the training data); judge acc / FD "
         "(in-domain Fashion-MNIST classifier, `cdc/fmnist_eval.py`) when the data is Fashion-MNIST; FID/IS/"
         "precision/recall when the Inception weights are present. ms / image: sampling wall time.",
+        *([f"Command: `{' '.join(plan.argv)}`"] if plan.argv else []),
         "",
         "![results](results.png)",
     ]

@@ -14,7 +14,10 @@ from cdc.stage_models import StageDiTs
 
 def _cfg(sides=(8, 16, 32), **model):
     return C.from_dict(
-        {"model": {"preset": "tiny", "in_channels": 1, "num_classes": 10, **model}, "flow": {"sides": list(sides)}}
+        {
+            "model": {"preset": "tiny", "in_channels": 1, "num_classes": 10, **model},
+            "flow": {"sides": list(sides)},
+        }
     )
 
 
@@ -69,7 +72,9 @@ def test_a_stage_loss_only_trains_that_stage():
 def test_checkpoint_round_trip_for_sampling(tmp_path):
     cfg = _cfg(stage_models=True)
     m = _random(build_model(cfg))
-    checkpoint.save(tmp_path / "step_0000001.pt", {"config": to_dict(cfg), "model": m.state_dict(), "step": 1})
+    checkpoint.save(
+        tmp_path / "step_0000001.pt", {"config": to_dict(cfg), "model": m.state_dict(), "step": 1}
+    )
     loaded, lcfg, info = checkpoint.load_for_inference(tmp_path, ema=False)
     assert lcfg.model.stage_models and isinstance(loaded, StageDiTs)
     xs, taus, ys = _batch([(2, 32), (1, 8)])
