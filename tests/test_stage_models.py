@@ -50,7 +50,7 @@ def test_each_group_runs_through_its_stage_net_alone():
     xs, taus, ys = _batch(spec)
     with torch.no_grad():
         outs = m(xs, taus, ys)
-        for (b, side), x, t, y, o in zip(spec, xs, taus, ys, outs):
+        for (_b, side), x, t, y, o in zip(spec, xs, taus, ys, outs):
             k = [8, 16, 32].index(side)
             torch.testing.assert_close(o, m.nets[k](x, t, y), rtol=1e-5, atol=1e-5)
             assert o.shape == x.shape
