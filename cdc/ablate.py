@@ -347,7 +347,9 @@ def _train_point(cfg: Config, folder: Path, progress: bool) -> dict[str, Any]:
     if done is not None:
         return done
     t0 = time.perf_counter()
-    T.train(cfg, folder / "run", progress=progress)
+    if T.train(cfg, folder / "run", progress=progress).get("stopped"):
+        # SIGTERM/SIGINT: train saved a checkpoint; stop the sweep instead of scoring a half-trained point
+        raise KeyboardInterrupt
     secs = time.perf_counter() - t0
     summary: dict[str, Any] = {}
     if D.init().main:

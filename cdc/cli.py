@@ -275,7 +275,11 @@ def ablate(
         raise ValueError("give an ablation NAME (e.g. `cdc ablate gamma`) or --list")
     p = A.plan(name, recipe, values, out, train_steps, minutes, samples, steps, cfg, set_)
     p.argv = ["cdc", "ablate", *sys.argv[2:]] if len(sys.argv) > 1 else []
-    rows = A.run_sweep(p)
+    try:
+        rows = A.run_sweep(p)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; re-run the same command to resume", err=True)
+        raise typer.Exit(130) from None
     if rows:
         typer.echo(f"{len(rows)} points; wrote {p.out}/results.csv, results.md, results.png")
 

@@ -314,7 +314,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     if bar is not None:
         bar.close()
     D.barrier()
-    return {"run_dir": str(run_dir), "step": step, **last}
+    return {"run_dir": str(run_dir), "step": step, "stopped": stop.flag, **last}
 
 
 def _log(run_dir, dist, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total) -> dict[str, Any]:
