@@ -473,6 +473,7 @@ def run_sweep(p: Plan, progress: bool = True, judge: str | Path | None = "auto")
                    "sample_sec_per_image": sm.get("sec_per_image"), "samples": p.n_samples, **sc}  # fmt: skip
             _write_json(folder / "result.json", res)
             rows.append(res)
+            ablate_report.write(p.out, p.sweep, rows, p)  # tables so far, in case the sweep is cut short
             _log("    " + ", ".join(f"{k} {v:.4g}" for k, v in sc.items()))
         D.barrier()
     if not main:
