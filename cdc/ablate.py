@@ -435,6 +435,10 @@ def run_sweep(p: Plan, progress: bool = True, judge: str | Path | None = "auto")
     elif judge is not None:
         judge_path = Path(judge)
     ref = _reference(p, inception) if main else None
+    if main and judge_path is not None and is_fashion_mnist(p.base):
+        from cdc.fmnist_eval import load_or_train
+
+        load_or_train(judge_path)  # trained once (about a minute) and cached before the first point
     if main:
         _write_json(p.out / "sweep.json", {"name": p.sweep.name, "keys": list(p.sweep.keys), "paper": p.sweep.paper,
                                            "recipe": p.recipe, "samples": p.n_samples,
