@@ -261,6 +261,54 @@ def score_cmd(
 # --- ablate ---
 
 
+@app.command()
+@friendly
+def ablate(
+    name: str | None = typer.Argument(
+        None,
+        help="gamma, sigma, gamma-sigma, stages, interpolant, fusion, "
+        "unified, loss-weight, pos, cfg, steps (see --list).",
+    ),
+    list_: bool = typer.Option(
+        False, "--list", help="List the sweeps, their keys, default values and paper figure."
+    ),
+    recipe: Path | None = typer.Option(
+        None, "--recipe", help="Base recipe (default: the CPU Fashion-MNIST one)."
+    ),
+    values: str | None = typer.Option(
+        None, "--values", help="Comma list, e.g. 1,2,3 (gamma-sigma: 1,2x0.5,1)."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Sweep folder (default: runs/ablate/NAME)."),
+    train_steps: int | None = typer.Option(None, "--train-steps", help="Optimizer steps per point."),
+    minutes: float | None = typer.Option(None, "--minutes", help="Wall-clock training cap per point."),
+    samples: int = typer.Option(500, "--samples", help="Images sampled and scored per point."),
+    steps: str | None = typer.Option(None, "--steps", help="Sampling steps per stage: 8 or 4,4,8."),
+    cfg: float | None = typer.Option(None, "--cfg", help="CFG scale for sampling."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override the base recipe: section.key=value (repeatable)."
+    ),
+) -> None:
+    """Run one of the paper's ablations: train, sample and score each value; re-run to resume."""
+    from cdc import ablate as A
+
+    if list_:
+        for s in A.list_sweeps():
+            typer.echo(f"{s['name']:<12} {', '.join(s['keys']):<28} [{s['values']}]  {s['paper']}")
+        typer.echo(f"default base recipe: {A.DEFAULT_RECIPE}")
+        return
+    if name is None:
+        raise ValueError("give an ablation NAME (e.g. `cdc ablate gamma`) or --list")
+    p = A.plan(name, recipe, values, out, train_steps, minutes, samples, steps, cfg, set_)
+    p.argv = ["cdc", "ablate", *sys.argv[2:]] if len(sys.argv) > 1 else []
+    try:
+        rows = A.run_sweep(p)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; re-run the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    if rows:
+        typer.echo(f"{len(rows)} points; wrote {p.out}/results.csv, results.md, results.png")
+
+
 def run() -> None:  # pragma: no cover - console entry used by tests via CliRunner instead
     app(prog_name="cdc")
 

@@ -51,6 +51,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout in attention/MLP (Table 7: 0)
     head: str = "linear"  # output head: "linear" (DiT: each token -> its p*p*C pixels) | "conv" (see below)
     head_channels: int = 16  # head=conv: per-pixel feature maps the tokens emit for the two 3x3 convs
+    stage_models: bool = False  # Table 3 ablation: a separate DiT of this size per stage (K x params)
 
 
 @dataclass

@@ -432,8 +432,19 @@ class DiT(nn.Module):
         return self.final(h, c, idx)
 
 
-def build_model(cfg: Config) -> DiT:
-    """The DiT of cfg.model for the hierarchy cfg.flow.sides (final side = sides[-1])."""
+def build_model(cfg: Config) -> nn.Module:
+    """The DiT of cfg.model for the hierarchy cfg.flow.sides (final side = sides[-1]).
+
+    With model.stage_models, K such DiTs, one per stage (cdc.stage_models, Table 3's baseline).
+    """
+    if cfg.model.stage_models:
+        from cdc.stage_models import StageDiTs
+
+        return StageDiTs([_build_dit(cfg) for _ in cfg.flow.sides], list(cfg.flow.sides))
+    return _build_dit(cfg)
+
+
+def _build_dit(cfg: Config) -> DiT:
     m = cfg.model
     return DiT(
         depth=m.depth,

@@ -240,7 +240,10 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
         model.compile_trunk()
         model.warm_up_compiled(list(cfg.flow.sides), t.batch_size, dev)  # same kernels after resume
     if dist.world > 1:
-        net = DDP(net, device_ids=[dev.index] if cuda else None)
+        # stage-specific DiTs: a step's batch may hold no sample of some stage
+        net = DDP(
+            net, device_ids=[dev.index] if cuda else None, find_unused_parameters=cfg.model.stage_models
+        )
     field = velocity_net_from_config(net, cfg.flow)
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -391,7 +394,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     if bar is not None:
         bar.close()
     D.barrier()
-    return {"run_dir": str(run_dir), "step": step, **last}
+    return {"run_dir": str(run_dir), "step": step, "stopped": stop.flag, **last}
 
 
 def _log(run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total) -> dict[str, Any]:

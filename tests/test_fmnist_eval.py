@@ -94,3 +94,10 @@ def test_probe_stages_on_a_zero_velocity_model(tiny, tmp_path):
         bad = from_dict({"model": {"preset": "tiny"}, "flow": {"sides": [16, 32, 64]}})
         checkpoint.save(tmp_path / "b.pt", {"config": to_dict(bad), "model": build_model(bad).state_dict()})
         E.probe_stages(tmp_path / "b.pt", clf=tiny[0], root=ASSETS)
+
+
+def test_judge_trains_on_first_use_even_under_no_grad(tmp_path):
+    # evaluate() runs under no_grad and trains the judge when its cache file is missing
+    with torch.no_grad():
+        _, info = E.load_or_train(tmp_path / "j.pt", ASSETS, epochs=1, limit=128, verbose=False, width=8)
+    assert (tmp_path / "j.pt").is_file() and 0.0 <= info["test_accuracy"] <= 1.0

@@ -1,0 +1,486 @@
+"""`cdc ablate NAME`: the paper's ablations (Figs. 3-6, Tables 3-6) as resumable sweeps.
+
+A sweep moves one knob (two for the gamma-sigma grid) of a base recipe. Every point is a full run
+in its own folder, `OUT/points/<label>/`: the resolved `config.yaml`, the training run `run/`
+(cdc.train), `samples/` (cdc.generate) and `result.json` (scores from cdc.metrics / the
+Fashion-MNIST judge). The `cfg` and `steps` sweeps train the base once (`OUT/base/`) and only
+sample. A point with a `result.json` is reused, and a half-done point resumes (training from its
+checkpoint, sampling from its finished PNGs), so an interrupted sweep continues where it stopped.
+Under torchrun every rank calls `run_sweep` and takes part in each point; rank 0 scores and
+writes. Tables and plots: cdc.ablate_report.
+
+Every point's config is built and validated by `plan` before anything trains, so a bad NAME, a
+value the swept key rejects or an unwritable --out is a one-line error up front.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cdc import checkpoint as ckpt_lib
+from cdc import distributed as D
+from cdc.config import Config, ConfigError, dump, from_dict, to_dict
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent / "assets" / "ablate-base.yaml"
+DEFAULT_SAMPLES = 500
+REF_IMAGES = 10_000  # reference images for FID/PR statistics (SWD uses its own 1024)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    keys: tuple[str, ...]  # config keys the sweep sets (for display; `overrides` does the work)
+    values: str  # default values, in --values syntax ("" = derived from the base recipe)
+    paper: str  # the figure / table it mirrors
+    train: bool = True  # False: sample one trained checkpoint per value (cfg, steps)
+
+
+SWEEPS: dict[str, Sweep] = {
+    s.name: s
+    for s in [
+        Sweep(
+            "gamma",
+            ("flow.gamma",),
+            "1,1.5,2,2.5,3,3.5,4,4.5,5",
+            "Fig. 3: FID and sampling time vs gamma (sigma 1)",
+        ),
+        Sweep("sigma", ("flow.sigma",), "0.25,0.5,1,1.5,2", "Fig. 6: one row of the gamma-sigma grid"),
+        Sweep(
+            "gamma-sigma",
+            ("flow.gamma", "flow.sigma"),
+            "1,2,3,4,5x0.5,1,2",
+            "Fig. 6: FID over the gamma x sigma grid",
+        ),
+        Sweep("stages", ("flow.sides",), "", "Table 6: K=4 path vs the 2-stage path (final/4 -> final)"),
+        Sweep(
+            "interpolant",
+            ("flow.interpolant",),
+            "linear,trig,sbd",
+            "Table 5: linear vs trigonometric vs score-based",
+        ),
+        Sweep(
+            "fusion",
+            ("model.res_fusion",),
+            "xattn,add",
+            "Table 4: resolution embedding by cross-attention vs addition",
+        ),
+        Sweep(
+            "unified",
+            ("model.stage_models",),
+            "unified,stage-specific",
+            "Table 3: one unified DiT vs a DiT per stage",
+        ),
+        Sweep(
+            "loss-weight",
+            ("flow.loss_weight",),
+            "pixel_sum,sample_mean",
+            "eq. 13 pixel sum vs per-sample mean (our choice)",
+        ),
+        Sweep(
+            "pos",
+            ("model.pos", "model.pos_units"),
+            "rope-final,rope-native,sincos-final",
+            "not in the paper: RoPE in final-grid units vs per-stage grid vs sin-cos",
+        ),  # fmt: skip
+        Sweep(
+            "cfg",
+            ("sample.cfg",),
+            "1,1.5,2,3,4,5,6",
+            "Figs. 4/5: FID/IS and precision/recall vs S_cfg",
+            False,
+        ),
+        Sweep(
+            "steps",
+            ("sample.steps",),
+            "1,2,4,8,16",
+            "Table 1 / Fig. 2: quality and time vs steps per stage",
+            False,
+        ),
+    ]
+}
+CHOICES = {  # value -> overrides, for the sweeps whose values are names
+    "unified": {"unified": ["model.stage_models=false"], "stage-specific": ["model.stage_models=true"]},
+    "pos": {
+        f"{p}-{u}": [f"model.pos={p}", f"model.pos_units={u}"]
+        for p in ("rope", "sincos")
+        for u in ("final", "native")
+    },
+}
+
+
+@dataclass
+class Point:
+    label: str  # folder name under OUT/points/
+    value: dict[str, Any]  # swept key -> value, as shown in the table
+    cfg: Config
+
+
+@dataclass
+class Plan:
+    sweep: Sweep
+    out: Path
+    base: Config
+    points: list[Point]
+    recipe: str  # the base recipe's path (or the default's)
+    n_samples: int
+    default_data: bool  # the default recipe's Fashion-MNIST shards may be prepared on first use
+    argv: list[str] = field(default_factory=list)
+
+
+def list_sweeps() -> list[dict[str, Any]]:
+    """One entry per NAME: swept keys, default values (with the default recipe) and the paper's figure."""
+    base = _base(None, [])
+    return [
+        {
+            "name": s.name,
+            "keys": list(s.keys),
+            "values": _default_values(s, base),
+            "paper": s.paper,
+            "trains": s.train,
+        }  # fmt: skip
+        for s in SWEEPS.values()
+    ]
+
+
+def _base(recipe: str | Path | None, overrides: list[str]) -> Config:
+    from cdc import config
+
+    return config.load(recipe if recipe is not None else DEFAULT_RECIPE, overrides)
+
+
+def _default_values(s: Sweep, base: Config) -> str:
+    if s.name != "stages":
+        return s.values
+    S = base.flow.sides[-1]
+    return ",".join("-".join(str(S // d) for d in path) for path in ((8, 4, 2, 1), (4, 1)))
+
+
+def _num(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--values: {what} needs numbers, got {text!r}") from None
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def expand(s: Sweep, values: str | None, base: Config) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """(label, shown values, config overrides) per point, from --values text or the defaults."""
+    text = (values if values is not None else _default_values(s, base)).strip()
+    if not text:
+        raise ConfigError(f"--values: give at least one value for {s.name}")
+    items = [v.strip() for v in text.split(",") if v.strip()] if s.name != "gamma-sigma" else []
+    pts: list[tuple[str, dict[str, Any], list[str]]] = []
+    if s.name == "gamma-sigma":
+        if text.count("x") != 1:
+            raise ConfigError(f"--values: gamma-sigma takes GAMMAS x SIGMAS, e.g. 1,2,3x0.5,1; got {text!r}")
+        gs, ss = ([_num(v, s.name) for v in part.split(",") if v.strip()] for part in text.split("x"))
+        for g in gs:
+            for sg in ss:
+                pts.append((f"g{_fmt(g)}-s{_fmt(sg)}", {"flow.gamma": g, "flow.sigma": sg},
+                            [f"flow.gamma={g}", f"flow.sigma={sg}"]))  # fmt: skip
+    elif s.name in ("gamma", "sigma", "cfg"):
+        key = s.keys[0]
+        for v in items:
+            x = _num(v, s.name)
+            pts.append((f"{s.name}-{_fmt(x)}", {key: x}, [f"{key}={x}"]))
+    elif s.name == "steps":
+        for v in items:
+            if not v.isdigit() or int(v) < 1:
+                raise ConfigError(f"--values: steps takes counts >= 1 per stage, e.g. 1,2,4,8; got {v!r}")
+            pts.append((f"steps-{int(v)}", {"sample.steps": int(v)}, [f"sample.steps={int(v)}"]))
+    elif s.name == "stages":
+        for v in items:
+            try:
+                sides = [int(x) for x in v.split("-")]
+            except ValueError:
+                raise ConfigError(
+                    f"--values: stages takes resolution paths like 4-8-16-32,8-32; got {v!r}"
+                ) from None
+            if sides[-1] != base.flow.sides[-1]:
+                raise ConfigError(
+                    f"--values: path {v} must end at the base recipe's final side {base.flow.sides[-1]}"
+                )
+            # a new path gets equal stage windows and the base's (first) per-stage step count
+            ov = [f"flow.sides={sides}", "flow.bounds=null", f"sample.steps={base.sample.steps[0]}"]
+            pts.append((f"K{len(sides)}-{v}", {"flow.sides": v}, ov))
+    elif s.name in CHOICES:
+        for v in items:
+            if v not in CHOICES[s.name]:
+                raise ConfigError(f"--values: {s.name} takes {', '.join(CHOICES[s.name])}; got {v!r}")
+            pts.append((f"{s.name}-{v}", {s.name: v}, CHOICES[s.name][v]))
+    else:  # a plain string key
+        key = s.keys[0]
+        for v in items:
+            pts.append((f"{s.name}-{v}", {key: v}, [f"{key}={v}"]))
+    labels = [p[0] for p in pts]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--values: repeated value in {text!r}")
+    return pts
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out} is not writable ({e.strerror or e}); pick another folder") from None
+
+
+def plan(
+    name: str,
+    recipe: str | Path | None = None,
+    values: str | None = None,
+    out: str | Path | None = None,
+    train_steps: int | None = None,
+    minutes: float | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    steps: str | None = None,
+    cfg: float | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+) -> Plan:
+    """Resolve and validate every point of sweep `name`; nothing is trained or written but --out."""
+    if name not in SWEEPS:
+        raise ConfigError(
+            f"unknown ablation {name!r}; choose one of {', '.join(SWEEPS)} (see cdc ablate --list)"
+        )
+    s = SWEEPS[name]
+    if samples < 2:
+        raise ConfigError(f"--samples must be >= 2, got {samples}")
+    if train_steps is not None and train_steps < 1:
+        raise ConfigError(f"--train-steps must be >= 1, got {train_steps}")
+    if minutes is not None and minutes <= 0:
+        raise ConfigError(f"--minutes must be > 0, got {minutes}")
+    extra = list(sets)
+    extra += [f"train.steps={train_steps}"] if train_steps is not None else []
+    extra += [f"train.max_minutes={minutes}"] if minutes is not None else []
+    extra += [f"sample.steps=[{steps}]"] if steps is not None else []
+    extra += [f"sample.cfg={cfg}"] if cfg is not None else []
+    base = _base(recipe, extra)
+    raw = to_dict(base)
+    points = []
+    for label, shown, ov in expand(s, values, base):
+        try:
+            points.append(Point(label, shown, from_dict(raw, ov)))
+        except ConfigError as e:
+            raise ConfigError(f"{name} value {', '.join(map(str, shown.values()))}: {e}") from None
+    default_data = recipe is None
+    if not default_data:
+        from cdc.data import resolve_shards
+
+        resolve_shards(base.data.shards)  # missing data is an error now, not after the first point
+    out = Path(out) if out is not None else Path("runs") / "ablate" / name
+    if D.init().main:
+        _check_writable(out)
+    shown = str(recipe) if recipe is not None else "cdc/assets/ablate-base.yaml (the default)"
+    return Plan(s, out, base, points, shown, samples, default_data)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _log(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    ckpt_lib.atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _same_config(folder: Path, cfg: Config, what: str) -> None:
+    """A folder reused on resume must hold a run of exactly this config."""
+    f = folder / "config.yaml"
+    if not f.is_file():
+        return
+    old = to_dict(from_dict(yaml.safe_load(f.read_text())))
+    new = to_dict(cfg)
+    diff = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+    if diff:
+        raise ConfigError(
+            f"{folder} holds a {what} with different settings ({', '.join(diff[:4])}); "
+            "use a new --out or the original options"
+        )
+
+
+def is_fashion_mnist(cfg: Config) -> bool:
+    """Data the in-domain judge understands: 1-channel, 10 classes, 32 px."""
+    return cfg.model.in_channels == 1 and cfg.model.num_classes == 10 and cfg.flow.sides[-1] == 32
+
+
+def _inception_available() -> bool:
+    from cdc.inception import resolve_weights
+
+    try:
+        resolve_weights(None, download=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _train_point(cfg: Config, folder: Path, progress: bool) -> dict[str, Any]:
+    """Train (or resume) folder/run; the summary is cached in folder/train.json by rank 0."""
+    from cdc import train as T
+    from cdc.model import build_model, count_params
+
+    done = D.all_gather_objects(_read_json(folder / "train.json") if D.init().main else None)[0]
+    if done is not None:
+        return done
+    t0 = time.perf_counter()
+    if T.train(cfg, folder / "run", progress=progress).get("stopped"):
+        # SIGTERM/SIGINT: train saved a checkpoint; stop the sweep instead of scoring a half-trained point
+        raise KeyboardInterrupt
+    secs = time.perf_counter() - t0
+    summary: dict[str, Any] = {}
+    if D.init().main:
+        lines = [
+            json.loads(x) for x in (folder / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()
+        ]
+        speed = [x["images_per_s"] for x in lines[1:]] or [x["images_per_s"] for x in lines]
+        summary = {
+            "train_steps": lines[-1]["step"] if lines else 0,
+            "train_images_per_s": sum(speed) / len(speed) if speed else None,
+            "train_seconds": secs,
+            "loss": lines[-1]["loss"] if lines else None,
+            "params": count_params(build_model(cfg)),
+        }
+        _write_json(folder / "train.json", summary)
+    D.barrier()
+    return summary
+
+
+def _sample_point(ckpt_dir: Path, cfg: Config, folder: Path, n: int, progress: bool) -> dict[str, Any]:
+    from cdc.generate import generate
+
+    out = folder / "samples"
+    old = D.all_gather_objects(_read_json(out / "samples.json") if D.init().main else None)[0]
+    if old is not None and old.get("status") == "done" and old.get("n") == n:
+        return old
+    s = cfg.sample
+    summary = generate(
+        str(ckpt_dir), out, n=n, classes="all", steps=s.steps, cfg=s.cfg, solver=s.solver, seed=s.seed,
+        batch=s.batch, interval=s.interval, sde_eps=s.sde_eps, resume=old is not None, progress=progress,
+    )  # fmt: skip
+    return D.all_gather_objects(summary)[0]
+
+
+def _reference(p: Plan, inception: bool) -> Path:
+    """OUT/reference.npz from the base recipe's training data (SWD; FID/PR with Inception weights)."""
+    from cdc.metrics import build_reference
+
+    ref = p.out / "reference.npz"
+    if not ref.is_file():
+        _log(f"==> reference statistics from {p.base.data.shards} -> {ref}")
+        build_reference(p.base.data.shards, ref, side=p.base.flow.sides[-1], n=REF_IMAGES,
+                        metrics="fid,pr,swd" if inception else "swd", progress=False)  # fmt: skip
+    return ref
+
+
+def score_point(samples: Path, ref: Path, cfg: Config, inception: bool, judge: Path | None) -> dict[str, Any]:
+    """Metrics of one point's samples.npz: SWD always; FID/IS/PR with Inception; judge on Fashion-MNIST."""
+    from cdc.metrics import score
+
+    ms = "fid,is,pr,swd" if inception else "swd"
+    m = score(samples, ref, ms, progress=False)["metrics"]
+    res: dict[str, Any] = {"swd": m["swd"]["mean"]}
+    for k in ("fid", "is", "precision", "recall"):
+        if k in m:
+            res[k] = m[k]
+    if judge is not None and is_fashion_mnist(cfg):
+        from cdc.fmnist_eval import evaluate
+
+        ev = evaluate(samples, clf=judge)
+        res.update(judge_accuracy=ev["accuracy"], judge_fd=ev["fd_clf"])
+    return res
+
+
+def run_sweep(p: Plan, progress: bool = True, judge: str | Path | None = "auto") -> list[dict[str, Any]]:
+    """Run (or resume) every point of the plan; returns the result rows (rank 0; others get [])."""
+    from cdc import ablate_report
+
+    dist = D.init()
+    main = dist.main
+    if p.default_data and main and not (Path(p.base.data.shards) / "manifest.json").is_file():
+        from cdc.prepare import prepare
+
+        _log(f"==> preparing the bundled Fashion-MNIST subset (4 levels) -> {p.base.data.shards}")
+        prepare("fashion-mnist", p.base.data.shards, levels=4, progress=False)
+    D.barrier()
+    inception = _inception_available()
+    judge_path: Path | None = None
+    if judge == "auto":
+        from cdc.fmnist_eval import DEFAULT_CLF
+
+        judge_path = DEFAULT_CLF if is_fashion_mnist(p.base) else None
+    elif judge is not None:
+        judge_path = Path(judge)
+    ref = _reference(p, inception) if main else None
+    if main and judge_path is not None and is_fashion_mnist(p.base):
+        from cdc.fmnist_eval import load_or_train
+
+        load_or_train(judge_path)  # trained once (about a minute) and cached before the first point
+    if main:
+        _write_json(p.out / "sweep.json", {"name": p.sweep.name, "keys": list(p.sweep.keys), "paper": p.sweep.paper,
+                                           "recipe": p.recipe, "samples": p.n_samples,
+                                           "points": [pt.label for pt in p.points], "argv": p.argv})  # fmt: skip
+        ckpt_lib.atomic_write_bytes(p.out / "base.yaml", dump(p.base).encode())
+    base_train: dict[str, Any] = {}
+    if not p.sweep.train:  # cfg / steps: one training run, sampled at every value
+        _log(f"==> training the base recipe once -> {p.out / 'base'}")
+        if main:
+            _same_config(p.out / "base", p.base, "base run")
+        base_train = _train_point(p.base, p.out / "base", progress)
+    rows = []
+    for i, pt in enumerate(p.points):
+        folder = p.out / "points" / pt.label
+        res = D.all_gather_objects(_read_json(folder / "result.json") if main else None)[0]
+        if res is not None:
+            _log(f"==> [{i + 1}/{len(p.points)}] {pt.label}: done, reused")
+            rows.append(res)
+            continue
+        if main:
+            _same_config(folder, pt.cfg, "point")
+            folder.mkdir(parents=True, exist_ok=True)
+            ckpt_lib.atomic_write_bytes(folder / "config.yaml", dump(pt.cfg).encode())
+        D.barrier()
+        _log(
+            f"==> [{i + 1}/{len(p.points)}] {pt.label}: "
+            + ("train, " if p.sweep.train else "")
+            + "sample, score"
+        )
+        tr = _train_point(pt.cfg, folder, progress) if p.sweep.train else base_train
+        ckpt_dir = folder / "run" if p.sweep.train else p.out / "base" / "run"
+        sm = _sample_point(ckpt_dir, pt.cfg, folder, p.n_samples, progress)
+        if main:
+            sc = score_point(folder / "samples" / "samples.npz", ref, pt.cfg, inception, judge_path)
+            res = {"point": pt.label, **pt.value, **tr, "nfe": sm.get("nfe"),
+                   "sample_sec_per_image": sm.get("sec_per_image"), "samples": p.n_samples, **sc}  # fmt: skip
+            _write_json(folder / "result.json", res)
+            rows.append(res)
+            ablate_report.write(p.out, p.sweep, rows, p)  # tables so far, in case the sweep is cut short
+            _log("    " + ", ".join(f"{k} {v:.4g}" for k, v in sc.items()))
+        D.barrier()
+    if not main:
+        return []
+    ablate_report.write(p.out, p.sweep, rows, p)
+    return rows

@@ -1,0 +1,224 @@
+"""`cdc ablate`: every sweep's default values build valid configs, one-line errors before training,
+a tiny 2-point sweep end to end, resume after an interruption, and tables equal to the per-point JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import cdc.config as C
+from cdc import ablate as A
+from cdc import ablate_report as R
+from cdc.cli import app
+from cdc.fmnist_eval import load_or_train
+from cdc.prepare import prepare
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Fashion-MNIST recipe (2 stages, 3 steps) and a small judge, shared by the module."""
+    root = tmp_path_factory.mktemp("ablate")
+    prepare("fashion-mnist", root / "shards", limit=128, shard_size=64, levels=3, progress=False)
+    raw = {
+        "model": {"preset": "tiny", "depth": 1, "width": 32, "heads": 2, "in_channels": 1, "num_classes": 10},
+        "flow": {"sides": [16, 32]},
+        "data": {"shards": str(root / "shards"), "workers": 0, "shuffle": 16},
+        "train": {
+            "batch_size": 8,
+            "steps": 3,
+            "log_every": 1,
+            "ckpt_every": 0,
+            "sample_every": 0,
+            "precision": "fp32",
+        },  # fmt: skip
+        "sample": {"steps": 1, "cfg": 2.0, "batch": 8},
+    }
+    (root / "r.yaml").write_text(yaml.safe_dump(raw))
+    load_or_train(root / "judge.pt", limit=256, epochs=1, verbose=False)
+    return root
+
+
+def test_every_sweep_default_values_build_valid_configs(tmp_path):
+    listed = A.list_sweeps()
+    assert [s["name"] for s in listed] == list(A.SWEEPS)
+    for s in listed:
+        p = A.plan(s["name"], out=tmp_path / s["name"])
+        if s["name"] != "gamma-sigma":
+            assert len(p.points) == len(s["values"].split(","))
+        for pt in p.points:
+            C.validate(pt.cfg)
+    base = A.plan("gamma", out=tmp_path / "g").base
+    g = A.plan("gamma", out=tmp_path / "g").points
+    assert [pt.cfg.flow.gamma for pt in g] == [1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5]  # Fig. 3's sweep
+    assert all(pt.cfg.flow.sigma == 1.0 for pt in g)
+    assert len(A.plan("gamma-sigma", out=tmp_path / "gs").points) == 15
+    st = A.plan("stages", out=tmp_path / "s").points
+    assert [pt.cfg.flow.sides for pt in st] == [[4, 8, 16, 32], [8, 32]]
+    assert all(pt.cfg.flow.bounds is None for pt in st)
+    assert [pt.cfg.flow.interpolant for pt in A.plan("interpolant", out=tmp_path / "i").points] == [
+        "linear", "trig", "sbd"]  # fmt: skip
+    assert [pt.cfg.model.res_fusion for pt in A.plan("fusion", out=tmp_path / "f").points] == ["xattn", "add"]
+    assert [pt.cfg.model.stage_models for pt in A.plan("unified", out=tmp_path / "u").points] == [False, True]
+    pos = [(pt.cfg.model.pos, pt.cfg.model.pos_units) for pt in A.plan("pos", out=tmp_path / "p").points]
+    assert pos == [("rope", "final"), ("rope", "native"), ("sincos", "final")]
+    # only the swept key moves away from the base
+    for pt in A.plan("fusion", out=tmp_path / "f").points:
+        assert C.to_dict(pt.cfg)["flow"] == C.to_dict(base)["flow"]
+
+
+def test_stages_scale_to_the_paper_path():
+    k4 = C.load("recipes/k4.yaml")
+    pts = A.expand(A.SWEEPS["stages"], None, k4)
+    assert [v["flow.sides"] for _, v, _ in pts] == ["32-64-128-256", "64-256"]  # Table 6
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["ablate", "gamm"], "unknown ablation 'gamm'"),
+        (["ablate", "gamma", "--values", "1,-2"], "flow.sigma and flow.gamma must be > 0"),
+        (["ablate", "interpolant", "--values", "linear,cubic"], "flow.interpolant: 'cubic' is not one of"),
+        (["ablate", "pos", "--values", "alibi"], "pos takes"),
+        (["ablate", "gamma", "--values", "1,two"], "gamma needs numbers"),
+        (["ablate", "stages", "--values", "8-16"], "must end at the base recipe's final side 32"),
+        (["ablate", "gamma-sigma", "--values", "1,2"], "GAMMAS x SIGMAS"),
+        (["ablate"], "give an ablation NAME"),
+    ],
+)
+def test_bad_input_is_one_line_before_training(tmp_path, args, msg):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert msg in res.output and res.output.count("\n") == 1
+    assert not (out / "points").exists()
+
+
+def test_unwritable_out_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(app, ["ablate", "gamma", "--out", str(blocker / "sub")])
+    assert res.exit_code == 2 and "is not writable" in res.output and res.output.count("\n") == 1
+
+
+def test_list(tmp_path):
+    res = CliRunner().invoke(app, ["ablate", "--list"])
+    assert res.exit_code == 0
+    for name in A.SWEEPS:
+        assert name in res.output
+    assert "Fig. 3" in res.output and "Table 4" in res.output
+
+
+def test_two_point_sweep_end_to_end_and_resume(tiny, tmp_path, monkeypatch):
+    import cdc.train as T
+
+    real, calls = T.train, []
+
+    def train_once(cfg, run_dir, progress=True):  # the "kill": SIGTERM while training the second point
+        calls.append(run_dir.parent.name)
+        out = real(cfg, run_dir, progress)
+        return {**out, "stopped": True} if len(calls) == 2 else out  # train saved and returned early
+
+    monkeypatch.setattr(T, "train", train_once)
+    out = tmp_path / "sweep"
+    p = A.plan("gamma", tiny / "r.yaml", "1,3", out, samples=8)
+    with pytest.raises(KeyboardInterrupt):
+        A.run_sweep(p, progress=False, judge=tiny / "judge.pt")
+    first = out / "points" / "gamma-1" / "result.json"
+    assert first.is_file() and not (out / "points" / "gamma-3" / "result.json").exists()
+    stamp = first.stat().st_mtime_ns
+
+    calls.clear()
+    monkeypatch.setattr(T, "train", lambda *a, **k: (calls.append(a[1].parent.name), real(*a, **k))[1])
+    rows = A.run_sweep(
+        A.plan("gamma", tiny / "r.yaml", "1,3", out, samples=8), progress=False, judge=tiny / "judge.pt"
+    )
+    assert calls == ["gamma-3"] and first.stat().st_mtime_ns == stamp  # only the second point ran
+
+    per_point = [
+        json.loads((out / "points" / lab / "result.json").read_text()) for lab in ("gamma-1", "gamma-3")
+    ]
+    assert rows == per_point
+    for r, g in zip(per_point, (1.0, 3.0)):
+        assert r["flow.gamma"] == g and r["train_steps"] == 3 and r["samples"] == 8
+        for k in (
+            "swd",
+            "judge_accuracy",
+            "judge_fd",
+            "sample_sec_per_image",
+            "train_images_per_s",
+            "params",
+        ):
+            assert isinstance(r[k], (int, float)), k
+        cfg = C.load(out / "points" / r["point"] / "config.yaml")
+        assert cfg.flow.gamma == g  # the resolved config of the point sits next to it
+
+    # CSV: exact values; Markdown: the same values through fmt; PNG: the plotted series
+    with open(out / "results.csv") as f:
+        got = list(csv.DictReader(f))
+    assert [row["point"] for row in got] == ["gamma-1", "gamma-3"]
+    for row, r in zip(got, per_point):
+        for k, v in r.items():
+            assert (float(row[k]) == v) if isinstance(v, (int, float)) else row[k] == str(v), k
+    md = (out / "results.md").read_text().splitlines()
+    cols = R.columns(per_point, ["flow.gamma"])
+    table = [ln for ln in md if ln.startswith("| gamma-")]
+    for ln, r in zip(table, per_point):
+        assert ln == "| " + " | ".join(R.fmt(c, r.get(c)) for c in cols) + " |"
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = R.plot(tmp_path / "again.png", per_point, ["flow.gamma"], "t")
+    assert drawn["swd"] == ([1.0, 3.0], [r["swd"] for r in per_point])
+    assert drawn["judge_accuracy"][1] == [r["judge_accuracy"] for r in per_point]
+    assert json.loads((out / "sweep.json").read_text())["points"] == ["gamma-1", "gamma-3"]
+
+
+def test_resume_refuses_changed_settings(tiny, tmp_path):
+    out = tmp_path / "s"
+    p = A.plan("fusion", tiny / "r.yaml", "add", out, samples=4)
+    A.run_sweep(p, progress=False, judge=None)
+    (out / "points" / "fusion-add" / "result.json").unlink()  # unfinished point, then another base
+    p2 = A.plan("fusion", tiny / "r.yaml", "add", out, samples=4, sets=["train.lr=0.5"])
+    with pytest.raises(C.ConfigError, match="different settings"):
+        A.run_sweep(p2, progress=False, judge=None)
+
+
+def test_sampling_sweep_trains_once_and_grid_heatmap(tiny, tmp_path):
+    out = tmp_path / "cfg"
+    rows = A.run_sweep(A.plan("cfg", tiny / "r.yaml", "1,2", out, samples=4), progress=False, judge=None)
+    assert [r["sample.cfg"] for r in rows] == [1.0, 2.0]
+    assert (out / "base" / "run").is_dir() and not (out / "points" / "cfg-1" / "run").exists()
+    assert rows[0]["params"] == rows[1]["params"] and rows[0]["train_steps"] == 3
+    grid = [{"point": f"g{g}-s{s}", "flow.gamma": g, "flow.sigma": s, "swd": g * 10 + s}
+            for g in (1.0, 2.0) for s in (0.5, 1.0)]  # fmt: skip
+    drawn = R.plot(tmp_path / "grid.png", grid, ["flow.gamma", "flow.sigma"], "t")
+    gx, gy, mat = drawn["swd"]
+    assert gx == [1.0, 2.0] and gy == [0.5, 1.0] and mat == [[10.5, 20.5], [11.0, 21.0]]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_run_each_point_together(tiny, tmp_path):
+    """Both ranks train and sample every point (DDP, split sampling); rank 0 scores and writes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "runs").mkdir()
+    shutil.copy(tiny / "judge.pt", tmp_path / "runs" / "fmnist-classifier.pt")  # the judge's cache path
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cdc",
+           "ablate", "unified", "--recipe", str(tiny / "r.yaml"), "--out", str(tmp_path / "o"),
+           "--samples", "6", "--set", "train.batch_size=4"]  # fmt: skip
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
+    assert [r["unified"] for r in rows] == ["unified", "stage-specific"]
+    assert int(rows[1]["params"]) == 2 * int(rows[0]["params"])  # two stages, one DiT each
+    for lab in ("unified-unified", "unified-stage-specific"):
+        s = json.loads((tmp_path / "o" / "points" / lab / "samples" / "samples.json").read_text())
+        assert s["world_size"] == 2 and s["generated"] == 6
