@@ -51,6 +51,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout in attention/MLP (Table 7: 0)
     head: str = "linear"  # output head: "linear" (DiT: each token -> its p*p*C pixels) | "conv" (see below)
     head_channels: int = 16  # head=conv: per-pixel feature maps the tokens emit for the two 3x3 convs
+    step_cond: bool = False  # few-step mode: condition on the step size d too (zero-init; see `fewstep`)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class TrainConfig:
     max_nonfinite: int = 20  # consecutive non-finite steps before the run stops
     peak_tflops: float = 800.0  # accelerator peak (dense bf16 TFLOP/s) for MFU; H100 measured ~800
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+    init: str = ""  # checkpoint file or run dir whose EMA weights start a fresh run (fine-tune); "" = random
 
 
 @dataclass
@@ -120,12 +122,22 @@ class SampleConfig:
 
 
 @dataclass
+class FewStepConfig:
+    # the shortcut objective (cdc.shortcut), used when model.step_cond is true; docs/few-step.md
+    fraction: float = 0.25  # share of each stage group trained for self-consistency (rest: d = 0)
+    levels: int = 3  # step sizes d = 2^-j, j = 0..levels, as fractions of a stage (1 ... 1/8)
+    teacher: str = "none"  # d = 0 targets: "none" data (x1 - x0) | "init" the frozen train.init EMA
+    cfg: float = 1.0  # teacher=init: CFG scale baked into the teacher's targets (1 = unguided)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    fewstep: FewStepConfig = field(default_factory=FewStepConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +290,15 @@ def validate(cfg: Config) -> None:
             f"train.global_batch ({t.global_batch}) must be 0 (off) or a multiple of "
             f"train.batch_size ({t.batch_size})"
         )
+    fs = cfg.fewstep
+    if fs.teacher not in ("none", "init"):
+        raise ConfigError(f"fewstep.teacher: {fs.teacher!r} is not one of ['none', 'init']")
+    if fs.teacher == "init" and not t.init:
+        raise ConfigError("fewstep.teacher=init needs train.init (a checkpoint, e.g. --init runs/quickstart)")
+    if not 0.0 <= fs.fraction <= 1.0 or not 0 <= fs.levels <= 10:
+        raise ConfigError(f"fewstep.fraction must be in [0, 1] and fewstep.levels in 0..10, got {fs.fraction}, {fs.levels}")
+    if m.step_cond and f.predict != "velocity":
+        raise ConfigError("model.step_cond needs flow.predict=velocity (the shortcut is an average velocity)")
     if not 0.0 <= t.label_dropout < 1.0:
         raise ConfigError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
 
