@@ -293,8 +293,6 @@ def validate(cfg: Config) -> None:
     fs = cfg.fewstep
     if fs.teacher not in ("none", "init"):
         raise ConfigError(f"fewstep.teacher: {fs.teacher!r} is not one of ['none', 'init']")
-    if fs.teacher == "init" and not t.init:
-        raise ConfigError("fewstep.teacher=init needs train.init (a checkpoint, e.g. --init runs/quickstart)")
     if not 0.0 <= fs.fraction <= 1.0 or not 0 <= fs.levels <= 10:
         raise ConfigError(f"fewstep.fraction must be in [0, 1] and fewstep.levels in 0..10, got {fs.fraction}, {fs.levels}")
     if m.step_cond and f.predict != "velocity":

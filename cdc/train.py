@@ -91,6 +91,8 @@ def _resolve_init(cfg: Config, run_dir: Path) -> None:
     A run dir given as init would otherwise resolve to whatever checkpoint is newest at resume.
     """
     if not cfg.train.init:
+        if cfg.model.step_cond and cfg.fewstep.teacher == "init":
+            raise ConfigError("fewstep.teacher=init needs a checkpoint to fine-tune: --init RUN_DIR|FILE (train.init)")
         return
     from cdc.fileio import read_yaml
 

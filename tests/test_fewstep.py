@@ -237,8 +237,8 @@ def test_init_refuses_a_different_network(teacher_run, tmp_path):
 
     with pytest.raises(ConfigError, match="model.width"):
         train(from_dict(raw), tmp_path / "bad", progress=False)
-    with pytest.raises(ConfigError, match="train.init"):
-        from_dict(recipe(shards, fewstep={"teacher": "init"}))
+    with pytest.raises(ConfigError, match="--init"):
+        train(from_dict(few_recipe(shards)), tmp_path / "no-init", progress=False)
 
 
 def test_one_step_sampling_is_deterministic_per_image(teacher_run, tmp_path):
