@@ -159,7 +159,8 @@ def load_or_train(
         x, y = x[:limit], y[:limit]
     if verbose:
         print(f"training the Fashion-MNIST judge on {len(x)} images ({epochs} epochs)...", file=sys.stderr)
-    model = train_classifier(x, y, epochs=epochs, seed=seed, width=width)
+    with torch.enable_grad():  # evaluate() runs under no_grad; the first call trains the judge here
+        model = train_classifier(x, y, epochs=epochs, seed=seed, width=width)
     xt, yt = load_split("test", root)
     logits = _batched(model, xt)
     feats = _batched(model.features, xt).numpy()
