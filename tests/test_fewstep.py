@@ -239,6 +239,12 @@ def test_init_refuses_a_different_network(teacher_run, tmp_path):
         train(from_dict(raw), tmp_path / "bad", progress=False)
     with pytest.raises(ConfigError, match="--init"):
         train(from_dict(few_recipe(shards)), tmp_path / "no-init", progress=False)
+    import yaml
+
+    rec = tmp_path / "few.yaml"
+    rec.write_text(yaml.safe_dump(few_recipe(shards)))
+    res = CliRunner().invoke(app, ["train", str(rec), "--run-dir", str(tmp_path / "r"), "--init", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "checkpoint not found" in res.output and len(res.output.strip().splitlines()) == 1
 
 
 def test_one_step_sampling_is_deterministic_per_image(teacher_run, tmp_path):
