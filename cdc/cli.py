@@ -125,12 +125,17 @@ def train(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the resolved config and parameter count, then exit."
     ),
+    init: str = typer.Option(
+        None, "--init", help="Start from this checkpoint's EMA weights (file or run dir), fresh optimizer: a fine-tune."
+    ),
 ) -> None:
     """Train CDC-FM (single process, or `torchrun --nproc_per_node N -m cdc train RECIPE`); re-run to resume."""
+    import json
+
     from cdc import config
     from cdc import train as T
 
-    cfg = config.load(recipe, set_)
+    cfg = config.load(recipe, [*set_, *([f"train.init={json.dumps(init)}"] if init else [])])
     if dry_run:
         info = T.describe(cfg)
         typer.echo(info["config"].rstrip())

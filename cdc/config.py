@@ -52,6 +52,7 @@ class ModelConfig:
     head: str = "linear"  # output head: "linear" (DiT: each token -> its p*p*C pixels) | "conv" (see below)
     head_channels: int = 16  # head=conv: per-pixel feature maps the tokens emit for the two 3x3 convs
     stage_models: bool = False  # Table 3 ablation: a separate DiT of this size per stage (K x params)
+    step_cond: bool = False  # few-step mode: condition on the step size d too (zero-init; see `fewstep`)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class TrainConfig:
     check_every: int = 10  # steps between host reads of stop signals / skipped steps (each waits for the GPU)
     peak_tflops: float = 800.0  # accelerator peak (dense bf16 TFLOP/s) for MFU; H100 measured ~800
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+    init: str = ""  # checkpoint file or run dir whose EMA weights start a fresh run (fine-tune); "" = random
 
 
 @dataclass
@@ -122,12 +124,22 @@ class SampleConfig:
 
 
 @dataclass
+class FewStepConfig:
+    # the shortcut objective (cdc.shortcut), used when model.step_cond is true; docs/few-step.md
+    fraction: float = 0.25  # share of each stage group trained for self-consistency (rest: d = 0)
+    levels: int = 3  # step sizes d = 2^-j, j = 0..levels, as fractions of a stage (1 ... 1/8)
+    teacher: str = "none"  # d = 0 targets: "none" data (x1 - x0) | "init" the frozen train.init EMA
+    cfg: float = 1.0  # teacher=init: CFG scale baked into the teacher's targets (1 = unguided)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    fewstep: FewStepConfig = field(default_factory=FewStepConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +294,13 @@ def validate(cfg: Config) -> None:
             f"train.global_batch ({t.global_batch}) must be 0 (off) or a multiple of "
             f"train.batch_size ({t.batch_size})"
         )
+    fs = cfg.fewstep
+    if fs.teacher not in ("none", "init"):
+        raise ConfigError(f"fewstep.teacher: {fs.teacher!r} is not one of ['none', 'init']")
+    if not 0.0 <= fs.fraction <= 1.0 or not 0 <= fs.levels <= 10:
+        raise ConfigError(f"fewstep.fraction must be in [0, 1] and fewstep.levels in 0..10, got {fs.fraction}, {fs.levels}")
+    if m.step_cond and f.predict != "velocity":
+        raise ConfigError("model.step_cond needs flow.predict=velocity (the shortcut is an average velocity)")
     if not 0.0 <= t.label_dropout < 1.0:
         raise ConfigError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
 

@@ -39,6 +39,7 @@ from cdc.figures import grid, stage_figure, stages_figure, to_uint8
 from cdc.fileio import read_json
 from cdc.flow import Schedule, velocity_net_from_config
 from cdc.sampler import image_seed, sample
+from cdc.shortcut import shortcut_mode
 
 __all__ = [
     "generate",
@@ -240,9 +241,9 @@ def _sync(device: torch.device) -> None:
 def velocity_fn(model: torch.nn.Module, bf16: bool):
     """The sampler's net: the model under bf16 autocast (CUDA) returning fp32 velocities."""
 
-    def net(xs, taus, ys):
+    def net(xs, taus, ys, *ds):  # ds: the step sizes of a few-step (shortcut) model, if any
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            vs = model(xs, taus, ys)
+            vs = model(xs, taus, ys, *ds)
         return [v.float() for v in vs]
 
     return net
@@ -335,6 +336,9 @@ def generate(
         }
         if settings["solver"] not in ("euler", "heun", "sde"):
             raise ValueError(f"--solver: {settings['solver']!r} is not one of euler, heun, sde")
+        few = shortcut_mode(mcfg.model.step_cond, mcfg.fewstep.levels, settings["steps"])
+        if few:
+            settings["solver"] = "shortcut"  # Euler steps of size 1/steps, the net told the size
         batch = int(batch or sc.batch)
         if batch < 1:
             raise ValueError(f"--batch must be >= 1, got {batch}")
@@ -371,11 +375,12 @@ def generate(
             steps=settings["steps"],
             cfg=settings["cfg"],
             null_class=mcfg.model.num_classes,
-            solver=settings["solver"],
+            solver="euler" if few else settings["solver"],
             interval=tuple(settings["interval"]),
             sde_eps=settings["sde_eps"],
             interpolant=mcfg.flow.interpolant,
             return_stages=stages,
+            step_cond=few,
         )
         net = velocity_net_from_config(velocity_fn(model, use_bf16), mcfg.flow)
         timer = StageTimer(sched.K, dev)

@@ -8,6 +8,9 @@ Velocity-net contract (cdc.flow / cdc.sampler call the net as a plain callable):
     net(x, tau, y) with x (B, C, r, r), tau (B,) in [0, 1], y (B,) long in [0, num_classes]
         -> (B, C, r, r); index num_classes is the null class for CFG.
     net(xs, taus, ys) with lists (one entry per group, each group one side) -> list of outputs.
+    With step_cond (few-step shortcut models, cdc.shortcut) an optional 4th argument d gives each
+    sample's step size as a fraction of its stage (same layout as tau); d = 0 or None is the
+    ordinary velocity ("flow mode"). Without step_cond the argument must be None.
 The list form packs every group's tokens into ONE sequence (T, D): linear layers, LayerNorm and the
 MLP run once over all tokens, AdaLN modulation is broadcast per sample, and attention is
 block-diagonal (cdc.attention), so the result equals running each sample alone.
@@ -227,6 +230,7 @@ class DiT(nn.Module):
         dropout: float = 0.0,
         head: str = "linear",
         head_channels: int = 16,
+        step_cond: bool = False,
     ):
         super().__init__()
         if width % heads or (pos == "rope" and (width // heads) % 4) or (pos == "sincos" and width % 4):
@@ -250,6 +254,9 @@ class DiT(nn.Module):
         self.t_embed = SinusoidMLP(width)  # Gamma(tau * timesteps), eq. 39
         self.r_embed = SinusoidMLP(width)  # E(r_k), r_k = side / patch, eq. 40
         self.fuse = ResolutionFusion(width, self.head_dim, res_fusion)
+        # few-step mode: step size d embedded like tau and added to Gamma; its output layer starts
+        # at zero so a fine-tune from an ordinary checkpoint begins as exactly that model
+        self.d_embed = SinusoidMLP(width) if step_cond else None
         self.y_embed = nn.Embedding(num_classes + 1, width)  # index num_classes = null class
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio, attn_bias, qk_norm, dropout) for _ in range(depth)
@@ -273,6 +280,10 @@ class DiT(nn.Module):
         for emb in (self.t_embed, self.r_embed):
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        if self.d_embed is not None:
+            nn.init.normal_(self.d_embed.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.d_embed.mlp[2].weight)
+            nn.init.zeros_(self.d_embed.mlp[2].bias)
         for blk in self.blocks:
             nn.init.zeros_(blk.adaLN[-1].weight)
             nn.init.zeros_(blk.adaLN[-1].bias)
@@ -308,9 +319,13 @@ class DiT(nn.Module):
         return torch.cat([t.repeat(n, 1) for t, n in zip(tabs, ns, strict=True)])  # (T, width)
 
     # -- forward -------------------------------------------------------------------------------
-    def condition(self, tau: Tensor, y: Tensor, grids: list[int], ns: list[int]) -> Tensor:
-        """Per-sample conditioning c (B, width) = fuse(Gamma(tau T), E(r_k)) + class embedding."""
+    def condition(
+        self, tau: Tensor, y: Tensor, grids: list[int], ns: list[int], d: Tensor | None = None
+    ) -> Tensor:
+        """Per-sample conditioning c (B, width) = fuse(Gamma(tau T) [+ Gamma_d(d T)], E(r_k)) + class."""
         gamma = self.t_embed(tau * self.timesteps)  # (B, D)
+        if self.d_embed is not None:
+            gamma = gamma + self.d_embed((torch.zeros_like(tau) if d is None else d) * self.timesteps)
         r = torch.tensor(grids, dtype=torch.float32).to(tau.device, non_blocking=True)  # (G,)
         e_g = self.r_embed(r)  # (G, D): one resolution embedding per group
         e = torch.cat([e_g[i : i + 1].expand(n, -1) for i, n in enumerate(ns)])  # (B, D)
@@ -329,9 +344,11 @@ class DiT(nn.Module):
             if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
                 raise ValueError(f"DiT: tau {tuple(t.shape)} and y {tuple(y.shape)} must be ({x.shape[0]},)")
 
-    def forward(self, x, tau, y):
+    def forward(self, x, tau, y, d=None):
         if isinstance(x, Tensor):
-            return self.forward([x], [tau], [y])[0]
+            return self.forward([x], [tau], [y], None if d is None else [d])[0]
+        if d is not None and self.d_embed is None:
+            raise ValueError("DiT: a step size d needs a model built with model.step_cond=true")
         xs, ys = list(x), list(y)
         if not (len(xs) == len(tau) == len(ys)) or not xs:
             raise ValueError(f"DiT: need equal non-empty lists, got {len(xs)} x, {len(tau)} tau, {len(ys)} y")
@@ -342,12 +359,18 @@ class DiT(nn.Module):
         grids = [xi.shape[-1] // p for xi in xs]
         groups = [(n, g * g) for n, g in zip(ns, grids, strict=True)]
         seqlens = [L for n, L in groups for _ in range(n)]
+        ds = None
+        if d is not None:
+            ds = [di.expand(xi.shape[0]) if di.dim() == 0 else di for di, xi in zip(d, xs, strict=True)]
+            if len(ds) != len(xs) or any(di.shape != xi.shape[:1] for di, xi in zip(ds, xs, strict=True)):
+                raise ValueError("DiT: d must hold one (B,) step size per group, like tau")
+            ds = torch.cat(ds).float()  # (B,)
         if self._trunk_compiled is not None:
-            return self._forward_compiled(xs, taus, ys, ns, grids, groups, seqlens)
+            return self._forward_compiled(xs, taus, ys, ds, ns, grids, groups, seqlens)
 
         tok = torch.cat([patchify(xi, p) for xi in xs]) if len(xs) > 1 else patchify(xs[0], p)  # (T, p*p*C)
         h = self.x_embed(tok)  # (T, D)
-        c = self.condition(torch.cat(taus).float(), torch.cat(ys).long(), grids, ns)  # (B, D)
+        c = self.condition(torch.cat(taus).float(), torch.cat(ys).long(), grids, ns, ds)  # (B, D)
         pos = self._packed_pos(grids, ns, h.device)
         rope = None
         if self.pos == "rope":
@@ -404,7 +427,7 @@ class DiT(nn.Module):
         for p in self.parameters():
             p.grad = None
 
-    def _forward_compiled(self, xs, taus, ys, ns, grids, groups, seqlens) -> list[Tensor]:
+    def _forward_compiled(self, xs, taus, ys, ds, ns, grids, groups, seqlens) -> list[Tensor]:
         p, dev = self.patch, xs[0].device
         tok = torch.cat([patchify(xi, p) for xi in xs]) if len(xs) > 1 else patchify(xs[0], p)  # (T, p*p*C)
         r = torch.cat([torch.full((n,), float(g), device=dev) for n, g in zip(ns, grids, strict=True)])  # (B,)
@@ -414,14 +437,17 @@ class DiT(nn.Module):
         rope = pos if self.pos == "rope" else None
         sincos = None if self.pos == "rope" else pos
         out = self._trunk_compiled(
-            tok, torch.cat(taus).float(), torch.cat(ys).long(), r, idx, rope, sincos, lens
+            tok, torch.cat(taus).float(), torch.cat(ys).long(), r, idx, rope, sincos, lens, ds
         )
         return self._unpack(out, xs, groups)
 
-    def _trunk(self, tok, tau, y, r, idx, rope, sincos, seqlens) -> Tensor:
-        """tokens (T, p*p*C) -> head output (T, p*p*F); per-sample tau, y, r (B,); idx (T,)."""
+    def _trunk(self, tok, tau, y, r, idx, rope, sincos, seqlens, d=None) -> Tensor:
+        """tokens (T, p*p*C) -> head output (T, p*p*F); per-sample tau, y, r, d (B,); idx (T,)."""
         h = self.x_embed(tok)  # (T, D)
-        c = self.fuse(self.t_embed(tau * self.timesteps), self.r_embed(r)) + self.y_embed(y)  # (B, D)
+        gamma = self.t_embed(tau * self.timesteps)  # (B, D)
+        if self.d_embed is not None:  # same as condition(): d = None is the flow-mode step 0
+            gamma = gamma + self.d_embed((torch.zeros_like(tau) if d is None else d) * self.timesteps)
+        c = self.fuse(gamma, self.r_embed(r)) + self.y_embed(y)  # (B, D)
         if sincos is not None:
             h = h + sincos.to(h.dtype)
         for blk in self.blocks:
@@ -464,6 +490,7 @@ def _build_dit(cfg: Config) -> DiT:
         dropout=m.dropout,
         head=m.head,
         head_channels=m.head_channels,
+        step_cond=m.step_cond,
     )
 
 
@@ -489,7 +516,7 @@ def forward_flops(cfg: Config, side: int) -> float:
     if m.head == "conv":
         total += 2 * side * side * 9 * ((F + C) * F + F * C)  # the two 3x3 convs
     total += 2 * D * 2 * D  # final AdaLN
-    total += 2 * 2 * (FREQ_DIM * D + D * D)  # timestep + resolution MLPs
+    total += 2 * (2 + m.step_cond) * (FREQ_DIM * D + D * D)  # timestep, resolution (+ step) MLPs
     if m.res_fusion == "xattn":
         total += 2 * 4 * D * (D // m.heads)
     return float(total)

@@ -7,6 +7,10 @@ X_0 = U(x1^(k-1)) + sigma_k zeta (eq. 17/79). CFG uses one scale for every stage
 cost: Euler takes `steps` steps; Heun takes ceil(steps/2) intervals, the last one Euler when
 `steps` is odd; the SDE sampler takes `steps` Euler-Maruyama steps.
 
+Few-step (shortcut) models, `step_cond=True`: each of the `steps` Euler steps of size d = 1/steps
+also gives d to the net (net(xs, taus, ys, ds), cdc.shortcut), whose output is then the average
+velocity over the step; CFG, if asked for, combines the two average velocities the same way.
+
 Every image draws its noise from its own generator seeded by (seed, image index), in a fixed
 order (stage 1 source, then per stage: zeta, then SDE increments), so image i is the same at any
 batch size or number of GPUs.
@@ -57,20 +61,22 @@ def _guided(net: VelocityNet, y: Tensor, null_class: int, scale: float, interval
     """Velocity field with CFG (eq. 77) applied for tau in [lo, hi), plain conditional outside."""
     nfe = [0]
 
-    def v(x: Tensor, tau: float) -> Tensor:
+    def v(x: Tensor, tau: float, d: float | None = None) -> Tensor:
         B = x.shape[0]
         tt = torch.full((B,), tau, device=x.device, dtype=torch.float32)
+        extra = () if d is None else ([torch.full((B,), d, device=x.device, dtype=torch.float32)],)
+        extra2 = () if d is None else ([torch.full((2 * B,), d, device=x.device, dtype=torch.float32)],)
         lo, hi = interval
         use_cfg = lo <= tau < hi or (tau == hi == 1.0)
         if not use_cfg or scale == 1.0:
             nfe[0] += 1
-            return net([x], [tt], [y])[0]
+            return net([x], [tt], [y], *extra)[0]
         y_null = torch.full_like(y, null_class)
         if scale == 0.0:
             nfe[0] += 1
-            return net([x], [tt], [y_null])[0]
+            return net([x], [tt], [y_null], *extra)[0]
         nfe[0] += 2
-        both = net([torch.cat([x, x])], [torch.cat([tt, tt])], [torch.cat([y, y_null])])[0]  # (2B, C, r, r)
+        both = net([torch.cat([x, x])], [torch.cat([tt, tt])], [torch.cat([y, y_null])], *extra2)[0]  # (2B, C, r, r)
         v_c, v_u = both[:B], both[B:]
         return v_u + scale * (v_c - v_u)
 
@@ -84,8 +90,14 @@ def _heun_plan(steps: int) -> list[bool]:
 
 
 def _integrate(
-    v, x: Tensor, steps: int, solver: str, m: Tensor, sigma_k: float, noise: ImageNoise, sde_eps: float
+    v, x: Tensor, steps: int, solver: str, m: Tensor, sigma_k: float, noise: ImageNoise, sde_eps: float,
+    step_cond: bool = False,
 ):
+    if step_cond:  # shortcut: Euler steps whose size the net is told
+        dt = 1.0 / steps
+        for i in range(steps):
+            x = x + dt * v(x, i * dt, dt)
+        return x
     if solver == "heun":
         plan = _heun_plan(steps)
         n = len(plan)
@@ -131,6 +143,7 @@ def sample(
     return_stages: bool = False,
     on_stage: Callable[[int, Tensor], None] | None = None,
     start: tuple[int, Tensor] | None = None,
+    step_cond: bool = False,
 ) -> SampleOut:
     """Generate one image per label in `y` (B,), image i from `seeds[i]`; see the module doc.
 
@@ -148,6 +161,8 @@ def sample(
         raise ValueError(f"steps: give one count >= 1 or one per stage ({sched.K}), got {list(steps_k)}")
     if solver not in ("euler", "heun", "sde"):
         raise ValueError(f"unknown solver {solver!r}; use euler, heun or sde")
+    if step_cond and solver != "euler":
+        raise ValueError(f"few-step (step_cond) sampling takes Euler steps of the trained sizes, not {solver!r}")
     if solver == "sde" and interpolant != "linear":
         raise ValueError(
             "the SDE sampler derives the score for the linear interpolant only; use euler or heun"
@@ -181,7 +196,7 @@ def sample(
         else:
             m = up_to(x, side)
             x0 = inference_prior(x, k, sched, noise(shape))
-        x = _integrate(v, x0, steps_k[k], solver, m, sched.sigma_k(k), noise, sde_eps)
+        x = _integrate(v, x0, steps_k[k], solver, m, sched.sigma_k(k), noise, sde_eps, step_cond)
         if on_stage is not None:
             on_stage(k, x)
         if return_stages:

@@ -43,9 +43,9 @@ class StageDiTs(nn.Module):
         for n in self.nets:
             n.set_attn_backend(backend)
 
-    def forward(self, x, tau, y):
+    def forward(self, x, tau, y, d=None):
         if isinstance(x, Tensor):
-            return self.forward([x], [tau], [y])[0]
+            return self.forward([x], [tau], [y], None if d is None else [d])[0]
         xs, taus, ys = list(x), list(tau), list(y)
         if not (len(xs) == len(taus) == len(ys)) or not xs:
             raise ValueError(
@@ -59,7 +59,8 @@ class StageDiTs(nn.Module):
             by_stage.setdefault(self.sides.index(side), []).append(i)
         out: list[Tensor | None] = [None] * len(xs)
         for k, idx in by_stage.items():  # one packed forward per stage's DiT
-            res = self.nets[k]([xs[i] for i in idx], [taus[i] for i in idx], [ys[i] for i in idx])
+            dk = None if d is None else [d[i] for i in idx]  # few-step step sizes (model.step_cond)
+            res = self.nets[k]([xs[i] for i in idx], [taus[i] for i in idx], [ys[i] for i in idx], dk)
             for i, r in zip(idx, res, strict=True):
                 out[i] = r
         return out

@@ -1,0 +1,187 @@
+"""Few-step CDC: the shortcut self-consistency objective (Frans et al. 2024) per stage.
+
+Pure tensor code like cdc.flow: the student is a callable `net(xs, taus, ys, ds) -> vs` over lists
+of per-stage groups (cdc.model.DiT with step_cond), where ds[g] (B_g,) is each sample's step size
+d as a fraction of its stage; d = 0 is the ordinary velocity ("flow mode"). For d > 0 the output
+s(x, tau, d) is the average velocity over [tau, tau + d], so one Euler step x + d s lands where
+the flow would. Why shortcut and not mean flow, and how CFG is treated: docs/design-notes.md.
+
+Per stage group, a `fraction` of the samples learns self-consistency and the rest learns d = 0:
+  d = 0       target dI/dtau (flow matching, eq. 13), or the frozen teacher's (guided) velocity;
+  d = 2^-j    target = mean of two steps of d/2 taken by the student itself (no gradient):
+              v1 = s(x, tau, d/2), v2 = s(x + d/2 v1, tau + d/2, d/2), target (v1 + v2) / 2,
+              j = 0..levels; at the smallest d the two half steps use the d = 0 field (student in
+              flow mode, or the teacher), which anchors the chain of step sizes to the flow.
+tau for a step of size d is drawn in [0, 1 - d] so the step stays inside its stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from cdc.flow import Batch, Interpolant, LossOut, Schedule, VelocityNet, source
+
+# net(xs, taus, ys, ds) -> vs, lists per group; ds None = flow mode
+StepNet = Callable[..., list[Tensor]]
+
+
+def step_sizes(levels: int) -> list[float]:
+    """The trained step sizes d = 1, 1/2, ..., 2^-levels (fractions of a stage)."""
+    return [2.0**-j for j in range(levels + 1)]
+
+
+def shortcut_mode(step_cond: bool, levels: int, steps: list[int]) -> bool:
+    """Whether per-stage step counts `steps` sample a few-step model in shortcut mode: the model
+    has step_cond and every count is a trained number of steps (1, 2, 4, ..., 2^levels). Other
+    counts, and ordinary models, integrate the d = 0 velocity with the configured solver."""
+    return step_cond and all(1 <= n <= 2**levels and n & (n - 1) == 0 for n in steps)
+
+
+def guided_field(net: VelocityNet, null_class: int, scale: float) -> VelocityNet:
+    """net's CFG velocity v_u + scale (v_c - v_u) (eq. 77) as a list-form VelocityNet.
+
+    Samples whose label is already the null class get v_u. Both halves run as one packed call.
+    """
+    if scale == 1.0:
+        return net
+
+    def field(xs: list[Tensor], taus: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+        both = net(
+            [torch.cat([x, x]) for x in xs],
+            [torch.cat([t, t]) for t in taus],
+            [torch.cat([y, torch.full_like(y, null_class)]) for y in ys],
+        )
+        out = []
+        for x, v in zip(xs, both, strict=True):
+            v_c, v_u = v[: len(x)], v[len(x) :]
+            out.append(v_u + scale * (v_c - v_u))
+        return out
+
+    return field
+
+
+def _eval_subset(fn, xs, taus, ys, ds, idx: list[Tensor], out: list[Tensor]) -> None:
+    """out[g][idx[g]] = fn on the selected rows of every group (groups with no rows are skipped)."""
+    keep = [g for g, i in enumerate(idx) if i.numel()]
+    if not keep:
+        return
+    args = [[xs[g][idx[g]] for g in keep], [taus[g][idx[g]] for g in keep], [ys[g][idx[g]] for g in keep]]
+    if ds is not None:
+        args.append([ds[g][idx[g]] for g in keep])
+    for g, v in zip(keep, fn(*args), strict=True):
+        out[g][idx[g]] = v.to(out[g].dtype)
+
+
+@torch.no_grad()
+def _half_velocity(net: StepNet, anchor: VelocityNet | None, xs, taus, ys, halves, base) -> list[Tensor]:
+    """Velocity for a half step: the student at d/2, or the d = 0 field where `base` (smallest d)."""
+    if anchor is None:  # self-distillation: the student's own flow mode is the d = 0 field
+        ds = [torch.where(b, torch.zeros_like(h), h) for h, b in zip(halves, base, strict=True)]
+        return [v.float() for v in net(xs, taus, ys, ds)]
+    out = [torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in xs]
+    _eval_subset(net, xs, taus, ys, halves, [(~b).nonzero().flatten() for b in base], out)
+    _eval_subset(anchor, xs, taus, ys, None, [b.nonzero().flatten() for b in base], out)
+    return out
+
+
+def shortcut_targets(
+    net: StepNet,
+    anchor: VelocityNet | None,
+    xs: list[Tensor],
+    taus: list[Tensor],
+    ys: list[Tensor],
+    d: list[Tensor],
+    d_min: float,
+) -> list[Tensor]:
+    """Self-consistency targets (v1 + v2) / 2 for steps of size d (B_g,) from (x, tau), per group."""
+    halves = [di / 2 for di in d]
+    base = [di <= d_min * (1 + 1e-6) for di in d]  # (B_g,) bool: the smallest step size
+    v1 = _half_velocity(net, anchor, xs, taus, ys, halves, base)
+    shape = [(-1,) + (1,) * (x.dim() - 1) for x in xs]
+    x_mid = [x.float() + h.view(s) * v for x, h, s, v in zip(xs, halves, shape, v1, strict=True)]
+    t_mid = [t + h for t, h in zip(taus, halves, strict=True)]
+    v2 = _half_velocity(net, anchor, x_mid, t_mid, ys, halves, base)
+    return [(a + b) / 2 for a, b in zip(v1, v2, strict=True)]
+
+
+def shortcut_loss(
+    net: StepNet,
+    batch: Batch,
+    sched: Schedule,
+    interp: Interpolant,
+    generator: torch.Generator | None = None,
+    weight: str = "pixel_sum",
+    null_class: int | None = None,
+    label_dropout: float = 0.0,
+    fraction: float = 0.25,
+    levels: int = 3,
+    anchor: VelocityNet | None = None,
+) -> LossOut:
+    """Flow matching at d = 0 plus shortcut self-consistency, per stage group; see the module doc.
+
+    anchor: the d = 0 field used as target (flow part, and the smallest step's half steps): None =
+    data (x1 - x0 regression, the student's own flow mode for half steps), or a frozen teacher,
+    e.g. guided_field(teacher, null, cfg) to distil CFG in. Weighting as cdc.flow.loss.
+    """
+    d_min = 2.0**-levels
+    x_fm, t_fm, y_fm, tgt_fm = [], [], [], []  # flow part, per group
+    x_sc, t_sc, y_sc, d_sc = [], [], [], []  # self-consistency part, per group
+    for k, x1, t, y in zip(batch.stage, batch.x1, batch.t, batch.y):
+        noise = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+        x0 = source(x1, k, sched, noise)
+        tau = sched.tau_of(t, k)
+        if label_dropout > 0:
+            if null_class is None:
+                raise ValueError("label_dropout needs null_class")
+            drop = torch.rand(y.shape, generator=generator, device=y.device) < label_dropout
+            y = torch.where(drop, torch.full_like(y, null_class), y)
+        n_sc = int(fraction * len(y) + 0.5)
+        # drawn only when used, so fraction 0 consumes the generator exactly like cdc.flow.loss
+        j = torch.randint(0, levels + 1, (n_sc,), generator=generator, device=y.device) if n_sc else y[:0]
+        d = 0.5 ** j.to(tau.dtype)  # (n_sc,) step sizes 2^-j
+        tau_sc = tau[:n_sc] * (1 - d)  # the step [tau, tau + d] stays inside the stage
+        x_sc.append(interp.path(x0[:n_sc], x1[:n_sc], tau_sc)[0])
+        t_sc.append(tau_sc)
+        y_sc.append(y[:n_sc])
+        d_sc.append(d)
+        xt, dx = interp.path(x0[n_sc:], x1[n_sc:], tau[n_sc:])
+        x_fm.append(xt)
+        t_fm.append(tau[n_sc:])
+        y_fm.append(y[n_sc:])
+        tgt_fm.append(dx)
+    if anchor is not None:  # distil the teacher's d = 0 field instead of the noisy x1 - x0
+        idx = [torch.arange(len(y), device=y.device) for y in y_fm]
+        tgt_fm = [torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in x_fm]
+        with torch.no_grad():
+            _eval_subset(anchor, x_fm, t_fm, y_fm, None, idx, tgt_fm)
+    sc_groups = [g for g, y in enumerate(y_sc) if len(y)]
+    tgt_sc = [torch.empty(0)] * len(y_sc)
+    if sc_groups:
+        sel = shortcut_targets(
+            net, anchor, [x_sc[g] for g in sc_groups], [t_sc[g] for g in sc_groups],
+            [y_sc[g] for g in sc_groups], [d_sc[g] for g in sc_groups], d_min,
+        )
+        for g, v in zip(sc_groups, sel, strict=True):
+            tgt_sc[g] = v
+    # one packed forward with gradient over both parts; each group stays one side
+    xs = [torch.cat([a, b]) for a, b in zip(x_sc, x_fm, strict=True)]
+    taus = [torch.cat([a, b]) for a, b in zip(t_sc, t_fm, strict=True)]
+    ys = [torch.cat([a, b]) for a, b in zip(y_sc, y_fm, strict=True)]
+    ds = [torch.cat([a, torch.zeros_like(b)]) for a, b in zip(d_sc, t_fm, strict=True)]
+    targets = [
+        torch.cat([a.float(), b.float()]) if len(a) else b.float()
+        for a, b in zip(tgt_sc, tgt_fm, strict=True)
+    ]
+    vs = net(xs, taus, ys, ds)
+    d_K = batch.x1[0].shape[1] * sched.sides[-1] ** 2
+    total = torch.zeros((), device=batch.x1[0].device)
+    per_stage: dict[int, tuple[Tensor, int]] = {}
+    for k, v, tgt in zip(batch.stage, vs, targets, strict=True):
+        se = (v.float() - tgt).pow(2).flatten(1)  # (B_g, d_k)
+        mse = se.mean(1)  # (B_g,)
+        per_stage[k] = (mse.detach().sum(), len(mse))  # stays on the device (no host sync)
+        total = total + (se.sum(1) / d_K if weight == "pixel_sum" else mse).sum()
+    return LossOut(total / batch.size, per_stage)

@@ -1,0 +1,284 @@
+"""Few-step (shortcut) CDC: step-size conditioning, the self-consistency target, fine-tune, sampling."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cdc import checkpoint as C
+from cdc.cli import app
+from cdc.config import ConfigError, from_dict
+from cdc.flow import Interpolant, Schedule, group_batch, loss
+from cdc.generate import generate
+from cdc.model import DiT
+from cdc.prepare import prepare
+from cdc.sampler import sample
+from cdc.shortcut import guided_field, shortcut_loss, shortcut_mode, shortcut_targets
+
+
+def tiny(step_cond: bool, seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    return DiT(depth=2, width=32, heads=2, patch=4, in_channels=1, num_classes=3, final_side=16,
+               timesteps=1000, step_cond=step_cond)
+
+
+def inputs(B: int = 5, side: int = 8):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, 1, side, side, generator=g), torch.rand(B, generator=g), torch.randint(0, 4, (B,), generator=g)
+
+
+# --- step-size conditioning -------------------------------------------------------------------
+
+
+def test_step_cond_starts_as_the_ordinary_model_at_every_step_size():
+    plain, few = tiny(False), tiny(True, seed=1)
+    assert not any(k.startswith("d_embed") for k in plain.state_dict())  # ordinary checkpoints unchanged
+    missing, unexpected = few.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("d_embed.") for k in missing)
+    with torch.no_grad():  # the plain model gets non-trivial conditioning paths
+        for p in plain.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    few.load_state_dict({**few.state_dict(), **plain.state_dict()})
+    x, tau, y = inputs()
+    ref = plain(x, tau, y)
+    assert ref.abs().max() > 0
+    assert torch.equal(few(x, tau, y), ref)  # same interface: no step size = flow mode
+    for d in (0.0, 0.125, 1.0):  # zero-init embedding: every step size is the ordinary velocity
+        assert torch.equal(few(x, tau, y, torch.full((5,), d)), ref)
+    with pytest.raises(ValueError, match="step_cond"):
+        plain(x, tau, y, torch.zeros(5))
+
+
+def test_step_size_changes_the_output_once_trained():
+    few = tiny(True)
+    with torch.no_grad():
+        few.d_embed.mlp[2].weight.normal_(0, 0.5)
+        for blk in few.blocks:
+            blk.adaLN[-1].weight.normal_(0, 0.05)
+        few.final.linear.weight.normal_(0, 0.05)
+    x, tau, y = inputs()
+    a, b = few(x, tau, y, torch.zeros(5)), few(x, tau, y, torch.ones(5))
+    assert torch.equal(a, few(x, tau, y))  # d = 0 is still the flow mode
+    assert not torch.allclose(a, b)
+    # packed groups with per-group step sizes equal separate calls
+    x2, t2, y2 = inputs(3, side=16)
+    outs = few([x, x2], [tau, t2], [y, y2], [torch.ones(5), torch.full((3,), 0.5)])
+    assert torch.allclose(outs[1], few(x2, t2, y2, torch.full((3,), 0.5)), atol=1e-5)
+
+
+def test_compiled_trunk_sees_the_step_size_too():
+    """train.compile runs the packed trunk through torch.compile: d must reach it as in eager."""
+    few = tiny(True)
+    with torch.no_grad():
+        few.d_embed.mlp[2].weight.normal_(0, 0.5)
+        for blk in few.blocks:
+            blk.adaLN[-1].weight.normal_(0, 0.05)
+        few.final.linear.weight.normal_(0, 0.05)
+    x, tau, y = inputs()
+    x2, t2, y2 = inputs(3, side=16)
+    args = ([x, x2], [tau, t2], [y, y2], [torch.ones(5), torch.full((3,), 0.5)])
+    eager, eager_flow = few(*args), few(*args[:3])
+    few.compile_trunk(backend="aot_eager")  # dynamo + autograd tracing, no C++ build
+    for a, b in zip(few(*args), eager, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(few(*args[:3]), eager_flow, strict=True):  # d = None: flow mode
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(eager[0], eager_flow[0])
+
+
+# --- the self-consistency target on an analytic flow ------------------------------------------
+
+
+LAM = 1.3  # dx/dtau = -LAM x: the exact average velocity over [tau, tau + d] is (e^{-LAM d} - 1)/d x
+
+
+def oracle(xs, taus, ys, ds=None):
+    """A perfect shortcut model of the linear field: instantaneous at d = 0, exact average for d > 0."""
+    out = []
+    for i, x in enumerate(xs):
+        d = torch.zeros(len(x)) if ds is None else ds[i]
+        safe = torch.where(d > 0, d, torch.ones_like(d))
+        avg = torch.where(d > 0, (torch.exp(-LAM * safe) - 1) / safe, torch.full_like(d, -LAM))
+        out.append(avg.view(-1, 1, 1, 1) * x)
+    return out
+
+
+def test_two_half_steps_of_a_perfect_model_give_the_exact_transport():
+    x = torch.randn(4, 1, 8, 8)
+    tau = torch.tensor([0.0, 0.2, 0.5, 0.7])
+    d = torch.tensor([1.0, 0.5, 0.25, 0.25])
+    (tgt,) = shortcut_targets(oracle, None, [x], [tau], [torch.zeros(4, dtype=torch.long)], [d], d_min=0.125)
+    exact = ((torch.exp(-LAM * d) - 1) / d).view(-1, 1, 1, 1) * x  # (x(tau + d) - x(tau)) / d
+    assert torch.allclose(tgt, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_smallest_step_composes_two_euler_steps_of_the_flow():
+    x = torch.randn(3, 1, 8, 8)
+    d = torch.full((3,), 0.125)
+    y = torch.zeros(3, dtype=torch.long)
+    h = 0.0625
+    want = (-LAM * (1 - LAM * h / 2)) * x  # (v(x) + v(x + h v(x))) / 2 for v = -LAM x
+    (self_t,) = shortcut_targets(oracle, None, [x], [torch.zeros(3)], [y], [d], d_min=0.125)
+    assert torch.allclose(self_t, want, rtol=1e-5, atol=1e-6)
+    # with a teacher the smallest step uses the teacher; larger steps still use the student
+    teacher = lambda xs, ts, ys: [-2 * LAM * x for x in xs]  # noqa: E731
+    d2 = torch.tensor([0.125, 0.5, 0.125])
+    (t_t,) = shortcut_targets(oracle, teacher, [x], [torch.zeros(3)], [y], [d2], d_min=0.125)
+    assert torch.allclose(t_t[[0, 2]], (-2 * LAM * (1 - 2 * LAM * h / 2)) * x[[0, 2]], rtol=1e-5)
+    assert torch.allclose(t_t[1], (math.exp(-LAM * 0.5) - 1) / 0.5 * x[1], rtol=1e-5)
+
+
+def test_guided_field_is_eq77():
+    net = lambda xs, ts, ys: [x * (1 + y.view(-1, 1, 1, 1).float()) for x, y in zip(xs, ys)]  # noqa: E731
+    x = torch.randn(2, 1, 4, 4)
+    (v,) = guided_field(net, null_class=0, scale=3.0)([x], [torch.zeros(2)], [torch.tensor([1, 2])])
+    v_u, v_c = x, x * torch.tensor([2.0, 3.0]).view(-1, 1, 1, 1)
+    assert torch.allclose(v, v_u + 3 * (v_c - v_u))
+
+
+def test_fraction_zero_is_exactly_the_flow_matching_loss():
+    sched, interp = Schedule.make([8, 16], sigma=1.0, gamma=2.0), Interpolant("linear")
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 1, 16, 16, generator=g) * 2 - 1
+    batch = group_batch(x, torch.rand(6, generator=g), torch.randint(0, 3, (6,), generator=g), sched)
+    net = tiny(True)
+    a = shortcut_loss(net, batch, sched, interp, torch.Generator().manual_seed(0), null_class=3,
+                      label_dropout=0.2, fraction=0.0)
+    b = loss(net, batch, sched, interp, torch.Generator().manual_seed(0), null_class=3, label_dropout=0.2)
+    assert torch.equal(a.loss, b.loss)
+    c = shortcut_loss(net, batch, sched, interp, torch.Generator().manual_seed(0), fraction=0.5, levels=2)
+    c.loss.backward()
+    assert torch.isfinite(c.loss) and net.final.linear.weight.grad.abs().sum() > 0
+    assert sum(n for _, n in c.per_stage.values()) == 6
+
+
+def test_shortcut_mode_picks_trained_step_counts():
+    assert shortcut_mode(True, 3, [1]) and shortcut_mode(True, 3, [1, 2, 8])
+    assert not shortcut_mode(True, 3, [16]) and not shortcut_mode(True, 3, [3])
+    assert not shortcut_mode(False, 3, [1])
+
+
+def test_sampler_tells_the_net_its_step_size():
+    seen = []
+
+    def net(xs, taus, ys, ds=None):
+        seen.append((float(taus[0][0]), None if ds is None else float(ds[0][0])))
+        return [torch.zeros_like(x) for x in xs]
+
+    sched = Schedule.make([8, 16])
+    y = torch.zeros(2, dtype=torch.long)
+    out = sample(net, sched, y, [0, 1], 1, steps=[1, 2], step_cond=True)
+    assert seen == [(0.0, 1.0), (0.0, 0.5), (0.5, 0.5)] and out.nfe == 3
+    seen.clear()
+    sample(net, sched, y, [0, 1], 1, steps=2)
+    assert all(d is None for _, d in seen)  # ordinary sampling calls the 3-argument interface
+    with pytest.raises(ValueError, match="Euler"):
+        sample(net, sched, y, [0, 1], 1, steps=2, solver="heun", step_cond=True)
+
+
+# --- fine-tune from a checkpoint and sample in one step --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    from cdc.train import train
+
+    root = tmp_path_factory.mktemp("few")
+    shards = root / "shards"
+    prepare("fashion-mnist", shards, limit=128, shard_size=64, progress=False)
+    raw = recipe(shards)
+    train(from_dict(raw), root / "teacher", progress=False)
+    return root, shards
+
+
+def recipe(shards, **extra):
+    raw = {
+        "model": {"preset": "tiny", "in_channels": 1, "num_classes": 10, "patch": 4},
+        "flow": {"sides": [8, 16, 32]},
+        "data": {"shards": str(shards), "workers": 0, "shuffle": 64},
+        "train": dict(batch_size=8, steps=4, lr=1e-3, log_every=1, ckpt_every=2, keep_last=10,
+                      sample_every=0, precision="fp32", ema_decay=0.99),
+        "sample": {"steps": 2, "cfg": 2.0, "batch": 16},
+    }
+    for sec, vals in extra.items():
+        raw[sec] = {**raw.get(sec, {}), **vals}
+    return raw
+
+
+def few_recipe(shards, **train):
+    return recipe(
+        shards,
+        model={"step_cond": True},
+        fewstep={"teacher": "init", "cfg": 2.0, "fraction": 0.5, "levels": 2},
+        train={"steps": 6, "ckpt_every": 3, **train},
+        sample={"steps": 1, "cfg": 1.0, "solver": "euler"},
+    )
+
+
+def test_fewstep_finetune_starts_from_the_teacher_and_resumes_exactly(teacher_run, tmp_path):
+    import yaml
+
+    from cdc.train import train
+
+    root, shards = teacher_run
+    rec = tmp_path / "few.yaml"
+    rec.write_text(yaml.safe_dump(few_recipe(shards)))
+    run = tmp_path / "few"
+    res = CliRunner().invoke(app, ["train", str(rec), "--run-dir", str(run), "--init", str(root / "teacher")])
+    assert res.exit_code == 0, res.output
+    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert cfg.train.init.endswith(C.ckpt_name(4))  # pinned to the teacher's file, not its run dir
+    first = C.load(run / "checkpoints" / C.ckpt_name(3))
+    assert first["step"] == 3 and "d_embed.mlp.2.weight" in first["model"]
+    # resume from step 3 reproduces the uninterrupted run bit for bit
+    other = tmp_path / "again"
+    shutil.copytree(run, other)
+    for name in (C.ckpt_name(6), C.ckpt_name(6) + ".sha256"):
+        (other / "checkpoints" / name).unlink(missing_ok=True)
+    train(cfg, other, progress=False)
+    a, b = C.load_latest(run / "checkpoints")[0], C.load_latest(other / "checkpoints")[0]
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+
+
+def test_init_refuses_a_different_network(teacher_run, tmp_path):
+    root, shards = teacher_run
+    raw = few_recipe(shards)
+    raw["model"]["width"] = 32
+    raw["model"]["heads"] = 2
+    raw["train"]["init"] = str(root / "teacher")
+    from cdc.train import train
+
+    with pytest.raises(ConfigError, match="model.width"):
+        train(from_dict(raw), tmp_path / "bad", progress=False)
+    with pytest.raises(ConfigError, match="--init"):
+        train(from_dict(few_recipe(shards)), tmp_path / "no-init", progress=False)
+    import yaml
+
+    rec = tmp_path / "few.yaml"
+    rec.write_text(yaml.safe_dump(few_recipe(shards)))
+    res = CliRunner().invoke(app, ["train", str(rec), "--run-dir", str(tmp_path / "r"), "--init", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "checkpoint not found" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_one_step_sampling_is_deterministic_per_image(teacher_run, tmp_path):
+    from cdc.train import train
+
+    root, shards = teacher_run
+    raw = few_recipe(shards, steps=2, ckpt_every=0)
+    raw["train"]["init"] = str(root / "teacher")
+    train(from_dict(raw), tmp_path / "few", progress=False)
+    a = generate(tmp_path / "few", tmp_path / "a", n=5, steps="1", batch=5, progress=False, device="cpu")
+    b = generate(tmp_path / "few", tmp_path / "b", n=5, steps="1", batch=2, progress=False, device="cpu")
+    assert a["solver"] == b["solver"] == "shortcut" and a["nfe"] == 3  # 1 forward per stage, CFG distilled
+    xa, xb = np.load(tmp_path / "a" / "samples.npz")["arr_0"], np.load(tmp_path / "b" / "samples.npz")["arr_0"]
+    assert np.array_equal(xa, xb)
+    c = generate(tmp_path / "few", tmp_path / "c", n=5, steps="16", batch=5, progress=False, device="cpu")
+    assert c["solver"] == "euler" and c["nfe"] == 48  # untrained step count: the d = 0 flow
+    assert json.loads((tmp_path / "a" / "samples.json").read_text())["steps"] == [1, 1, 1]
