@@ -319,13 +319,18 @@ class DiT(nn.Module):
         return torch.cat([t.repeat(n, 1) for t, n in zip(tabs, ns, strict=True)])  # (T, width)
 
     # -- forward -------------------------------------------------------------------------------
+    def _gamma(self, tau: Tensor, d: Tensor | None) -> Tensor:
+        """Time embedding Gamma(tau T) (B, D); with step_cond plus Gamma_d(d T), d = None meaning 0."""
+        gamma = self.t_embed(tau * self.timesteps)
+        if self.d_embed is not None:
+            gamma = gamma + self.d_embed((torch.zeros_like(tau) if d is None else d) * self.timesteps)
+        return gamma
+
     def condition(
         self, tau: Tensor, y: Tensor, grids: list[int], ns: list[int], d: Tensor | None = None
     ) -> Tensor:
         """Per-sample conditioning c (B, width) = fuse(Gamma(tau T) [+ Gamma_d(d T)], E(r_k)) + class."""
-        gamma = self.t_embed(tau * self.timesteps)  # (B, D)
-        if self.d_embed is not None:
-            gamma = gamma + self.d_embed((torch.zeros_like(tau) if d is None else d) * self.timesteps)
+        gamma = self._gamma(tau, d)  # (B, D)
         r = torch.tensor(grids, dtype=torch.float32).to(tau.device, non_blocking=True)  # (G,)
         e_g = self.r_embed(r)  # (G, D): one resolution embedding per group
         e = torch.cat([e_g[i : i + 1].expand(n, -1) for i, n in enumerate(ns)])  # (B, D)
@@ -378,11 +383,7 @@ class DiT(nn.Module):
         else:
             h = h + pos.to(h.dtype)
 
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(blk, h, c, rope, groups, seqlens, use_reentrant=False)
-            else:
-                h = blk(h, c, rope, groups, seqlens)
+        h = self._blocks(h, c, rope, groups, seqlens)
         out = self.final(h, c, groups)  # (T, p*p*F), F = C (linear head) or head_channels
         return self._unpack(out, xs, groups)
 
@@ -444,18 +445,19 @@ class DiT(nn.Module):
     def _trunk(self, tok, tau, y, r, idx, rope, sincos, seqlens, d=None) -> Tensor:
         """tokens (T, p*p*C) -> head output (T, p*p*F); per-sample tau, y, r, d (B,); idx (T,)."""
         h = self.x_embed(tok)  # (T, D)
-        gamma = self.t_embed(tau * self.timesteps)  # (B, D)
-        if self.d_embed is not None:  # same as condition(): d = None is the flow-mode step 0
-            gamma = gamma + self.d_embed((torch.zeros_like(tau) if d is None else d) * self.timesteps)
-        c = self.fuse(gamma, self.r_embed(r)) + self.y_embed(y)  # (B, D)
+        c = self.fuse(self._gamma(tau, d), self.r_embed(r)) + self.y_embed(y)  # (B, D)
         if sincos is not None:
             h = h + sincos.to(h.dtype)
+        return self.final(self._blocks(h, c, rope, idx, seqlens), c, idx)
+
+    def _blocks(self, h: Tensor, c: Tensor, rope, layout, seqlens) -> Tensor:
+        """The transformer blocks over packed tokens h (T, D); layout = groups or a token index."""
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(blk, h, c, rope, idx, seqlens, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(blk, h, c, rope, layout, seqlens, use_reentrant=False)
             else:
-                h = blk(h, c, rope, idx, seqlens)
-        return self.final(h, c, idx)
+                h = blk(h, c, rope, layout, seqlens)
+        return h
 
 
 def build_model(cfg: Config) -> nn.Module:

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -37,3 +38,21 @@ def fmnist32(shared_dir) -> torch.Tensor:
     x = torch.from_numpy(raw.copy()).float().div(127.5).sub(1.0)
     x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)  # pad with black (0 -> -1)
     return x.unsqueeze(1)
+
+
+def smooth_image_tree(
+    root: Path, per_class: int, sizes: list[tuple[int, int]], low_hw: tuple[int, int], classes: int = 3
+) -> Path:
+    """A class-folder tree k0/, k1/, ... of smooth RGB PNGs (random low-res noise, bicubic-upsized).
+
+    Image i of each class has size sizes[i % len(sizes)] (width, height); seeded, so every call
+    with the same arguments writes the same pixels.
+    """
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"k{c}").mkdir(parents=True)
+        for i in range(per_class):
+            w, h = sizes[i % len(sizes)]
+            low = rng.integers(0, 256, (*low_hw, 3), dtype=np.uint8)
+            Image.fromarray(low).resize((w, h), Image.BICUBIC).save(root / f"k{c}" / f"{i}.png")
+    return root

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import smooth_image_tree
 from PIL import Image
 
 from cdc.config import from_dict
@@ -20,13 +21,7 @@ from cdc.pyramid import down_to
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """48 RGB images in 3 classes as 6 centre-square shards: side 32, top 40 (expand 1.25), levels 40/20/10."""
-    root = tmp_path_factory.mktemp("src")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"k{c}").mkdir()
-        for i in range(16):
-            low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-            Image.fromarray(low).resize((64, 48), Image.BICUBIC).save(root / f"k{c}" / f"{i}.png")
+    root = smooth_image_tree(tmp_path_factory.mktemp("src"), 16, [(64, 48)], (6, 8))
     out = tmp_path_factory.mktemp("shards")
     m = prepare(root, out, side=32, expand=1.25, levels=3, shard_size=8, progress=False, crop="center")
     assert m["top"] == 40 and m["levels"] == [40, 20, 10] and len(m["shards"]) == 6

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import smooth_image_tree
 from PIL import Image
 
 from cdc.config import from_dict
@@ -23,14 +24,7 @@ SIZES = [(64, 48), (48, 80), (40, 40), (100, 36), (37, 53)]  # (width, height) o
 @pytest.fixture(scope="module")
 def full_shards(tmp_path_factory) -> Path:
     """30 images of 5 shapes in 3 classes, side 32, expand 1.25 (top 40), levels 40/20/10, crop full."""
-    root = tmp_path_factory.mktemp("src")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"k{c}").mkdir()
-        for i in range(10):
-            w, h = SIZES[i % len(SIZES)]
-            low = rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)
-            Image.fromarray(low).resize((w, h), Image.BICUBIC).save(root / f"k{c}" / f"{i}.png")
+    root = smooth_image_tree(tmp_path_factory.mktemp("src"), 10, SIZES, (7, 9))
     out = tmp_path_factory.mktemp("shards")
     m = prepare(root, out, side=32, expand=1.25, levels=3, shard_size=10, progress=False)
     assert m["crop"] == "full" and m["top"] == 40 and m["levels"] == [40, 20, 10]
