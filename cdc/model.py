@@ -62,6 +62,33 @@ def _per_sample(v: Tensor, groups: Groups) -> list[Tensor]:
     return [x[:, None] for x in parts]
 
 
+class _Gather(torch.autograd.Function):
+    """v[idx] (rows of v, one per index) whose backward sums the rows' gradients by a matmul.
+
+    Inductor lowers the scatter-add in a plain gather's backward to atomic adds from several
+    threads, whose order, and so the float result, changes from run to run under load; that broke
+    bit-exact resume of compiled training. A one-hot matmul reduces in a fixed order and costs
+    2 T B D FLOPs, well under 1% of a block.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, idx: Tensor) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.rows = v.shape[0]
+        return v[idx]  # (T, D)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (idx,) = ctx.saved_tensors
+        onehot = (idx[:, None] == torch.arange(ctx.rows, device=idx.device)).to(g.dtype)  # (T, B)
+        return onehot.t() @ g, None  # (B, D)
+
+
+def gather_rows(v: Tensor, idx: Tensor) -> Tensor:
+    """v[idx] with a deterministic backward (see _Gather); used by the compiled trunk."""
+    return _Gather.apply(v, idx)
+
+
 def modulate(h: Tensor, shift: Tensor, scale: Tensor, groups: Layout) -> Tensor:
     """AdaLN: h * (1 + scale) + shift with per-sample (B, D) vectors on packed tokens (T, D).
 
@@ -70,7 +97,7 @@ def modulate(h: Tensor, shift: Tensor, scale: Tensor, groups: Layout) -> Tensor:
     into the elementwise kernel, so the graph does not depend on the group sizes.
     """
     if isinstance(groups, Tensor):
-        return h * (1 + scale[groups]) + shift[groups]
+        return h * (1 + gather_rows(scale, groups)) + gather_rows(shift, groups)
     out = [
         x * (1 + sc) + sh
         for x, sc, sh in zip(
@@ -83,7 +110,7 @@ def modulate(h: Tensor, shift: Tensor, scale: Tensor, groups: Layout) -> Tensor:
 def gated_residual(h: Tensor, f: Tensor, gate: Tensor, groups: Layout) -> Tensor:
     """h + gate * f with a per-sample gate (B, D) on packed tokens (T, D)."""
     if isinstance(groups, Tensor):
-        return h + gate[groups] * f
+        return h + gather_rows(gate, groups) * f
     out = [
         x + g * y
         for x, y, g in zip(_split(h, groups), _split(f, groups), _per_sample(gate, groups), strict=True)
@@ -445,7 +472,8 @@ class DiT(nn.Module):
     def _trunk(self, tok, tau, y, r, idx, rope, sincos, seqlens, d=None) -> Tensor:
         """tokens (T, p*p*C) -> head output (T, p*p*F); per-sample tau, y, r, d (B,); idx (T,)."""
         h = self.x_embed(tok)  # (T, D)
-        c = self.fuse(self._gamma(tau, d), self.r_embed(r)) + self.y_embed(y)  # (B, D)
+        y_emb = gather_rows(self.y_embed.weight, y)  # = y_embed(y); its backward is no scatter either
+        c = self.fuse(self._gamma(tau, d), self.r_embed(r)) + y_emb  # (B, D)
         if sincos is not None:
             h = h + sincos.to(h.dtype)
         return self.final(self._blocks(h, c, rope, idx, seqlens), c, idx)
