@@ -147,7 +147,7 @@ def _normalize() -> list[float]:
 
     stream = _Stream.__new__(_Stream)
     stream.plan = P
-    out = stream._collate([("k", 0, 0.5, 0, buf.getvalue(), 0, 0, False)])
+    out = stream._collate([("k", 0, 0.5, 0, (buf.getvalue(), 1), 0, 0, False)])  # (body, box 1)
     x = out[1][0][0]  # (C, 16, 16)
     want = (torch.from_numpy(a).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
     assert torch.allclose(x, want, atol=1e-6)
