@@ -138,7 +138,12 @@ def attention(
 # temporaries to ~2^26 elements.
 
 
-@torch.library.custom_op("cdc::packed_attention", mutates_args=())
+# Explicit schemas: torch < 2.5 cannot infer them from this module's string annotations.
+@torch.library.custom_op(
+    "cdc::packed_attention",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor seqlens, str backend) -> Tensor",
+)
 def packed_attention(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, backend: str) -> Tensor:
     """attention(q, k, v, seqlens=...) with q, k, v (T, H, D) and seqlens a CPU int64 (B,) tensor."""
     return attention(q, k, v, seqlens=seqlens.tolist(), backend=backend).contiguous()
@@ -174,7 +179,8 @@ def _attention_grad(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor,
             out = _flash_grad(q, k, v, g)
             _FLASH_BACKWARD_OK[key] = True
             return out
-        except RuntimeError:  # unsupported dtype / head dim / device: remember, use the math
+        except (RuntimeError, AttributeError, ValueError):  # unsupported input, or a torch without
+            # these kernels / with another signature: remember, use the math
             _FLASH_BACKWARD_OK[key] = False
     return _attention_grad_math(q, k, v, g)
 
@@ -192,7 +198,11 @@ def _attention_grad_math(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Te
     return tuple(x.transpose(1, 2) for x in (dq, dk, dv))  # (n, L, H, D) each
 
 
-@torch.library.custom_op("cdc::packed_attention_backward", mutates_args=())
+@torch.library.custom_op(
+    "cdc::packed_attention_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor seqlens, str backend) -> (Tensor, Tensor, Tensor)",
+)
 def packed_attention_backward(
     grad: Tensor, q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
