@@ -56,3 +56,13 @@ def smooth_image_tree(
             low = rng.integers(0, 256, (*low_hw, 3), dtype=np.uint8)
             Image.fromarray(low).resize((w, h), Image.BICUBIC).save(root / f"k{c}" / f"{i}.png")
     return root
+
+
+def take(loader, n: int) -> list:
+    """The first n batches of a loader (fails if it ends sooner)."""
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) == n:
+            return out
+    raise AssertionError("loader ended")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import smooth_image_tree
+from conftest import smooth_image_tree, take
 from PIL import Image
 
 from cdc.config import from_dict
@@ -37,15 +37,6 @@ def config(shards: Path | str, **data) -> object:
             "train": {"batch_size": 8},
         }
     )
-
-
-def take(loader, n: int) -> list:
-    out = []
-    for b in loader:
-        out.append(b)
-        if len(out) == n:
-            return out
-    raise AssertionError("loader ended")
 
 
 def same(a, b) -> bool:

@@ -53,13 +53,18 @@ def test_step_cond_starts_as_the_ordinary_model_at_every_step_size():
         plain(x, tau, y, torch.zeros(5))
 
 
-def test_step_size_changes_the_output_once_trained():
-    few = tiny(True)
+def trained_looking(few: DiT) -> DiT:
+    """Random weights where init puts zeros (step embedding out, AdaLN, head): d reaches the output."""
     with torch.no_grad():
         few.d_embed.mlp[2].weight.normal_(0, 0.5)
         for blk in few.blocks:
             blk.adaLN[-1].weight.normal_(0, 0.05)
         few.final.linear.weight.normal_(0, 0.05)
+    return few
+
+
+def test_step_size_changes_the_output_once_trained():
+    few = trained_looking(tiny(True))
     x, tau, y = inputs()
     a, b = few(x, tau, y, torch.zeros(5)), few(x, tau, y, torch.ones(5))
     assert torch.equal(a, few(x, tau, y))  # d = 0 is still the flow mode
@@ -72,12 +77,7 @@ def test_step_size_changes_the_output_once_trained():
 
 def test_compiled_trunk_sees_the_step_size_too():
     """train.compile runs the packed trunk through torch.compile: d must reach it as in eager."""
-    few = tiny(True)
-    with torch.no_grad():
-        few.d_embed.mlp[2].weight.normal_(0, 0.5)
-        for blk in few.blocks:
-            blk.adaLN[-1].weight.normal_(0, 0.05)
-        few.final.linear.weight.normal_(0, 0.05)
+    few = trained_looking(tiny(True))
     x, tau, y = inputs()
     x2, t2, y2 = inputs(3, side=16)
     args = ([x, x2], [tau, t2], [y, y2], [torch.ones(5), torch.full((3,), 0.5)])

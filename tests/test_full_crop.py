@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import smooth_image_tree
+from conftest import smooth_image_tree, take
 from PIL import Image
 
 from cdc.config import from_dict
@@ -84,7 +84,7 @@ def test_full_image_crops_are_exact_box_averages_at_every_stage(full_shards):
     tops = _tops(full_shards)
     seen_stages, beyond_square = set(), 0
     positions: dict[str, set] = {}
-    for b in _take(make_loader(_cfg(full_shards), seed=4), 30):
+    for b in take(make_loader(_cfg(full_shards), seed=4), 30):
         for k, x, keys, offs, flips in zip(
             b.stage, b.x1, b.meta["keys"], b.meta["offsets"], b.meta["flips"], strict=True
         ):
@@ -114,14 +114,14 @@ def test_full_image_crops_are_exact_box_averages_at_every_stage(full_shards):
 
 def test_centre_crop_of_full_images_and_pipe_without_manifest(full_shards):
     tops = _tops(full_shards)
-    for b in _take(make_loader(_cfg(full_shards, random_crop=False, hflip=False), seed=0), 3):
+    for b in take(make_loader(_cfg(full_shards, random_crop=False, hflip=False), seed=0), 3):
         for keys, offs in zip(b.meta["keys"], b.meta["offsets"], strict=True):
             for key, (oy, ox) in zip(keys, offs, strict=True):
                 h, w = tops[key].shape[:2]
                 assert (oy, ox) == (((h - 32) // 4 // 2) * 4, ((w - 32) // 4 // 2) * 4)
-    ref = _take(make_loader(_cfg(full_shards), seed=5), 5)
+    ref = take(make_loader(_cfg(full_shards), seed=5), 5)
     pipe = f"pipe:cat {full_shards}/train-{{000000..000002}}.tar"  # no manifest: sizes from headers
-    got = _take(make_loader(_cfg(pipe), seed=5), 5)
+    got = take(make_loader(_cfg(pipe), seed=5), 5)
     for a, b in zip(ref, got, strict=True):
         assert a.meta["keys"] == b.meta["keys"] and a.meta["offsets"] == b.meta["offsets"]
         assert all(torch.equal(x, y) for x, y in zip(a.x1, b.x1, strict=True))
@@ -145,15 +145,6 @@ def test_crop_option_errors_and_centre_square_still_default_for_idx(tmp_path):
         prepare("fashion-mnist", tmp_path / "b", limit=10, progress=False, crop="full")
     m = prepare("fashion-mnist", tmp_path / "c", limit=10, progress=False)
     assert m["crop"] == "center"
-
-
-def _take(loader, n: int) -> list:
-    out = []
-    for b in loader:
-        out.append(b)
-        if len(out) == n:
-            return out
-    raise AssertionError("loader ended")
 
 
 @pytest.mark.parametrize("size", [(500, 500), (447, 447), (333, 500), (500, 375), (289, 1000)])
