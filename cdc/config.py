@@ -98,7 +98,7 @@ class TrainConfig:
     label_dropout: float = 0.1  # p of replacing the class by the null class (CFG training)
     precision: str = "bf16"  # "bf16" autocast on CUDA | "fp32"; CPU always runs fp32
     tf32: bool = True  # allow TF32 matmuls on Ampere+
-    compile: bool = False  # torch.compile the packed trunk, once for every stage mix (docs/performance.md)
+    compile: bool = False  # torch.compile the packed trunk, once for every stage mix (torch >= 2.5; docs/performance.md)
     seed: int = 0  # base seed; every rank derives its own from (seed, rank)
     log_every: int = 100  # steps between metrics.jsonl lines
     ckpt_every: int = 5000  # steps between checkpoints (0 = only at the end and on signals)

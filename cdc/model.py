@@ -141,6 +141,9 @@ class ResolutionFusion(nn.Module):
     def __init__(self, width: int, head_dim: int, mode: str):
         super().__init__()
         self.mode, self.head_dim = mode, head_dim
+        # a float, not sqrt(head_dim) at call time: dynamo may turn an int attribute into a
+        # symbol, and torch 2.4's inductor then fails on softmax(x / sqrt(symbol))
+        self.scale = 1.0 / math.sqrt(head_dim)
         if mode == "xattn":
             self.wq = nn.Linear(width, head_dim, bias=False)  # W_q in R^{d_h x d_model}
             self.wk = nn.Linear(width, head_dim, bias=False)
@@ -153,7 +156,7 @@ class ResolutionFusion(nn.Module):
         if self.mode == "add":
             return gamma + e
         q, k, v = self.wq(gamma), self.wk(e), self.wv(e)  # (B, d_h) each, eq. 41
-        logits = (q * k).sum(-1, keepdim=True) / math.sqrt(self.head_dim)  # (B, 1): one key
+        logits = (q * k).sum(-1, keepdim=True) * self.scale  # (B, 1): one key
         alpha = torch.softmax(logits, dim=-1)  # eq. 42 (== 1)
         z = self.wo(alpha * v)  # (B, d_model), eq. 43
         return gamma + z  # eq. 44

@@ -303,6 +303,12 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
             print(f"resumed from {path} at step {step}", flush=True)
 
     net = model
+    if t.compile and torch.torch_version.TorchVersion(torch.__version__) < "2.5":
+        # torch 2.4's inductor fails on the packed trunk (its cat_mm and softmax passes)
+        raise ConfigError(
+            f"train.compile needs torch >= 2.5 (this is {torch.__version__}); "
+            "upgrade torch or set train.compile: false"
+        )
     if t.compile:  # the packed trunk only: one graph for every stage mix (cdc.model.compile_trunk)
         model.compile_trunk()
         model.warm_up_compiled(list(cfg.flow.sides), t.batch_size, dev)  # same kernels after resume

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from cdc import checkpoint as C
 from cdc.cli import app
-from cdc.config import from_dict
+from cdc.config import ConfigError, from_dict
 from cdc.prepare import prepare
+from cdc.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,6 @@ def cli_env():
 
 
 def test_tiny_run_writes_run_dir(shards, tmp_path):
-    from cdc.train import train
 
     run = tmp_path / "run"
     out = train(from_dict(recipe(shards, steps=6, sample_every=6)), run, progress=False)
@@ -134,7 +134,6 @@ def test_sigterm_saves_a_checkpoint(shards, tmp_path):
 
 
 def test_corrupt_newest_checkpoint_falls_back(shards, tmp_path):
-    from cdc.train import train
 
     run = tmp_path / "run"
     train(from_dict(recipe(shards, steps=8)), run, progress=False)
@@ -246,3 +245,10 @@ def test_dry_run_prints_config_and_params(tmp_path, shards):
     )
     assert r.exit_code == 0 and "depth: 3" in r.output and "# parameters:" in r.output
     assert not (Path("runs") / "r").exists()
+
+
+def test_compile_on_torch_24_is_a_one_line_error(shards, tmp_path, monkeypatch):
+    """torch 2.4's inductor fails on the packed trunk: say so before anything compiles."""
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
+    with pytest.raises(ConfigError, match=r"train.compile needs torch >= 2.5 \(this is 2.4.1\+cpu\)"):
+        train(from_dict(recipe(shards, compile=True, steps=2)), tmp_path / "run", progress=False)
