@@ -413,6 +413,9 @@ def generate(
         stats = dist_lib.all_gather_objects((len(mine), gen_sec, timer.stage_sec, nfe))
         wall = time.perf_counter() - wall0
         if not main:
+            # wait for rank 0's files before tearing the group down: with torch 2.4's gloo a rank
+            # that destroys its group while rank 0 still works could hang there and never exit
+            dist_lib.barrier()
             return {}
         count = sum(s[0] for s in stats)
         secs = sum(s[1] for s in stats)
@@ -442,6 +445,7 @@ def generate(
             "cdc_version": __version__,
         }
         _write_json(out / "samples.json", summary)
+        dist_lib.barrier()  # the other ranks wait for this (see above)
         return summary
     finally:
         if own_pg:
