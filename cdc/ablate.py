@@ -480,7 +480,7 @@ def run_sweep(p: Plan, progress: bool = True, judge: str | Path | None = "auto")
             ablate_report.write(p.out, p.sweep, rows, p)  # tables so far, in case the sweep is cut short
             _log("    " + ", ".join(f"{k} {v:.4g}" for k, v in sc.items()))
         D.barrier()
-    if not main:
-        return []
-    ablate_report.write(p.out, p.sweep, rows, p)
-    return rows
+    if main:
+        ablate_report.write(p.out, p.sweep, rows, p)
+    D.barrier()  # ranks leave together (an early teardown could hang under torch 2.4's gloo)
+    return rows if main else []
