@@ -20,7 +20,8 @@ The model knows nothing about noise or flow math.
 graph whose inputs are shaped only by the token count T and sample count B: modulation gathers
 per-sample vectors by a (T,) token -> sample index, and attention is the custom op
 cdc::packed_attention taking the sequence lengths as a host tensor. So the graph never depends on
-the stage mix (see docs/design-notes.md); patchify / unpatchify stay eager around it.
+the stage mix (see docs/design-notes.md); patchify / unpatchify stay eager around it. That path
+lives in cdc.compiled_trunk, mixed into DiT.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from cdc.attention import attention, packed_attention
+from cdc.compiled_trunk import CompiledTrunk, gather_rows
 from cdc.config import Config
 from cdc.tokens import (
     FREQ_DIM,
@@ -60,33 +62,6 @@ def _per_sample(v: Tensor, groups: Groups) -> list[Tensor]:
     """Per-sample vectors (B, D) -> per-group (n, 1, D), broadcast over that group's tokens."""
     parts = v.split([n for n, _ in groups]) if len(groups) > 1 else [v]
     return [x[:, None] for x in parts]
-
-
-class _Gather(torch.autograd.Function):
-    """v[idx] (rows of v, one per index) whose backward sums the rows' gradients by a matmul.
-
-    Inductor lowers the scatter-add in a plain gather's backward to atomic adds from several
-    threads, whose order, and so the float result, changes from run to run under load; that broke
-    bit-exact resume of compiled training. A one-hot matmul reduces in a fixed order and costs
-    2 T B D FLOPs, well under 1% of a block.
-    """
-
-    @staticmethod
-    def forward(ctx, v: Tensor, idx: Tensor) -> Tensor:
-        ctx.save_for_backward(idx)
-        ctx.rows = v.shape[0]
-        return v[idx]  # (T, D)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        (idx,) = ctx.saved_tensors
-        onehot = (idx[:, None] == torch.arange(ctx.rows, device=idx.device)).to(g.dtype)  # (T, B)
-        return onehot.t() @ g, None  # (B, D)
-
-
-def gather_rows(v: Tensor, idx: Tensor) -> Tensor:
-    """v[idx] with a deterministic backward (see _Gather); used by the compiled trunk."""
-    return _Gather.apply(v, idx)
 
 
 def modulate(h: Tensor, shift: Tensor, scale: Tensor, groups: Layout) -> Tensor:
@@ -240,7 +215,7 @@ class PixelHead(nn.Module):
         return self.conv2(self.act(self.conv1(h)))  # (B, C, r, r)
 
 
-class DiT(nn.Module):
+class DiT(CompiledTrunk, nn.Module):
     def __init__(
         self,
         depth: int,
@@ -429,57 +404,6 @@ class DiT(nn.Module):
             return maps
         return [self.pixel_head(f, xi) for f, xi in zip(maps, xs, strict=True)]
 
-
-    # -- compiled trunk --------------------------------------------------------------------------
-    def compile_trunk(self, backend="inductor", **kwargs) -> None:
-        """Run the packed forward through torch.compile(dynamic=True) from now on (train.compile).
-
-        The compiled function sees only (T, ...) and (B, ...) tensors, so it compiles once per
-        train/eval mode and grad setting and is reused for every stage mix and batch size.
-        """
-        self._trunk_compiled = torch.compile(self._trunk, backend=backend, dynamic=True, **kwargs)
-
-    def warm_up_compiled(self, sides: list[int], batch: int, device: torch.device | str = "cpu") -> None:
-        """One forward + backward of a fixed mixed-stage batch right after compile_trunk().
-
-        With dynamic shapes inductor still tunes its kernels (e.g. how a reduction is split over
-        threads) to the sizes of the first call, which changes float summation order. A fresh run
-        and a resumed one would otherwise compile against different first batches and drift apart
-        by ~1e-9 after resume; compiling against the same batch keeps resume bit-exact. Weights
-        are untouched and gradients are cleared afterwards.
-        """
-        K, C = len(sides), self.in_channels
-        ns = [len(range(k, batch, K)) for k in range(K)]  # sample i at stage i % K
-        xs = [torch.zeros(n, C, r, r, device=device) for n, r in zip(ns, sides, strict=True) if n]
-        taus = [torch.full((x.shape[0],), 0.5, device=device) for x in xs]
-        ys = [torch.zeros(x.shape[0], dtype=torch.long, device=device) for x in xs]
-        with torch.enable_grad():
-            sum(o.sum() for o in self(xs, taus, ys)).backward()
-        for p in self.parameters():
-            p.grad = None
-
-    def _forward_compiled(self, xs, taus, ys, ds, ns, grids, groups, seqlens) -> list[Tensor]:
-        p, dev = self.patch, xs[0].device
-        tok = torch.cat([patchify(xi, p) for xi in xs]) if len(xs) > 1 else patchify(xs[0], p)  # (T, p*p*C)
-        r = torch.cat([torch.full((n,), float(g), device=dev) for n, g in zip(ns, grids, strict=True)])  # (B,)
-        lens = torch.tensor(seqlens)  # (B,) on the host: the attention op reads it there
-        idx = torch.arange(len(seqlens)).repeat_interleave(lens).to(dev, non_blocking=True)  # (T,)
-        pos = self._packed_pos(grids, ns, dev)
-        rope = pos if self.pos == "rope" else None
-        sincos = None if self.pos == "rope" else pos
-        out = self._trunk_compiled(
-            tok, torch.cat(taus).float(), torch.cat(ys).long(), r, idx, rope, sincos, lens, ds
-        )
-        return self._unpack(out, xs, groups)
-
-    def _trunk(self, tok, tau, y, r, idx, rope, sincos, seqlens, d=None) -> Tensor:
-        """tokens (T, p*p*C) -> head output (T, p*p*F); per-sample tau, y, r, d (B,); idx (T,)."""
-        h = self.x_embed(tok)  # (T, D)
-        y_emb = gather_rows(self.y_embed.weight, y)  # = y_embed(y); its backward is no scatter either
-        c = self.fuse(self._gamma(tau, d), self.r_embed(r)) + y_emb  # (B, D)
-        if sincos is not None:
-            h = h + sincos.to(h.dtype)
-        return self.final(self._blocks(h, c, rope, idx, seqlens), c, idx)
 
     def _blocks(self, h: Tensor, c: Tensor, rope, layout, seqlens) -> Tensor:
         """The transformer blocks over packed tokens h (T, D); layout = groups or a token index."""
