@@ -30,8 +30,9 @@ from cdc import checkpoint as ckpt
 from cdc import distributed as D
 from cdc.config import Config, ConfigError, dump, for_world, from_dict, to_dict
 from cdc.flow import Interpolant, Schedule, loss, velocity_net_from_config
+from cdc.init_from import resolve_init, start_from_init
 from cdc.model import build_model, count_params, forward_flops
-from cdc.shortcut import guided_field, shortcut_loss, shortcut_mode
+from cdc.shortcut import shortcut_loss, shortcut_mode
 
 
 class NonFiniteError(RuntimeError):
@@ -91,59 +92,6 @@ def _check_compatible(run_dir: Path, cfg: Config) -> None:
                 f"{run_dir} was trained with different {sec} settings ({', '.join(diff)}); "
                 f"use a new --run-dir or the original recipe"
             )
-
-
-def _resolve_init(cfg: Config, run_dir: Path) -> None:
-    """Pin train.init to one checkpoint file, so a resumed fine-tune keeps the same init/teacher.
-
-    A run dir given as init would otherwise resolve to whatever checkpoint is newest at resume.
-    """
-    if not cfg.train.init:
-        if cfg.model.step_cond and cfg.fewstep.teacher == "init":
-            raise ConfigError("fewstep.teacher=init needs a checkpoint to fine-tune: --init RUN_DIR|FILE (train.init)")
-        return
-    from cdc.fileio import read_yaml
-
-    prev = run_dir / "config.yaml"
-    if ckpt.list_checkpoints(run_dir / "checkpoints") and prev.is_file():
-        raw = read_yaml(prev, "a cdc run config (restore it or use a new --run-dir)")
-        old = raw.get("train", {}).get("init") if isinstance(raw, dict) else None
-        if old:
-            cfg.train.init = str(old)
-            return
-    cfg.train.init = str(ckpt.resolve(cfg.train.init).resolve())
-
-
-def _load_init(cfg: Config) -> tuple[dict, Config]:
-    """(EMA weights, config) of the train.init checkpoint, checked against this run's network."""
-    from cdc.fileio import one_line
-
-    path = Path(cfg.train.init)
-    if not path.is_file():
-        raise FileNotFoundError(f"train.init checkpoint not found: {path}; restore it or start a new --run-dir")
-    state = ckpt.load(path)
-    try:
-        icfg = from_dict(state["config"])
-    except (ConfigError, KeyError, TypeError) as e:
-        raise ConfigError(f"train.init {path}: its stored config is unusable ({one_line(e)})") from None
-    mine, theirs = to_dict(cfg), to_dict(icfg)
-    diff = [f"model.{k}" for k, v in mine["model"].items() if k != "step_cond" and theirs["model"].get(k) != v]
-    diff += [f"flow.{k}" for k in ("sides", "interpolant", "predict", "timesteps") if theirs["flow"][k] != mine["flow"][k]]
-    if diff:
-        raise ConfigError(
-            f"train.init {path} was trained with different {', '.join(diff)}; fine-tune with its recipe"
-        )
-    return (state.get("ema") or state["model"]), icfg
-
-
-def _start_from(model: torch.nn.Module, weights: dict, path: str) -> None:
-    """Load init weights; only the step-size embedding (model.step_cond) may be new (zero-init)."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any(not k.startswith("d_embed.") for k in missing):
-        raise ConfigError(
-            f"train.init {path}: weights do not fit this network "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); fine-tune with its recipe"
-        )
 
 
 def _resume_other_world(
@@ -230,7 +178,13 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     cfg = for_world(cfg, dist.world)  # grad_accum from train.global_batch, recorded in config.yaml
     run_dir = Path(run_dir)
     t = cfg.train
-    _resolve_init(cfg, run_dir)
+    if t.compile and torch.torch_version.TorchVersion(torch.__version__) < "2.5":
+        # torch 2.4's inductor fails on the packed trunk (its cat_mm and softmax passes)
+        raise ConfigError(
+            f"train.compile needs torch >= 2.5 (this is {torch.__version__}); "
+            "upgrade torch or set train.compile: false"
+        )
+    resolve_init(cfg, run_dir)
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _check_compatible(run_dir, cfg)
@@ -244,18 +198,9 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     torch.manual_seed(t.seed)  # identical init on every rank
     model = build_model(cfg).to(dev)
     model.grad_checkpointing = t.grad_checkpointing
-    anchor = None  # few-step fine-tune: the frozen teacher's (guided) d = 0 field
-    if t.init:
-        init_w, icfg = _load_init(cfg)
-        _start_from(model, init_w, t.init)  # a resume below overwrites these weights
-        if cfg.fewstep.teacher == "init":
-            teacher = build_model(icfg).to(dev)
-            teacher.load_state_dict(init_w)
-            teacher.requires_grad_(False).eval()
-            anchor = guided_field(
-                velocity_net_from_config(teacher, icfg.flow), cfg.model.num_classes, cfg.fewstep.cfg
-            )
-        del init_w
+    # few-step fine-tune: init weights (a resume below overwrites them) and the frozen teacher's
+    # guided d = 0 field as anchor; None without train.init
+    anchor = start_from_init(model, cfg, dev) if t.init else None
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
     # fused AdamW (CUDA and CPU) takes a device-side found_inf flag: a non-finite step is skipped
     # without the host ever reading the flag
@@ -303,12 +248,6 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
             print(f"resumed from {path} at step {step}", flush=True)
 
     net = model
-    if t.compile and torch.torch_version.TorchVersion(torch.__version__) < "2.5":
-        # torch 2.4's inductor fails on the packed trunk (its cat_mm and softmax passes)
-        raise ConfigError(
-            f"train.compile needs torch >= 2.5 (this is {torch.__version__}); "
-            "upgrade torch or set train.compile: false"
-        )
     if t.compile:  # the packed trunk only: one graph for every stage mix (cdc.model.compile_trunk)
         model.compile_trunk()
         model.warm_up_compiled(list(cfg.flow.sides), t.batch_size, dev)  # same kernels after resume

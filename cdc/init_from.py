@@ -1,0 +1,81 @@
+"""`train.init` / `cdc train --init`: a fresh run that starts from another checkpoint's weights.
+
+The few-step fine-tune (cdc.shortcut) starts from an ordinary checkpoint's EMA and, with
+`fewstep.teacher: init`, keeps a frozen copy of it as the guided teacher whose d = 0 field anchors
+the shortcut targets. The init path is pinned to one checkpoint file in the run's config so that a
+resumed fine-tune (and its teacher) stays the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cdc import checkpoint as ckpt
+from cdc.config import Config, ConfigError, from_dict, to_dict
+from cdc.fileio import one_line, read_yaml
+from cdc.flow import VelocityNet, velocity_net_from_config
+from cdc.model import build_model
+from cdc.shortcut import guided_field
+
+
+def resolve_init(cfg: Config, run_dir: Path) -> None:
+    """Pin train.init to one checkpoint file, so a resumed fine-tune keeps the same init/teacher.
+
+    A run dir given as init would otherwise resolve to whatever checkpoint is newest at resume.
+    """
+    if not cfg.train.init:
+        if cfg.model.step_cond and cfg.fewstep.teacher == "init":
+            raise ConfigError("fewstep.teacher=init needs a checkpoint to fine-tune: --init RUN_DIR|FILE (train.init)")
+        return
+    prev = run_dir / "config.yaml"
+    if ckpt.list_checkpoints(run_dir / "checkpoints") and prev.is_file():
+        raw = read_yaml(prev, "a cdc run config (restore it or use a new --run-dir)")
+        old = raw.get("train", {}).get("init") if isinstance(raw, dict) else None
+        if old:
+            cfg.train.init = str(old)
+            return
+    cfg.train.init = str(ckpt.resolve(cfg.train.init).resolve())
+
+
+def _load(cfg: Config) -> tuple[dict, Config]:
+    """(EMA weights, config) of the train.init checkpoint, checked against this run's network."""
+    path = Path(cfg.train.init)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.init checkpoint not found: {path}; restore it or start a new --run-dir")
+    state = ckpt.load(path)
+    try:
+        icfg = from_dict(state["config"])
+    except (ConfigError, KeyError, TypeError) as e:
+        raise ConfigError(f"train.init {path}: its stored config is unusable ({one_line(e)})") from None
+    mine, theirs = to_dict(cfg), to_dict(icfg)
+    diff = [f"model.{k}" for k, v in mine["model"].items() if k != "step_cond" and theirs["model"].get(k) != v]
+    diff += [f"flow.{k}" for k in ("sides", "interpolant", "predict", "timesteps") if theirs["flow"][k] != mine["flow"][k]]
+    if diff:
+        raise ConfigError(
+            f"train.init {path} was trained with different {', '.join(diff)}; fine-tune with its recipe"
+        )
+    return (state.get("ema") or state["model"]), icfg
+
+
+def _load_into(model: torch.nn.Module, weights: dict, path: str) -> None:
+    """Load init weights; only the step-size embedding (model.step_cond) may be new (zero-init)."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith("d_embed.") for k in missing):
+        raise ConfigError(
+            f"train.init {path}: weights do not fit this network "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); fine-tune with its recipe"
+        )
+
+
+def start_from_init(model: torch.nn.Module, cfg: Config, dev: torch.device) -> VelocityNet | None:
+    """Load the train.init EMA weights into `model`; the frozen teacher's guided field, or None."""
+    weights, icfg = _load(cfg)
+    _load_into(model, weights, cfg.train.init)
+    if cfg.fewstep.teacher != "init":
+        return None
+    teacher = build_model(icfg).to(dev)
+    teacher.load_state_dict(weights)
+    teacher.requires_grad_(False).eval()
+    return guided_field(velocity_net_from_config(teacher, icfg.flow), cfg.model.num_classes, cfg.fewstep.cfg)
