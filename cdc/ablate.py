@@ -28,6 +28,7 @@ import yaml
 from cdc import checkpoint as ckpt_lib
 from cdc import distributed as D
 from cdc.config import Config, ConfigError, dump, from_dict, to_dict
+from cdc.fileio import write_json
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "assets" / "ablate-base.yaml"
 DEFAULT_SAMPLES = 500
@@ -297,10 +298,6 @@ def _log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    ckpt_lib.atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -364,7 +361,7 @@ def _train_point(cfg: Config, folder: Path, progress: bool) -> dict[str, Any]:
             "loss": lines[-1]["loss"] if lines else None,
             "params": count_params(build_model(cfg)),
         }
-        _write_json(folder / "train.json", summary)
+        write_json(folder / "train.json", summary)
     D.barrier()
     return summary
 
@@ -440,7 +437,7 @@ def run_sweep(p: Plan, progress: bool = True, judge: str | Path | None = "auto")
 
         load_or_train(judge_path)  # trained once (about a minute) and cached before the first point
     if main:
-        _write_json(p.out / "sweep.json", {"name": p.sweep.name, "keys": list(p.sweep.keys), "paper": p.sweep.paper,
+        write_json(p.out / "sweep.json", {"name": p.sweep.name, "keys": list(p.sweep.keys), "paper": p.sweep.paper,
                                            "recipe": p.recipe, "samples": p.n_samples,
                                            "points": [pt.label for pt in p.points], "argv": p.argv})  # fmt: skip
         ckpt_lib.atomic_write_bytes(p.out / "base.yaml", dump(p.base).encode())
@@ -475,7 +472,7 @@ def run_sweep(p: Plan, progress: bool = True, judge: str | Path | None = "auto")
             sc = score_point(folder / "samples" / "samples.npz", ref, pt.cfg, inception, judge_path)
             res = {"point": pt.label, **pt.value, **tr, "nfe": sm.get("nfe"),
                    "sample_sec_per_image": sm.get("sec_per_image"), "samples": p.n_samples, **sc}  # fmt: skip
-            _write_json(folder / "result.json", res)
+            write_json(folder / "result.json", res)
             rows.append(res)
             ablate_report.write(p.out, p.sweep, rows, p)  # tables so far, in case the sweep is cut short
             _log("    " + ", ".join(f"{k} {v:.4g}" for k, v in sc.items()))

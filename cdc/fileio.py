@@ -39,6 +39,13 @@ def read_json(path: str | os.PathLike, expected: str) -> Any:
         raise bad_file(path, expected, e) from None
 
 
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> None:
+    """Write JSON atomically (temp file + fsync + rename): readers see the old file or the new one."""
+    from cdc.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=indent) + "\n").encode())
+
+
 def read_yaml(path: str | os.PathLike, expected: str) -> Any:
     import yaml
 

@@ -19,7 +19,6 @@ the npz an uninterrupted one would.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -36,7 +35,7 @@ from cdc import __version__
 from cdc import checkpoint as ckpt_lib
 from cdc import distributed as dist_lib
 from cdc.figures import grid, stage_figure, stages_figure, to_uint8
-from cdc.fileio import read_json
+from cdc.fileio import read_json, write_json
 from cdc.flow import Schedule, velocity_net_from_config
 from cdc.sampler import image_seed, sample
 from cdc.shortcut import shortcut_mode
@@ -165,10 +164,6 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    ckpt_lib.atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _done(out: Path, n: int, side: int, channels: int, stage_sides: list[int] | None) -> list[bool]:
@@ -363,7 +358,7 @@ def generate(
                 (out / "stages" / f"stage{k}").mkdir(parents=True, exist_ok=True)
             meta = out / "samples.json"
             old = read_json(meta, "a `cdc sample` record (samples.json); use --overwrite to start again") if resume and meta.is_file() else {}  # keeps timings on resume
-            _write_json(meta, {**old, **settings, "status": "running", "cdc_version": __version__})
+            write_json(meta, {**old, **settings, "status": "running", "cdc_version": __version__}, indent=2)
             done = _done(out, n, side, C, stage_sides)
         else:
             done = None
@@ -444,7 +439,7 @@ def generate(
             "out": str(out),
             "cdc_version": __version__,
         }
-        _write_json(out / "samples.json", summary)
+        write_json(out / "samples.json", summary, indent=2)
         dist_lib.barrier()  # the other ranks wait for this (see above)
         return summary
     finally:

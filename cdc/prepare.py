@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cdc.fileio import display, is_utf8, path_record, read_json
+from cdc.fileio import display, is_utf8, path_record, read_json, write_json
 from cdc.imageproc import STORES, encode_levels, load_image, pad_idx, top_side
 from cdc.sources import Item, Source, fingerprint, open_source
 
@@ -81,15 +81,6 @@ class _TarWriter:
         self._write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _do_shard(task: dict) -> dict:
     out, name, top, levels = Path(task["out"]), task["name"], task["top"], task["levels"]
     final = out / name
@@ -129,7 +120,7 @@ def _do_shard(task: dict) -> dict:
         "skipped": skipped,
         "converted": converted,
     }
-    _write_json(out / ".prepare" / f"{name}.json", rec)
+    write_json(out / ".prepare" / f"{name}.json", rec)
     return rec
 
 
@@ -272,7 +263,7 @@ def prepare(
                 f"{out} holds shards prepared with other arguments {diff}; use another --out or delete it"
             )
     else:
-        _write_json(state / "args.json", args)
+        write_json(state / "args.json", args)
     for p in list(out.glob("*.partial-*")) + list(state.glob("*.partial-*")):
         p.unlink(missing_ok=True)  # left by an interrupted run
 
@@ -380,7 +371,7 @@ def prepare(
             if isinstance(it.ref, str) and not is_utf8(it.ref) and display(it.ref) not in skipped_paths
         ],
     }
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     if progress and todo:
         print(
             f"prepared {todo} files in {elapsed:.1f}s ({todo / max(elapsed, 1e-9):.0f} img/s); "
