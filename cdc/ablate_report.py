@@ -157,7 +157,7 @@ def write(out: Path, sweep: Any, rows: list[dict[str, Any]], plan: Any) -> dict[
             else f"one run trained for {budget}, sampled per value"
         )
         + f"; {plan.n_samples} samples per point, {b.sample.solver}, "
-        f"{b.sample.steps} steps per stage, CFG {b.sample.cfg:g} (unless swept).",
+        f"{b.sample.steps} steps per stage, CFG {','.join(f'{c:g}' for c in b.sample.cfg)} (unless swept).",
         "Metrics: SWD (Laplacian-pyramid sliced Wasserstein x1e3, against the training data); judge acc / FD "
         "(in-domain Fashion-MNIST classifier, `cdc/fmnist_eval.py`) when the data is Fashion-MNIST; FID/IS/"
         "precision/recall when the Inception weights are present. ms / image: sampling wall time.",

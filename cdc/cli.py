@@ -160,7 +160,9 @@ def sample_cmd(
     n: int = typer.Option(64, "--n", "-n", help="Number of images (-n under torchrun)."),
     classes: str = typer.Option("all", "--classes", help="'all' (image i: class i % C) or e.g. 3,5,7."),
     steps: str | None = typer.Option(None, "--steps", help="Model evals per stage: 24 or 4,4,4,4."),
-    cfg: float | None = typer.Option(None, "--cfg", help="CFG scale (1: conditional, 0: unconditional)."),
+    cfg: str | None = typer.Option(
+        None, "--cfg", help="CFG scale (1: conditional, 0: unconditional), or one per stage: 2,3,3."
+    ),
     solver: str | None = typer.Option(None, "--solver", help="euler | heun | sde (default: config)."),
     seed: int | None = typer.Option(None, "--seed", help="Run seed; image i uses noise seeded by (seed, i)."),
     batch: int | None = typer.Option(None, "--batch", help="Images per forward per GPU."),

@@ -115,7 +115,7 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     steps: list[int] = field(default_factory=lambda: [24])  # model evals per stage (one or per stage)
-    cfg: float = 3.0  # CFG scale S_cfg, shared by every stage (eq. 77)
+    cfg: list[float] = field(default_factory=lambda: [3.0])  # CFG scale S_cfg (eq. 77): one for every stage, or one per stage
     solver: str = "euler"  # "euler" (Alg. 2/4) | "heun" | "sde" (App. D, linear interpolant)
     interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # apply CFG for tau in [lo, hi)
     sde_eps: float = 1.0  # SDE diffusion scale (solver "sde")
@@ -275,6 +275,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"sample.steps: give one count >= 1 or one per stage ({len(f.sides)}), got {s.steps}"
         )
+    if len(s.cfg) not in (1, len(f.sides)) or min(s.cfg) < 0:
+        raise ConfigError(f"sample.cfg: give one scale >= 0 or one per stage ({len(f.sides)}), got {s.cfg}")
     if len(s.interval) != 2 or not 0.0 <= s.interval[0] <= s.interval[1] <= 1.0:
         raise ConfigError(f"sample.interval: need [lo, hi] with 0 <= lo <= hi <= 1, got {s.interval}")
     if len(t.betas) != 2:

@@ -83,6 +83,22 @@ def parse_steps(steps: int | str | list[int] | None, default: list[int], K: int)
     return vals
 
 
+def parse_cfg(cfg: float | str | list[float] | None, default: list[float], K: int) -> float | list[float]:
+    """'3' or '2,3,3' or numbers -> one scale (a float, as the paper's eq. 77) or one per stage."""
+    if cfg is None:
+        cfg = default
+    if isinstance(cfg, str):
+        try:
+            cfg = [float(v) for v in cfg.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--cfg: expected a scale or a comma list like 2,3,3, got {cfg!r}") from None
+    vals = [float(cfg)] if isinstance(cfg, (int, float)) else [float(c) for c in cfg]
+    if len(vals) not in (1, K) or min(vals) < 0:
+        raise ValueError(f"--cfg: give one scale >= 0 or one per stage ({K} stages), got {vals}")
+    # one number when every stage shares it, so records stay as they were before per-stage scales
+    return vals[0] if len(set(vals)) == 1 else vals
+
+
 def parse_classes(classes: str | list[int] | None, num_classes: int) -> list[int]:
     """'all' (None) -> 0..num_classes-1; '3,5,7' or ints -> that list, each checked to be a valid class."""
     if classes is None or (isinstance(classes, str) and classes.strip().lower() == "all"):
@@ -272,7 +288,7 @@ def generate(
     n: int = 64,
     classes: str | list[int] | None = "all",
     steps: int | str | list[int] | None = None,
-    cfg: float | None = None,
+    cfg: float | str | list[float] | None = None,
     solver: str | None = None,
     seed: int | None = None,
     batch: int | None = None,
@@ -321,7 +337,7 @@ def generate(
             "step": info["step"],
             "weights": info["weights"],
             "steps": parse_steps(steps, sc.steps, sched.K),
-            "cfg": float(sc.cfg if cfg is None else cfg),
+            "cfg": parse_cfg(cfg, sc.cfg, sched.K),
             "solver": solver or sc.solver,
             "interval": parse_interval(interval, sc.interval),
             "sde_eps": float(sc.sde_eps if sde_eps is None else sde_eps),

@@ -1,7 +1,9 @@
 """Coarse-to-fine sampling: Algorithms 2 and 4 of the paper as a pure function of the velocity net.
 
 Stage 1 integrates dX/dtau = b(X, tau, r_1, c) from X_0 ~ N(0, sigma^2 I); stage k > 1 starts at
-X_0 = U(x1^(k-1)) + sigma_k zeta (eq. 17/79). CFG uses one scale for every stage (eq. 77).
+X_0 = U(x1^(k-1)) + sigma_k zeta (eq. 17/79). CFG (eq. 77) takes one scale for every stage, as in
+the paper, or one per stage: stage 1 decides the class and the layout, so guiding it less and the
+refinements more trades recognisability for diversity differently (docs/quickstart-notes.md).
 
 `steps` counts model evaluations per stage for every solver (x2 with CFG), so it always controls
 cost: Euler takes `steps` steps; Heun takes ceil(steps/2) intervals, the last one Euler when
@@ -134,7 +136,7 @@ def sample(
     seeds: Sequence[int],
     channels: int,
     steps: int | Sequence[int] = 24,
-    cfg: float = 1.0,
+    cfg: float | Sequence[float] = 1.0,
     null_class: int | None = None,
     solver: str = "euler",
     interval: tuple[float, float] = (0.0, 1.0),
@@ -167,11 +169,18 @@ def sample(
         raise ValueError(
             "the SDE sampler derives the score for the linear interpolant only; use euler or heun"
         )
-    if cfg != 1.0 and null_class is None:
+    cfg_k = [float(cfg)] * sched.K if isinstance(cfg, (int, float)) else [float(c) for c in cfg]
+    if len(cfg_k) == 1:
+        cfg_k = cfg_k * sched.K
+    if len(cfg_k) != sched.K:
+        raise ValueError(f"cfg: give one scale or one per stage ({sched.K}), got {list(cfg_k)}")
+    if any(c != 1.0 for c in cfg_k) and null_class is None:
         raise ValueError("CFG needs the null class index (model.num_classes)")
     device = y.device
     noise = ImageNoise(seeds, device)
-    v, nfe = _guided(net, y, null_class if null_class is not None else -1, float(cfg), tuple(interval))
+    # one guided field per stage; they share the evaluation counter
+    guided = [_guided(net, y, null_class if null_class is not None else -1, c, tuple(interval)) for c in cfg_k]
+    nfe = [0]
     stages: list[Tensor] = []
     x = None
     k0 = 0
@@ -196,7 +205,9 @@ def sample(
         else:
             m = up_to(x, side)
             x0 = inference_prior(x, k, sched, noise(shape))
+        v, nfe_k = guided[k]
         x = _integrate(v, x0, steps_k[k], solver, m, sched.sigma_k(k), noise, sde_eps, step_cond)
+        nfe[0] += nfe_k[0]
         if on_stage is not None:
             on_stage(k, x)
         if return_stages:

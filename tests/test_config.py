@@ -9,7 +9,7 @@ def test_defaults_are_the_papers_table7():
     assert cfg.flow.sides == [32, 64, 128, 256] and cfg.flow.sigma == 1.0 and cfg.flow.gamma == 2.0
     assert cfg.train.lr == 1e-4 and cfg.train.betas == [0.9, 0.95] and cfg.train.eps == 1e-6
     assert cfg.train.ema_decay == 0.9999 and cfg.train.grad_clip == 1.0 and cfg.train.batch_size == 8
-    assert cfg.sample.steps == [24] and cfg.sample.cfg == 3.0
+    assert cfg.sample.steps == [24] and cfg.sample.cfg == [3.0]
 
 
 def test_preset_then_explicit_keys_and_overrides():

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import cdc.checkpoint as ckpt_lib
 import cdc.config as config
 from cdc.figures import grid, stage_rows, to_uint8
-from cdc.generate import generate, labels_for, parse_classes, parse_steps
+from cdc.generate import generate, labels_for, parse_cfg, parse_classes, parse_steps
 
 REPO = Path(__file__).resolve().parents[1]
 K = 3  # stages of the test model: sides 8, 16, 32
@@ -117,6 +117,11 @@ def test_labels_steps_classes():
     assert parse_steps(None, [24], 3) == [24, 24, 24]
     with pytest.raises(ValueError, match="one per stage"):
         parse_steps("1,2", [24], 3)
+    assert parse_cfg(None, [3.0], 3) == 3.0 and parse_cfg("3,3,3", [1.0], 3) == 3.0  # one scale: a number
+    assert parse_cfg("2,3,3", [3.0], 3) == [2.0, 3.0, 3.0] and parse_cfg(None, [2, 3, 3], 3) == [2.0, 3.0, 3.0]
+    for bad in ("2,3", "x", "-1"):
+        with pytest.raises(ValueError, match="--cfg"):
+            parse_cfg(bad, [3.0], 3)
 
 
 def test_stage_detail_of_a_pure_upsample_is_zero():
@@ -205,6 +210,15 @@ def test_cfg_1_is_conditional_and_0_unconditional(run_dir, tmp_path, monkeypatch
     generate(run_dir, tmp_path / "c0q", cfg=0.0, **{**kw, "classes": "7"})
     assert np.array_equal(_npz(tmp_path / "c0")[0], _npz(tmp_path / "c0q")[0])
     assert not np.array_equal(_npz(tmp_path / "c0")[0], _npz(tmp_path / "c1")[0])
+
+
+def test_per_stage_cfg_guides_only_the_stages_it_names(run_dir, tmp_path, monkeypatch):
+    kw = dict(n=2, steps=2, batch=2, progress=False, device="cpu")
+    per = [2.0] + [1.0] * (K - 1)
+    s = generate(run_dir, tmp_path / "p", cfg=",".join(map(str, per)), **kw)
+    assert s["nfe"] == 2 * 2 + 2 * (K - 1) and s["cfg"] == per  # CFG pairs in stage 1 only
+    assert json.loads((tmp_path / "p" / "samples.json").read_text())["cfg"] == per
+    assert generate(run_dir, tmp_path / "u", cfg="2," * (K - 1) + "2", **kw)["cfg"] == 2.0
 
 
 def test_guidance_interval_and_sde_are_wired(run_dir, tmp_path):
