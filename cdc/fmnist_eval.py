@@ -244,6 +244,9 @@ def probe_stages(
     `label_effect`, the mean total-variation distance between the judge's class probabilities of
     images refined with the true label and with the null label from the same noise (0 = the
     stages ignore the class; 1 = the label alone decides). No CFG, so the net itself is probed.
+    FD-clf to the test split of the same images: `fd_real` (the real images themselves, the floor
+    at this count), per stage `fd_coarse` (upsampled input) and `fd_refined` (true label), which
+    says how much of a full sample's FD the stages from k on account for.
     """
     from cdc.checkpoint import load_for_inference
     from cdc.flow import Schedule, velocity_net_from_config
@@ -256,25 +259,35 @@ def probe_stages(
         raise ValueError(f"{info['path']}: probe needs a 1-channel model ending at 32 px, got {f.sides}")
     sched = Schedule.from_config(f)
     net = velocity_net_from_config(model, f)
-    judge, _ = load_or_train(clf, root, verbose=False)
+    judge, jinfo = load_or_train(clf, root, verbose=False)
+
+    def fd(img: Tensor, what: str) -> float:
+        feats = _batched(judge.features, img.clamp(-1, 1)).numpy()
+        return frechet_distance(*gaussian_stats(feats, what), jinfo["mu"], jinfo["sigma"])
+
     x, y = load_split("test", root)
     idx = torch.cat([torch.nonzero(y == c)[:per_class, 0] for c in range(10)])
     x, y = x[idx], y[idx]
     seeds = [image_seed(seed, i) for i in range(len(y))]
     null = torch.full_like(y, cfg.model.num_classes)
-    out: dict[str, Any] = {"ckpt": info["path"], "step": info["step"], "images": len(y), "stages": []}
+    out: dict[str, Any] = {
+        "ckpt": info["path"], "step": info["step"], "images": len(y), "fd_real": fd(x, "real images"), "stages": [],
+    }  # fmt: skip
     for k in range(1, sched.K):
         coarse = down_to(x, f.sides[k - 1])
-        probs = []
+        probs, imgs = [], []
         for lab in (y, null):
             img = sample(net, sched, lab, seeds, 1, steps=steps, solver=solver, start=(k, coarse)).x
             probs.append(_batched(judge, img.clamp(-1, 1)).softmax(1))
+            imgs.append(img)
         p0 = _batched(judge, up_to(coarse, 32)).softmax(1)
         out["stages"].append({
             "stage": k + 1, "from_side": f.sides[k - 1],
             "acc_coarse": float((p0.argmax(1) == y).float().mean()),
             "acc_refined": float((probs[0].argmax(1) == y).float().mean()),
             "label_effect": float(0.5 * (probs[0] - probs[1]).abs().sum(1).mean()),
+            "fd_coarse": fd(up_to(coarse, 32), "upsampled coarse images"),
+            "fd_refined": fd(imgs[0], "refined images"),
         })  # fmt: skip
     return out
 

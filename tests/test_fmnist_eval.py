@@ -90,6 +90,12 @@ def test_probe_stages_on_a_zero_velocity_model(tiny, tmp_path):
     for s in res["stages"]:
         assert s["label_effect"] == 0.0
         assert 0.0 <= s["acc_refined"] <= 1.0 and 0.0 <= s["acc_coarse"] <= 1.0
+        assert s["fd_coarse"] >= 0.0 and s["fd_refined"] >= 0.0
+    # fd_real is evaluate()'s FD-clf of the same 30 real images (3 per class, first in test order)
+    x, y = E.load_split("test", ASSETS)
+    idx = torch.cat([torch.nonzero(y == c)[:3, 0] for c in range(10)])
+    u8 = ((x[idx] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert res["fd_real"] == pytest.approx(E.evaluate(u8, y[idx].numpy(), clf=tiny[0], root=ASSETS)["fd_clf"], rel=1e-4)
     with pytest.raises(ValueError, match="1-channel model ending at 32 px"):
         bad = from_dict({"model": {"preset": "tiny"}, "flow": {"sides": [16, 32, 64]}})
         checkpoint.save(tmp_path / "b.pt", {"config": to_dict(bad), "model": build_model(bad).state_dict()})
