@@ -111,7 +111,7 @@ def _value(cfg, name: str):  # noqa: C901 - one branch per table row is the poin
         "precision": t.precision,
         "deterministic.ops": "use_deterministic_algorithms" in inspect.getsource(train),
         "num.inference.steps": s.steps[0] if len(set(s.steps)) == 1 else s.steps,
-        "CFG strength": s.cfg,
+        "CFG strength": s.cfg[0] if len(s.cfg) == 1 else s.cfg,  # one scale shared by every stage
         "num.fid.samples": 50000 if "-n 50000" in readme and "50k" in readme else None,
     }[name]
 
