@@ -201,6 +201,13 @@ def _read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
+def fd_to_test(judge: Classifier, info: dict[str, Any], x: Tensor, what: str) -> float:
+    """FD-clf: Frechet distance of the judge's features of x (N, 1, 32, 32) to the test split's."""
+    feats = _batched(judge.features, x).numpy()
+    return frechet_distance(*gaussian_stats(feats, what), info["mu"], info["sigma"])
+
+
+@torch.no_grad()
 def evaluate(
     samples: str | Path | np.ndarray, labels: np.ndarray | None = None, clf: str | Path = DEFAULT_CLF,
     root: str | Path | None = None,
@@ -218,10 +225,9 @@ def evaluate(
         raise ValueError(f"expected 32-px images, got {tuple(x.shape[-2:])}")
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     pred = _batched(model, x).argmax(1)
-    feats = _batched(model.features, x).numpy()
     ok = (pred == y).float()
     per_class = {int(c): float(ok[y == c].mean()) for c in torch.unique(y)}
-    fd = frechet_distance(*gaussian_stats(feats, "sample features"), info["mu"], info["sigma"])
+    fd = fd_to_test(model, info, x, "sample features")
     return {
         "n": len(y),
         "accuracy": float(ok.mean()),
@@ -262,8 +268,7 @@ def probe_stages(
     judge, jinfo = load_or_train(clf, root, verbose=False)
 
     def fd(img: Tensor, what: str) -> float:
-        feats = _batched(judge.features, img.clamp(-1, 1)).numpy()
-        return frechet_distance(*gaussian_stats(feats, what), jinfo["mu"], jinfo["sigma"])
+        return fd_to_test(judge, jinfo, img.clamp(-1, 1), what)
 
     x, y = load_split("test", root)
     idx = torch.cat([torch.nonzero(y == c)[:per_class, 0] for c in range(10)])

@@ -37,6 +37,7 @@ from cdc import distributed as dist_lib
 from cdc.figures import grid, stage_figure, stages_figure, to_uint8
 from cdc.fileio import read_json, write_json
 from cdc.flow import Schedule, velocity_net_from_config
+from cdc.sample_options import labels_for, parse_cfg, parse_classes, parse_interval, parse_steps
 from cdc.sampler import image_seed, sample
 from cdc.shortcut import shortcut_mode
 
@@ -45,9 +46,6 @@ __all__ = [
     "to_uint8",
     "velocity_fn",
     "StageTimer",
-    "parse_steps",
-    "parse_classes",
-    "labels_for",
     "assemble",
 ]
 
@@ -55,86 +53,6 @@ OURS = ("images", "stages", "samples.npz", "stages.npz", "grid.png", "stages.png
 MATCH = ("ckpt", "weights", "steps", "cfg", "solver", "interval", "sde_eps", "seed", "classes")  # resume keys
 N_FIGURES = 16  # per-image Fig. 9 panels written under stages/
 N_COMBINED = 4  # images in the combined stages.png
-
-
-# ---------------------------------------------------------------------------------------------
-# options
-
-
-def _int_list(text: str, option: str, example: str) -> list[int]:
-    """'4,4,4' -> [4, 4, 4], or a one-line error naming the option."""
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{option}: expected {example}, got {text!r}") from None
-
-
-def parse_steps(steps: int | str | list[int] | None, default: list[int], K: int) -> list[int]:
-    """'24' or '4,4,4,4' or ints -> one count per stage (model evaluations, x2 with CFG)."""
-    if steps is None:
-        steps = default
-    if isinstance(steps, str):
-        steps = _int_list(steps, "--steps", "a number or a comma list like 4,4,4,4")
-    vals = [int(steps)] if isinstance(steps, int) else [int(s) for s in steps]
-    if len(vals) == 1:
-        vals = vals * K
-    if len(vals) != K or min(vals) < 1:
-        raise ValueError(f"--steps: give one count >= 1 or one per stage ({K} stages), got {vals}")
-    return vals
-
-
-def parse_cfg(cfg: float | str | list[float] | None, default: list[float], K: int) -> float | list[float]:
-    """'3' or '2,3,3' or numbers -> one scale (a float, as the paper's eq. 77) or one per stage."""
-    if cfg is None:
-        cfg = default
-    if isinstance(cfg, str):
-        try:
-            cfg = [float(v) for v in cfg.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"--cfg: expected a scale or a comma list like 2,3,3, got {cfg!r}") from None
-    vals = [float(cfg)] if isinstance(cfg, (int, float)) else [float(c) for c in cfg]
-    if len(vals) not in (1, K) or min(vals) < 0:
-        raise ValueError(f"--cfg: give one scale >= 0 or one per stage ({K} stages), got {vals}")
-    # one number when every stage shares it, so records stay as they were before per-stage scales
-    return vals[0] if len(set(vals)) == 1 else vals
-
-
-def parse_classes(classes: str | list[int] | None, num_classes: int) -> list[int]:
-    """'all' (None) -> 0..num_classes-1; '3,5,7' or ints -> that list, each checked to be a valid class."""
-    if classes is None or (isinstance(classes, str) and classes.strip().lower() == "all"):
-        return list(range(num_classes))
-    if isinstance(classes, str):
-        classes = _int_list(classes, "--classes", "'all' or a comma list like 3,5,7")
-    vals = [int(c) for c in classes]
-    bad = [c for c in vals if not 0 <= c < num_classes]
-    if not vals or bad:
-        raise ValueError(f"--classes: need class indices in [0, {num_classes}), got {vals}")
-    return vals
-
-
-def labels_for(n: int, classes: list[int]) -> np.ndarray:
-    """Label of image i is classes[i % len(classes)] (int64, (n,))."""
-    return np.asarray([classes[i % len(classes)] for i in range(n)], dtype=np.int64)
-
-
-def parse_interval(
-    interval: str | list[float] | tuple[float, float] | None, default: list[float]
-) -> list[float]:
-    if interval is None:
-        return [float(v) for v in default]
-    if isinstance(interval, str):
-        try:
-            interval = [float(v) for v in interval.split(",")]
-        except ValueError:
-            raise ValueError(f"--interval: expected LO,HI such as 0.1,1.0, got {interval!r}") from None
-    lo_hi = [float(v) for v in interval]
-    if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
-        raise ValueError(f"--interval: need LO,HI with 0 <= LO <= HI <= 1, got {lo_hi}")
-    return lo_hi
-
-
-# ---------------------------------------------------------------------------------------------
-# files
 
 
 def _img_path(out: Path, i: int, stage: int | None = None) -> Path:

@@ -85,6 +85,12 @@ def _guided(net: VelocityNet, y: Tensor, null_class: int, scale: float, interval
     return v, nfe
 
 
+def _per_stage(value, conv, K: int) -> list:
+    """One value for every stage, or a sequence of one per stage (left for the caller to check)."""
+    vals = [conv(value)] if isinstance(value, (int, float)) else [conv(v) for v in value]
+    return vals * K if len(vals) == 1 else vals
+
+
 def _heun_plan(steps: int) -> list[bool]:
     """Which intervals take a Heun (2-eval) step so that evaluations total exactly `steps`."""
     n = (steps + 1) // 2
@@ -156,9 +162,7 @@ def sample(
     B = y.shape[0]
     if len(seeds) != B:
         raise ValueError(f"need one seed per image: {len(seeds)} seeds for {B} labels")
-    steps_k = [int(steps)] * sched.K if isinstance(steps, int) else [int(s) for s in steps]
-    if len(steps_k) == 1:
-        steps_k = steps_k * sched.K
+    steps_k, cfg_k = _per_stage(steps, int, sched.K), _per_stage(cfg, float, sched.K)
     if len(steps_k) != sched.K or min(steps_k) < 1:
         raise ValueError(f"steps: give one count >= 1 or one per stage ({sched.K}), got {list(steps_k)}")
     if solver not in ("euler", "heun", "sde"):
@@ -169,18 +173,14 @@ def sample(
         raise ValueError(
             "the SDE sampler derives the score for the linear interpolant only; use euler or heun"
         )
-    cfg_k = [float(cfg)] * sched.K if isinstance(cfg, (int, float)) else [float(c) for c in cfg]
-    if len(cfg_k) == 1:
-        cfg_k = cfg_k * sched.K
     if len(cfg_k) != sched.K:
         raise ValueError(f"cfg: give one scale or one per stage ({sched.K}), got {list(cfg_k)}")
     if any(c != 1.0 for c in cfg_k) and null_class is None:
         raise ValueError("CFG needs the null class index (model.num_classes)")
     device = y.device
     noise = ImageNoise(seeds, device)
-    # one guided field per stage; they share the evaluation counter
     guided = [_guided(net, y, null_class if null_class is not None else -1, c, tuple(interval)) for c in cfg_k]
-    nfe = [0]
+    nfe = 0
     stages: list[Tensor] = []
     x = None
     k0 = 0
@@ -207,9 +207,9 @@ def sample(
             x0 = inference_prior(x, k, sched, noise(shape))
         v, nfe_k = guided[k]
         x = _integrate(v, x0, steps_k[k], solver, m, sched.sigma_k(k), noise, sde_eps, step_cond)
-        nfe[0] += nfe_k[0]
+        nfe += nfe_k[0]
         if on_stage is not None:
             on_stage(k, x)
         if return_stages:
             stages.append(x)
-    return SampleOut(x, stages if return_stages else None, nfe[0])
+    return SampleOut(x, stages if return_stages else None, nfe)

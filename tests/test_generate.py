@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 import cdc.checkpoint as ckpt_lib
 import cdc.config as config
 from cdc.figures import grid, stage_rows, to_uint8
-from cdc.generate import generate, labels_for, parse_cfg, parse_classes, parse_steps
+from cdc.generate import generate
+from cdc.sample_options import labels_for, parse_cfg, parse_classes, parse_steps
 
 REPO = Path(__file__).resolve().parents[1]
 K = 3  # stages of the test model: sides 8, 16, 32
