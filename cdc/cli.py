@@ -175,13 +175,19 @@ def sample_cmd(
     device: str | None = typer.Option(None, "--device", help="cuda / cpu (default: cuda if available)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the newest run."),
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast on CUDA (CPU always runs fp32)."),
+    guide: str | None = typer.Option(
+        None, "--guide", help="Autoguidance by a weaker checkpoint: a file, a run dir, or step:N of this run."
+    ),
+    guide_scale: str | None = typer.Option(
+        None, "--guide-scale", help="Autoguidance weight (1 = off), or one per stage: 2,2,2."
+    ),
 ) -> None:
     """Sample images: PNGs, samples.npz (ADM format), grid.png, samples.json; works under torchrun."""
     from cdc.generate import generate
 
     s = generate(
         ckpt, out, n, classes, steps, cfg, solver, seed, batch, stages, ema, interval, sde_eps,
-        overwrite, resume, device, runs_dir, progress=True, bf16=bf16,
+        overwrite, resume, device, runs_dir, progress=True, bf16=bf16, guide=guide, guide_scale=guide_scale,
     )  # fmt: skip
     if not s:  # not rank 0
         return
@@ -192,6 +198,7 @@ def sample_cmd(
         typer.echo(
             f"NFE {s['nfe']}/image, {s['sec_per_image']:.4f} s/image (stages {per_stage}), "
             f"steps {s['steps']}, cfg {s['cfg']}, {s['solver']}"
+            + (f", guide {s['guide_scale']} x {Path(s['guide']).name}" if s.get("guide") else "")
         )
 
 

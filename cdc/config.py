@@ -118,6 +118,10 @@ class SampleConfig:
     cfg: list[float] = field(default_factory=lambda: [3.0])  # CFG scale S_cfg (eq. 77): one for every stage, or one per stage
     solver: str = "euler"  # "euler" (Alg. 2/4) | "heun" | "sde" (App. D, linear interpolant)
     interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # apply CFG for tau in [lo, hi)
+    # autoguidance: a weaker checkpoint of the same model to guide away from (a file, a run dir, or
+    # "step:N" = the sampled run's own checkpoint at step N, e.g. a train.milestone_every one); "" = off
+    guide: str = ""
+    guide_scale: list[float] = field(default_factory=lambda: [1.0])  # its weight w, one or per stage; 1 = off
     sde_eps: float = 1.0  # SDE diffusion scale (solver "sde")
     seed: int = 0  # image i uses noise from seed (seed, i)
     batch: int = 32  # images per forward
@@ -277,6 +281,12 @@ def validate(cfg: Config) -> None:
         )
     if len(s.cfg) not in (1, len(f.sides)) or min(s.cfg) < 0:
         raise ConfigError(f"sample.cfg: give one scale >= 0 or one per stage ({len(f.sides)}), got {s.cfg}")
+    if len(s.guide_scale) not in (1, len(f.sides)) or min(s.guide_scale) < 0:
+        raise ConfigError(
+            f"sample.guide_scale: give one weight >= 0 or one per stage ({len(f.sides)}), got {s.guide_scale}"
+        )
+    if s.guide_scale != [1.0] * len(s.guide_scale) and not s.guide:
+        raise ConfigError("sample.guide_scale != 1 needs sample.guide (a checkpoint, or step:N of this run)")
     if len(s.interval) != 2 or not 0.0 <= s.interval[0] <= s.interval[1] <= 1.0:
         raise ConfigError(f"sample.interval: need [lo, hi] with 0 <= lo <= hi <= 1, got {s.interval}")
     if len(t.betas) != 2:

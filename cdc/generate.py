@@ -37,7 +37,7 @@ from cdc import distributed as dist_lib
 from cdc.figures import grid, stage_figure, stages_figure, to_uint8
 from cdc.fileio import read_json, write_json
 from cdc.flow import Schedule, velocity_net_from_config
-from cdc.sample_options import labels_for, parse_cfg, parse_classes, parse_interval, parse_steps
+from cdc.sample_options import labels_for, parse_cfg, parse_classes, parse_guide, parse_interval, parse_steps
 from cdc.sampler import image_seed, sample
 from cdc.shortcut import shortcut_mode
 
@@ -50,7 +50,8 @@ __all__ = [
 ]
 
 OURS = ("images", "stages", "samples.npz", "stages.npz", "grid.png", "stages.png", "samples.json")
-MATCH = ("ckpt", "weights", "steps", "cfg", "solver", "interval", "sde_eps", "seed", "classes")  # resume keys
+# resume keys; guide / guide_scale are recorded only when autoguidance is on, so older records match
+MATCH = ("ckpt", "weights", "steps", "cfg", "solver", "interval", "sde_eps", "seed", "classes", "guide", "guide_scale")
 N_FIGURES = 16  # per-image Fig. 9 panels written under stages/
 N_COMBINED = 4  # images in the combined stages.png
 
@@ -131,9 +132,9 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, resume: b
         )
     old = read_json(meta, "a `cdc sample` record (samples.json); use --overwrite to start again")
     for key in MATCH:
-        if old.get(key) != settings[key]:
+        if old.get(key) != settings.get(key):
             raise ValueError(
-                f"--resume: {key} was {old.get(key)!r} in {out} but is {settings[key]!r} now; "
+                f"--resume: {key} was {old.get(key)!r} in {out} but is {settings.get(key)!r} now; "
                 "use the same options or --overwrite"
             )
 
@@ -160,6 +161,29 @@ def assemble(out: Path, labels: np.ndarray, channels: int, sides: list[int], sta
 
 # ---------------------------------------------------------------------------------------------
 # the job
+
+
+def _guide_path(spec: str, ckpt: Path, runs_dir: str | Path) -> Path:
+    """sample.guide / --guide -> a checkpoint file: "step:N" is the sampled run's own step N."""
+    if spec.startswith("step:"):
+        p = ckpt.parent / f"step_{int(spec[5:]):07d}.pt"
+        if not p.is_file():
+            have = ", ".join(f.stem for _, f in ckpt_lib.list_checkpoints(ckpt.parent)) or "none"
+            raise FileNotFoundError(
+                f"--guide {spec}: {p} does not exist (checkpoints here: {have}); keep it with "
+                "train.milestone_every or pass another --guide"
+            )
+        return p.resolve()
+    return ckpt_lib.resolve(spec, runs_dir).resolve()
+
+
+def _load_guide(path: Path, mcfg, ema: bool, dev: torch.device) -> torch.nn.Module:
+    """The autoguidance net: same architecture and hierarchy as the sampled one (checked)."""
+    gmodel, gcfg, _ = ckpt_lib.load_for_inference(path, ema=ema, device=dev)
+    for what, a, b in (("model", gcfg.model, mcfg.model), ("flow.sides", gcfg.flow.sides, mcfg.flow.sides)):
+        if a != b:
+            raise ValueError(f"--guide {path}: its {what} differs from the sampled checkpoint's; guide with a checkpoint of the same model")
+    return gmodel
 
 
 def _sync(device: torch.device) -> None:
@@ -220,12 +244,14 @@ def generate(
     runs_dir: str | Path = "runs",
     progress: bool = True,
     bf16: bool | None = None,
+    guide: str | None = None,
+    guide_scale: float | str | list[float] | None = None,
 ) -> dict[str, Any]:
     """Sample `n` images from a checkpoint into `out`; returns the summary also written to samples.json.
 
     Options left as None come from the checkpoint's `sample` config; `out` defaults to
     samples/<run>-step<step>. `bf16` (default: on for CUDA) runs the model under bf16 autocast; the
-    ODE state stays fp32. Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the
+    ODE state stays fp32. `guide` / `guide_scale`: autoguidance (cdc.sampler.autoguided). Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the
     summary, the others {}.
     """
     if n < 1:
@@ -263,6 +289,10 @@ def generate(
             "classes": "all" if cls == list(range(mcfg.model.num_classes)) else cls,
             "n": int(n),
         }
+        g_spec, g_scale = parse_guide(guide, guide_scale, (sc.guide, sc.guide_scale), sched.K)
+        if g_spec:
+            settings["guide"] = str(_guide_path(g_spec, path, runs_dir))
+            settings["guide_scale"] = g_scale
         if settings["solver"] not in ("euler", "heun", "sde"):
             raise ValueError(f"--solver: {settings['solver']!r} is not one of euler, heun, sde")
         few = shortcut_mode(mcfg.model.step_cond, mcfg.fewstep.levels, settings["steps"])
@@ -312,6 +342,9 @@ def generate(
             step_cond=few,
         )
         net = velocity_net_from_config(velocity_fn(model, use_bf16), mcfg.flow)
+        if g_spec:
+            gnet = _load_guide(Path(settings["guide"]), mcfg, ema, dev)
+            opts.update(guide=velocity_net_from_config(velocity_fn(gnet, use_bf16), mcfg.flow), guide_scale=g_scale)
         timer = StageTimer(sched.K, dev)
         from tqdm import tqdm
 

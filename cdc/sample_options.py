@@ -1,6 +1,6 @@
 """`cdc sample` options as the CLI and recipes give them -> checked values (one-line errors).
 
-Per-stage options (`--steps`, `--cfg`) take one value for every stage or one per stage.
+Per-stage options (`--steps`, `--cfg`, `--guide-scale`) take one value for every stage or one per stage.
 """
 
 from __future__ import annotations
@@ -44,6 +44,24 @@ def parse_cfg(cfg: float | str | list[float] | None, default: list[float], K: in
         raise ValueError(f"--cfg: give one scale >= 0 or one per stage ({K} stages), got {vals}")
     # one number when every stage shares it, so records stay as they were before per-stage scales
     return vals[0] if len(set(vals)) == 1 else vals
+
+
+def parse_guide(
+    guide: str | None, scale: float | str | list[float] | None, default: tuple[str, list[float]], K: int
+) -> tuple[str, float | list[float]]:
+    """--guide CKPT|step:N and --guide-scale W or W1,W2,W3 -> (guide, weight or one per stage).
+
+    A scale without a guide is an error; a guide without a scale keeps the recipe's weights.
+    """
+    g = default[0] if guide is None else guide.strip()
+    vals = _per_stage(default[1] if scale is None else scale, "--guide-scale", "a weight or a comma list like 2,2,2", float, K)
+    if len(vals) != K or min(vals) < 0:
+        raise ValueError(f"--guide-scale: give one weight >= 0 or one per stage ({K} stages), got {vals}")
+    if not g and any(v != 1.0 for v in vals):
+        raise ValueError("--guide-scale needs --guide CKPT (or step:N, this run's checkpoint at step N)")
+    if g.startswith("step:") and not g[5:].isdigit():
+        raise ValueError(f"--guide: expected a checkpoint path or step:N such as step:1000, got {g!r}")
+    return g, vals[0] if len(set(vals)) == 1 else vals
 
 
 def parse_classes(classes: str | list[int] | None, num_classes: int) -> list[int]:

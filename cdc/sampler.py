@@ -4,6 +4,7 @@ Stage 1 integrates dX/dtau = b(X, tau, r_1, c) from X_0 ~ N(0, sigma^2 I); stage
 X_0 = U(x1^(k-1)) + sigma_k zeta (eq. 17/79). CFG (eq. 77) takes one scale for every stage, as in
 the paper, or one per stage: stage 1 decides the class and the layout, so guiding it less and the
 refinements more trades recognisability for diversity differently (docs/quickstart-notes.md).
+Autoguidance (`guide`, an earlier checkpoint of the same run) can replace most of that CFG.
 
 `steps` counts model evaluations per stage for every solver (x2 with CFG), so it always controls
 cost: Euler takes `steps` steps; Heun takes ceil(steps/2) intervals, the last one Euler when
@@ -59,8 +60,28 @@ class SampleOut:
     nfe: int  # model evaluations per image (CFG pairs count 2)
 
 
-def _guided(net: VelocityNet, y: Tensor, null_class: int, scale: float, interval: tuple[float, float]):
-    """Velocity field with CFG (eq. 77) applied for tau in [lo, hi), plain conditional outside."""
+def autoguided(net: VelocityNet, guide: VelocityNet, weight: float) -> VelocityNet:
+    """Autoguidance (Karras et al. 2024): v = v_guide + w (v_net - v_guide), itself a velocity net.
+
+    `guide` is a weaker version of the same model (an earlier checkpoint of the run); pushing away
+    from its errors sharpens the samples without the loss of variety that a large CFG scale costs
+    (docs/quickstart-notes.md). w = 1 is the net alone.
+    """
+
+    def v(xs, taus, ys, *extra):
+        good, bad = net(xs, taus, ys, *extra), guide(xs, taus, ys, *extra)
+        return [b + weight * (g - b) for g, b in zip(good, bad, strict=True)]
+
+    return v
+
+
+def _guided(
+    net: VelocityNet, y: Tensor, null_class: int, scale: float, interval: tuple[float, float], cost: int = 1
+):
+    """Velocity field with CFG (eq. 77) applied for tau in [lo, hi), plain conditional outside.
+
+    `cost` is the model evaluations one call of `net` takes (2 when it is autoguided).
+    """
     nfe = [0]
 
     def v(x: Tensor, tau: float, d: float | None = None) -> Tensor:
@@ -71,13 +92,13 @@ def _guided(net: VelocityNet, y: Tensor, null_class: int, scale: float, interval
         lo, hi = interval
         use_cfg = lo <= tau < hi or (tau == hi == 1.0)
         if not use_cfg or scale == 1.0:
-            nfe[0] += 1
+            nfe[0] += cost
             return net([x], [tt], [y], *extra)[0]
         y_null = torch.full_like(y, null_class)
         if scale == 0.0:
-            nfe[0] += 1
+            nfe[0] += cost
             return net([x], [tt], [y_null], *extra)[0]
-        nfe[0] += 2
+        nfe[0] += 2 * cost
         both = net([torch.cat([x, x])], [torch.cat([tt, tt])], [torch.cat([y, y_null])], *extra2)[0]  # (2B, C, r, r)
         v_c, v_u = both[:B], both[B:]
         return v_u + scale * (v_c - v_u)
@@ -152,8 +173,13 @@ def sample(
     on_stage: Callable[[int, Tensor], None] | None = None,
     start: tuple[int, Tensor] | None = None,
     step_cond: bool = False,
+    guide: VelocityNet | None = None,
+    guide_scale: float | Sequence[float] = 1.0,
 ) -> SampleOut:
     """Generate one image per label in `y` (B,), image i from `seeds[i]`; see the module doc.
+
+    guide / guide_scale: autoguidance by a weaker net, one weight or one per stage (`autoguided`);
+    CFG, if asked for too, then combines the autoguided conditional and unconditional fields.
 
     start=(k, coarse): skip stages < k and refine the given (B, C, r_{k-1}, r_{k-1}) images from
     stage k on (super-resolution of an existing image; probing one stage on real coarse data).
@@ -175,11 +201,22 @@ def sample(
         )
     if len(cfg_k) != sched.K:
         raise ValueError(f"cfg: give one scale or one per stage ({sched.K}), got {list(cfg_k)}")
+    ag_k = _per_stage(guide_scale, float, sched.K)
+    if len(ag_k) != sched.K or min(ag_k) < 0:
+        raise ValueError(f"guide_scale: give one weight >= 0 or one per stage ({sched.K}), got {list(ag_k)}")
+    if guide is None and any(w != 1.0 for w in ag_k):
+        raise ValueError("guide_scale != 1 needs a guide net (autoguidance)")
     if any(c != 1.0 for c in cfg_k) and null_class is None:
         raise ValueError("CFG needs the null class index (model.num_classes)")
     device = y.device
     noise = ImageNoise(seeds, device)
-    guided = [_guided(net, y, null_class if null_class is not None else -1, c, tuple(interval)) for c in cfg_k]
+    null = null_class if null_class is not None else -1
+    guided = [
+        _guided(net, y, null, c, tuple(interval))
+        if w == 1.0
+        else _guided(autoguided(net, guide, w), y, null, c, tuple(interval), cost=2)
+        for c, w in zip(cfg_k, ag_k, strict=True)
+    ]
     nfe = 0
     stages: list[Tensor] = []
     x = None

@@ -268,6 +268,58 @@ def test_interrupted_job_resumes_to_the_same_npz(run_dir, tmp_path, monkeypatch)
     assert s3["generated"] == 2 and _npz(out)[0].shape[0] == 2 and not (out / "stages.npz").exists()
 
 
+def _with_guide(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the run with an earlier, different checkpoint (step 5) to autoguide with."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    state = torch.load(run / "checkpoints" / "step_0000010.pt", weights_only=False)
+    g = torch.Generator().manual_seed(1)
+    bad = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state["ema"].items()}
+    ckpt_lib.save(run / "checkpoints" / "step_0000005.pt", {**state, "model": bad, "ema": bad, "step": 5})
+    return run
+
+
+def test_autoguidance_by_an_earlier_checkpoint_of_the_run(run_dir, tmp_path, monkeypatch):
+    run = _with_guide(run_dir, tmp_path)
+    kw = dict(n=3, batch=2, **FAST)
+    plain = generate(run, tmp_path / "plain", **kw)
+    made = _patch(monkeypatch)
+    s = generate(run, tmp_path / "ag", guide="step:5", guide_scale="2,1,1", **kw)
+    good, bad = made  # the sampled net, then the guide
+    assert good.rows == 3 * 2 * 2 * K and bad.rows == 3 * 2 * 2  # 3 images x 2 steps x CFG pair; guide: stage 1
+    assert s["nfe"] == plain["nfe"] + 2 * 2 and s["guide_scale"] == [2.0, 1.0, 1.0]
+    rec = json.loads((tmp_path / "ag" / "samples.json").read_text())
+    assert rec["guide"].endswith("step_0000005.pt") and rec["guide_scale"] == [2.0, 1.0, 1.0]
+    assert "guide" not in plain  # records without autoguidance stay as they were
+    assert not np.array_equal(_npz(tmp_path / "ag")[0], _npz(tmp_path / "plain")[0])
+    # the run's own newest checkpoint as its guide: v_bad + w * 0 is the net alone, to the bit
+    same = generate(run, tmp_path / "twin", guide=str(run / "checkpoints" / "step_0000010.pt"), guide_scale=3.0, **kw)
+    assert np.array_equal(_npz(tmp_path / "twin")[0], _npz(tmp_path / "plain")[0]) and same["nfe"] == 2 * plain["nfe"]
+    # resume checks the guide settings like any other
+    with pytest.raises(ValueError, match="guide_scale was"):
+        generate(run, tmp_path / "ag", guide="step:5", guide_scale=3.0, resume=True, **kw)
+    with pytest.raises(FileNotFoundError, match=r"step:7: .*step_0000007.pt does not exist .*step_0000005"):
+        generate(run, tmp_path / "x1", guide="step:7", guide_scale=2.0, **kw)
+    with pytest.raises(ValueError, match="--guide-scale needs --guide"):
+        generate(run, tmp_path / "x2", guide_scale=2.0, **kw)
+    with pytest.raises(ValueError, match="step:N"):
+        generate(run, tmp_path / "x3", guide="step:last", guide_scale=2.0, **kw)
+
+
+def test_autoguidance_refuses_a_guide_of_another_model(run_dir, tmp_path):
+    from cdc.model import build_model
+
+    cfg = config.from_dict({"model": {"preset": "tiny", "in_channels": 1, "num_classes": 10, "patch": 4},
+                            "flow": {"sides": [8, 16, 32]}})  # fmt: skip
+    sd = build_model(cfg).state_dict()
+    other = tmp_path / "other.pt"
+    ckpt_lib.save(other, {"config": config.to_dict(cfg), "model": sd, "ema": sd, "step": 1})
+    with pytest.raises(ValueError, match="model differs"):
+        generate(run_dir, tmp_path / "o", guide=str(other), guide_scale=2.0, n=1, **FAST)
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 
@@ -292,6 +344,9 @@ def test_cli_sample_newest_run_and_refusals(run_dir, tmp_path):
     assert r.exit_code == 2 and len(lines) == 1 and "checkpoint not found" in lines[0]
     r = runner.invoke(app, args + ["--steps", "1,2"])
     assert r.exit_code == 2 and "--steps" in r.output
+    r = runner.invoke(app, args + ["--overwrite", "--guide-scale", "2"])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "--guide-scale needs --guide" in lines[0]
 
 
 def test_torchrun_two_ranks_equal_one(run_dir, tmp_path):
