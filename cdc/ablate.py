@@ -377,6 +377,7 @@ def _sample_point(ckpt_dir: Path, cfg: Config, folder: Path, n: int, progress: b
     summary = generate(
         str(ckpt_dir), out, n=n, classes="all", steps=s.steps, cfg=s.cfg, solver=s.solver, seed=s.seed,
         batch=s.batch, interval=s.interval, sde_eps=s.sde_eps, resume=old is not None, progress=progress,
+        guide=s.guide, guide_scale=s.guide_scale,
     )  # fmt: skip
     return D.all_gather_objects(summary)[0]
 

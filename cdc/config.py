@@ -119,7 +119,8 @@ class SampleConfig:
     solver: str = "euler"  # "euler" (Alg. 2/4) | "heun" | "sde" (App. D, linear interpolant)
     interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # apply CFG for tau in [lo, hi)
     # autoguidance: a weaker checkpoint of the same model to guide away from (a file, a run dir, or
-    # "step:N" = the sampled run's own checkpoint at step N, e.g. a train.milestone_every one); "" = off
+    # "step:N" = the sampled run's own checkpoint at step N, e.g. a train.milestone_every one); "" = off.
+    # Used by `cdc sample` and `cdc ablate`; the preview grids written during training do not autoguide.
     guide: str = ""
     guide_scale: list[float] = field(default_factory=lambda: [1.0])  # its weight w, one or per stage; 1 = off
     sde_eps: float = 1.0  # SDE diffusion scale (solver "sde")

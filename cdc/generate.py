@@ -178,11 +178,14 @@ def _guide_path(spec: str, ckpt: Path, runs_dir: str | Path) -> Path:
 
 
 def _load_guide(path: Path, mcfg, ema: bool, dev: torch.device) -> torch.nn.Module:
-    """The autoguidance net: same architecture and hierarchy as the sampled one (checked)."""
+    """The autoguidance net. It may be smaller (EDM2 guides with a smaller, shorter-trained net) but
+    must take the same inputs: the same stage sides, channels, classes and interpolant (checked)."""
     gmodel, gcfg, _ = ckpt_lib.load_for_inference(path, ema=ema, device=dev)
-    for what, a, b in (("model", gcfg.model, mcfg.model), ("flow.sides", gcfg.flow.sides, mcfg.flow.sides)):
+    for key in ("flow.sides", "model.in_channels", "model.num_classes", "flow.interpolant", "flow.predict"):
+        sec, name = key.split(".")
+        a, b = getattr(getattr(gcfg, sec), name), getattr(getattr(mcfg, sec), name)
         if a != b:
-            raise ValueError(f"--guide {path}: its {what} differs from the sampled checkpoint's; guide with a checkpoint of the same model")
+            raise ValueError(f"--guide {path}: its {key} is {a!r}, the sampled checkpoint's {b!r}; guide with a model of the same task")
     return gmodel
 
 

@@ -51,9 +51,12 @@ def parse_guide(
 ) -> tuple[str, float | list[float]]:
     """--guide CKPT|step:N and --guide-scale W or W1,W2,W3 -> (guide, weight or one per stage).
 
-    A scale without a guide is an error; a guide without a scale keeps the recipe's weights.
+    A scale without a guide is an error; a guide without a scale keeps the recipe's weights;
+    `--guide none` (or "") turns a recipe's autoguidance off.
     """
     g = default[0] if guide is None else guide.strip()
+    if guide is not None and g.lower() in ("", "none"):
+        g, default = "", ("", [1.0])
     vals = _per_stage(default[1] if scale is None else scale, "--guide-scale", "a weight or a comma list like 2,2,2", float, K)
     if len(vals) != K or min(vals) < 0:
         raise ValueError(f"--guide-scale: give one weight >= 0 or one per stage ({K} stages), got {vals}")

@@ -18,7 +18,7 @@ import cdc.checkpoint as ckpt_lib
 import cdc.config as config
 from cdc.figures import grid, stage_rows, to_uint8
 from cdc.generate import generate
-from cdc.sample_options import labels_for, parse_cfg, parse_classes, parse_steps
+from cdc.sample_options import labels_for, parse_cfg, parse_classes, parse_guide, parse_steps
 
 REPO = Path(__file__).resolve().parents[1]
 K = 3  # stages of the test model: sides 8, 16, 32
@@ -281,6 +281,18 @@ def _with_guide(run_dir: Path, tmp_path: Path) -> Path:
     return run
 
 
+def test_guide_options_parse():
+    recipe = ("step:1000", [2.0, 3.0, 3.0])
+    assert parse_guide(None, None, recipe, 3) == ("step:1000", [2.0, 3.0, 3.0])  # the recipe's
+    assert parse_guide(None, "2", recipe, 3) == ("step:1000", 2.0)  # one weight: stored as one number
+    assert parse_guide("none", None, recipe, 3) == ("", 1.0)  # switched off
+    assert parse_guide("run/x.pt", "1.5,2,2", ("", [1.0]), 3) == ("run/x.pt", [1.5, 2.0, 2.0])
+    with pytest.raises(ValueError, match="one per stage"):
+        parse_guide("step:5", "2,2", recipe, 3)
+    with pytest.raises(ValueError, match="--guide-scale: expected"):
+        parse_guide("step:5", "two", recipe, 3)
+
+
 def test_autoguidance_by_an_earlier_checkpoint_of_the_run(run_dir, tmp_path, monkeypatch):
     run = _with_guide(run_dir, tmp_path)
     kw = dict(n=3, batch=2, **FAST)
@@ -308,16 +320,24 @@ def test_autoguidance_by_an_earlier_checkpoint_of_the_run(run_dir, tmp_path, mon
         generate(run, tmp_path / "x3", guide="step:last", guide_scale=2.0, **kw)
 
 
-def test_autoguidance_refuses_a_guide_of_another_model(run_dir, tmp_path):
+def test_autoguidance_by_a_smaller_model_but_not_another_task(run_dir, tmp_path):
     from cdc.model import build_model
 
-    cfg = config.from_dict({"model": {"preset": "tiny", "in_channels": 1, "num_classes": 10, "patch": 4},
-                            "flow": {"sides": [8, 16, 32]}})  # fmt: skip
-    sd = build_model(cfg).state_dict()
-    other = tmp_path / "other.pt"
-    ckpt_lib.save(other, {"config": config.to_dict(cfg), "model": sd, "ema": sd, "step": 1})
-    with pytest.raises(ValueError, match="model differs"):
-        generate(run_dir, tmp_path / "o", guide=str(other), guide_scale=2.0, n=1, **FAST)
+    def save(name, model, flow):
+        cfg = config.from_dict({"model": {"preset": "tiny", "in_channels": 1, **model}, "flow": flow})
+        sd = build_model(cfg).state_dict()
+        ckpt_lib.save(tmp_path / name, {"config": config.to_dict(cfg), "model": sd, "ema": sd, "step": 1})
+        return str(tmp_path / name)
+
+    small = save("small.pt", {"num_classes": 10, "depth": 1, "width": 32, "heads": 2, "patch": 4}, {"sides": [8, 16, 32]})
+    s = generate(run_dir, tmp_path / "s", guide=small, guide_scale=2.0, n=1, **FAST)
+    assert s["guide"] == small and s["nfe"] == 2 * K * 2 * 2
+    other = save("other.pt", {"num_classes": 5, "patch": 2}, {"sides": [8, 16, 32]})
+    with pytest.raises(ValueError, match=r"model.num_classes is 5, the sampled checkpoint's 10"):
+        generate(run_dir, tmp_path / "o", guide=other, guide_scale=2.0, n=1, **FAST)
+    other = save("sides.pt", {"num_classes": 10, "patch": 2}, {"sides": [16, 32]})
+    with pytest.raises(ValueError, match=r"flow.sides is \[16, 32\]"):
+        generate(run_dir, tmp_path / "o2", guide=other, guide_scale=2.0, n=1, **FAST)
 
 
 # ---------------------------------------------------------------------------------------------
