@@ -280,12 +280,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"sample.steps: give one count >= 1 or one per stage ({len(f.sides)}), got {s.steps}"
         )
-    if len(s.cfg) not in (1, len(f.sides)) or min(s.cfg) < 0:
-        raise ConfigError(f"sample.cfg: give one scale >= 0 or one per stage ({len(f.sides)}), got {s.cfg}")
-    if len(s.guide_scale) not in (1, len(f.sides)) or min(s.guide_scale) < 0:
-        raise ConfigError(
-            f"sample.guide_scale: give one weight >= 0 or one per stage ({len(f.sides)}), got {s.guide_scale}"
-        )
+    for key, vals, noun in (("sample.cfg", s.cfg, "scale"), ("sample.guide_scale", s.guide_scale, "weight")):
+        if len(vals) not in (1, len(f.sides)) or min(vals) < 0:
+            raise ConfigError(f"{key}: give one {noun} >= 0 or one per stage ({len(f.sides)}), got {vals}")
     if s.guide_scale != [1.0] * len(s.guide_scale) and not s.guide:
         raise ConfigError("sample.guide_scale != 1 needs sample.guide (a checkpoint, or step:N of this run)")
     if len(s.interval) != 2 or not 0.0 <= s.interval[0] <= s.interval[1] <= 1.0:

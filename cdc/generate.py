@@ -180,12 +180,19 @@ def _guide_path(spec: str, ckpt: Path, runs_dir: str | Path) -> Path:
 def _load_guide(path: Path, mcfg, ema: bool, dev: torch.device) -> torch.nn.Module:
     """The autoguidance net. It may be smaller (EDM2 guides with a smaller, shorter-trained net) but
     must take the same inputs: the same stage sides, channels, classes and interpolant (checked)."""
-    gmodel, gcfg, _ = ckpt_lib.load_for_inference(path, ema=ema, device=dev)
-    for key in ("flow.sides", "model.in_channels", "model.num_classes", "flow.interpolant", "flow.predict"):
-        sec, name = key.split(".")
-        a, b = getattr(getattr(gcfg, sec), name), getattr(getattr(mcfg, sec), name)
+    gmodel, g, _ = ckpt_lib.load_for_inference(path, ema=ema, device=dev)
+    same = {
+        "flow.sides": (g.flow.sides, mcfg.flow.sides),
+        "model.in_channels": (g.model.in_channels, mcfg.model.in_channels),
+        "model.num_classes": (g.model.num_classes, mcfg.model.num_classes),
+        "flow.interpolant": (g.flow.interpolant, mcfg.flow.interpolant),
+        "flow.predict": (g.flow.predict, mcfg.flow.predict),
+    }
+    for key, (a, b) in same.items():
         if a != b:
-            raise ValueError(f"--guide {path}: its {key} is {a!r}, the sampled checkpoint's {b!r}; guide with a model of the same task")
+            raise ValueError(
+                f"--guide {path}: its {key} is {a!r}, the sampled checkpoint's {b!r}; guide with a model of the same task"
+            )
     return gmodel
 
 
@@ -254,8 +261,8 @@ def generate(
 
     Options left as None come from the checkpoint's `sample` config; `out` defaults to
     samples/<run>-step<step>. `bf16` (default: on for CUDA) runs the model under bf16 autocast; the
-    ODE state stays fp32. `guide` / `guide_scale`: autoguidance (cdc.sampler.autoguided). Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the
-    summary, the others {}.
+    ODE state stays fp32. `guide` / `guide_scale`: autoguidance (cdc.sampler.autoguided). Under
+    torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the summary, the others {}.
     """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")

@@ -37,13 +37,18 @@ def parse_steps(steps: int | str | list[int] | None, default: list[int], K: int)
     return vals
 
 
-def parse_cfg(cfg: float | str | list[float] | None, default: list[float], K: int) -> float | list[float]:
-    """'3' or '2,3,3' or numbers -> one scale (a float, as the paper's eq. 77) or one per stage."""
-    vals = _per_stage(default if cfg is None else cfg, "--cfg", "a scale or a comma list like 2,3,3", float, K)
+def _weights(value, option: str, noun: str, example: str, K: int) -> float | list[float]:
+    """A per-stage weight >= 0 (CFG scale, autoguidance weight) -> one float, or one per stage."""
+    vals = _per_stage(value, option, f"a {noun} or a comma list like {example}", float, K)
     if len(vals) != K or min(vals) < 0:
-        raise ValueError(f"--cfg: give one scale >= 0 or one per stage ({K} stages), got {vals}")
+        raise ValueError(f"{option}: give one {noun} >= 0 or one per stage ({K} stages), got {vals}")
     # one number when every stage shares it, so records stay as they were before per-stage scales
     return vals[0] if len(set(vals)) == 1 else vals
+
+
+def parse_cfg(cfg: float | str | list[float] | None, default: list[float], K: int) -> float | list[float]:
+    """'3' or '2,3,3' or numbers -> one scale (a float, as the paper's eq. 77) or one per stage."""
+    return _weights(default if cfg is None else cfg, "--cfg", "scale", "2,3,3", K)
 
 
 def parse_guide(
@@ -57,14 +62,12 @@ def parse_guide(
     g = default[0] if guide is None else guide.strip()
     if guide is not None and g.lower() in ("", "none"):
         g, default = "", ("", [1.0])
-    vals = _per_stage(default[1] if scale is None else scale, "--guide-scale", "a weight or a comma list like 2,2,2", float, K)
-    if len(vals) != K or min(vals) < 0:
-        raise ValueError(f"--guide-scale: give one weight >= 0 or one per stage ({K} stages), got {vals}")
-    if not g and any(v != 1.0 for v in vals):
+    w = _weights(default[1] if scale is None else scale, "--guide-scale", "weight", "2,2,2", K)
+    if not g and w != 1.0:
         raise ValueError("--guide-scale needs --guide CKPT (or step:N, this run's checkpoint at step N)")
     if g.startswith("step:") and not g[5:].isdigit():
         raise ValueError(f"--guide: expected a checkpoint path or step:N such as step:1000, got {g!r}")
-    return g, vals[0] if len(set(vals)) == 1 else vals
+    return g, w
 
 
 def parse_classes(classes: str | list[int] | None, num_classes: int) -> list[int]:
