@@ -9,6 +9,12 @@ a host tensor. Why, and what it costs: docs/design-notes.md, "Compile".
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import time
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -42,6 +48,56 @@ def gather_rows(v: Tensor, idx: Tensor) -> Tensor:
     return _Gather.apply(v, idx)
 
 
+def why_not_compiled(device: torch.device | str) -> str | None:
+    """Why torch.compile cannot build the trunk on `device` on this machine, None if it can.
+
+    `train.compile: auto` trains eager when this names a reason; the compile tests skip on it.
+    """
+    if torch.torch_version.TorchVersion(torch.__version__) < "2.5":
+        # torch 2.4's inductor fails on the packed trunk (its cat_mm and softmax passes)
+        return f"torch {torch.__version__} is older than 2.5"
+    if torch.device(device).type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "inductor needs triton on CUDA (pip install triton)"
+        return None
+    cxx = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+    if not any(shutil.which(c) for c in cxx):  # inductor builds its CPU kernels as C++
+        return "inductor needs a C++ compiler on CPU (e.g. apt-get install g++)"
+    return None
+
+
+def compile_for_training(
+    model, setting: bool | str, sides: list[int], batch: int, device: torch.device, log: Callable[[str], None] = print
+) -> bool:
+    """Apply train.compile (true | false | "auto") to `model`; returns whether it trains compiled.
+
+    "auto" trains eager, saying why in one line, where why_not_compiled() names a reason or the
+    first compile raises (e.g. a broken C++ toolchain); true lets such an error propagate.
+    """
+    if setting is False:
+        return False
+    if setting == "auto" and (why := why_not_compiled(device)):
+        log(f"train.compile auto: training eager ({why})")
+        return False
+    t0 = time.perf_counter()
+    model.compile_trunk()
+    try:
+        model.warm_up_compiled(sides, batch, device)  # same kernels after resume
+    except Exception as e:
+        if setting != "auto":
+            raise
+        model.eager_trunk()
+        for p in model.parameters():
+            p.grad = None
+        torch._dynamo.reset()
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        log(f"train.compile auto: the first compile failed, training eager ({type(e).__name__}: {first})")
+        return False
+    log(f"train.compile {setting}: training compiled (inductor on {torch.device(device).type}; "
+        f"compile + warm-up {time.perf_counter() - t0:.0f} s)")
+    return True
+
+
 class CompiledTrunk:
     """compile_trunk / warm_up_compiled and the compiled forward of cdc.model.DiT."""
 
@@ -54,6 +110,10 @@ class CompiledTrunk:
         train/eval mode and grad setting and is reused for every stage mix and batch size.
         """
         self._trunk_compiled = torch.compile(self._trunk, backend=backend, dynamic=True, **kwargs)
+
+    def eager_trunk(self) -> None:
+        """Undo compile_trunk(): the eager packed forward from now on."""
+        self._trunk_compiled = None
 
     def warm_up_compiled(self, sides: list[int], batch: int, device: torch.device | str = "cpu") -> None:
         """One forward + backward of a fixed mixed-stage batch right after compile_trunk().

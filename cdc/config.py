@@ -98,7 +98,10 @@ class TrainConfig:
     label_dropout: float = 0.1  # p of replacing the class by the null class (CFG training)
     precision: str = "bf16"  # "bf16" autocast on CUDA | "fp32"; CPU always runs fp32
     tf32: bool = True  # allow TF32 matmuls on Ampere+
-    compile: bool = False  # torch.compile the packed trunk, once for every stage mix (torch >= 2.5; docs/performance.md)
+    # torch.compile the packed trunk, once for every stage mix (torch >= 2.5; docs/performance.md):
+    # true | false | "auto" (compile where this machine can: torch >= 2.5 and a C++ compiler on CPU
+    # or triton on CUDA; eager otherwise, or if the first compile fails)
+    compile: bool | str = False
     seed: int = 0  # base seed; every rank derives its own from (seed, rank)
     log_every: int = 100  # steps between metrics.jsonl lines
     ckpt_every: int = 5000  # steps between checkpoints (0 = only at the end and on signals)
@@ -158,8 +161,16 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _check_type(key, value, inner)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _check_type(key, value, inner[0])
+        for tp_i in inner:  # e.g. `bool | str`: the first type the value fits wins
+            try:
+                return _check_type(key, value, tp_i)
+            except ConfigError:
+                pass
+        names = " or ".join("true/false" if a is bool else a.__name__ for a in inner)
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, (int, float, str)) and not isinstance(value, bool) and inner is not str:
@@ -287,6 +298,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("sample.guide_scale != 1 needs sample.guide (a checkpoint, or step:N of this run)")
     if len(s.interval) != 2 or not 0.0 <= s.interval[0] <= s.interval[1] <= 1.0:
         raise ConfigError(f"sample.interval: need [lo, hi] with 0 <= lo <= hi <= 1, got {s.interval}")
+    if t.compile not in (True, False, "auto"):
+        raise ConfigError(f"train.compile: {t.compile!r} is not one of true, false, auto")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas: need two values, got {t.betas}")
     if cfg.data.cache_mb < 0:

@@ -70,6 +70,10 @@ class StageDiTs(nn.Module):
         for n in self.nets:
             n.compile_trunk(**kwargs)
 
+    def eager_trunk(self) -> None:
+        for n in self.nets:
+            n.eager_trunk()
+
     def warm_up_compiled(self, sides: list[int], batch: int, device="cpu") -> None:
         from cdc.model import DiT
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cdc import checkpoint as ckpt
 from cdc import distributed as D
+from cdc.compiled_trunk import compile_for_training, why_not_compiled
 from cdc.config import Config, ConfigError, dump, for_world, from_dict, to_dict
 from cdc.flow import Interpolant, Schedule, loss, velocity_net_from_config
 from cdc.init_from import resolve_init, start_from_init
@@ -170,6 +171,10 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     ckpt.atomic_write_bytes(f, ("\n".join(keep) + "\n").encode() if keep else b"")
 
 
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns a summary of the last logged metrics."""
     from cdc.data import make_loader
@@ -178,12 +183,8 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     cfg = for_world(cfg, dist.world)  # grad_accum from train.global_batch, recorded in config.yaml
     run_dir = Path(run_dir)
     t = cfg.train
-    if t.compile and torch.torch_version.TorchVersion(torch.__version__) < "2.5":
-        # torch 2.4's inductor fails on the packed trunk (its cat_mm and softmax passes)
-        raise ConfigError(
-            f"train.compile needs torch >= 2.5 (this is {torch.__version__}); "
-            "upgrade torch or set train.compile: false"
-        )
+    if t.compile is True and (why := why_not_compiled(dist.device)):
+        raise ConfigError(f"train.compile: {why}; fix that, or set train.compile: auto (eager where it cannot) or false")
     resolve_init(cfg, run_dir)
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -248,9 +249,8 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
             print(f"resumed from {path} at step {step}", flush=True)
 
     net = model
-    if t.compile:  # the packed trunk only: one graph for every stage mix (cdc.model.compile_trunk)
-        model.compile_trunk()
-        model.warm_up_compiled(list(cfg.flow.sides), t.batch_size, dev)  # same kernels after resume
+    # the packed trunk only: one graph for every stage mix (cdc.compiled_trunk)
+    compile_for_training(model, t.compile, list(cfg.flow.sides), t.batch_size, dev, log=_say if dist.main else lambda m: None)
     if dist.world > 1:
         # stage-specific DiTs: a step's batch may hold no sample of some stage
         net = DDP(

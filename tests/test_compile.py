@@ -4,8 +4,6 @@ The first compile of the tiny DiT takes ~20-90 s on 2 cores (inductor's C++ buil
 afterwards), so all these tests share one module-scoped compiled model where they can.
 """
 
-import shutil
-
 import pytest
 import torch
 import torch._dynamo.testing as DT
@@ -13,22 +11,15 @@ import torch._dynamo.testing as DT
 import cdc.config as C
 from cdc import flow as F
 from cdc.attention import attention, packed_attention
+from cdc.compiled_trunk import why_not_compiled
 from cdc.model import build_model
 from cdc.prepare import prepare
 from cdc.sampler import image_seed, sample
 
 SIDES = [8, 16, 32]
 # inductor builds C++ kernels on CPU; without a compiler, compile cannot run here (eager still can)
-pytestmark = [
-    pytest.mark.skipif(
-        not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
-        reason="torch.compile on CPU needs a C++ compiler (apt-get install g++)",
-    ),
-    pytest.mark.skipif(
-        torch.torch_version.TorchVersion(torch.__version__) < "2.5",
-        reason="train.compile needs torch >= 2.5 (torch 2.4's inductor fails on the packed trunk)",
-    ),
-]
+_WHY_NOT = why_not_compiled("cpu")  # torch < 2.5, or no C++ compiler
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=f"train.compile cannot run here: {_WHY_NOT}")
 
 
 def _cfg():

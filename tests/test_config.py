@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from cdc import config as C
 
@@ -25,6 +26,7 @@ def test_preset_then_explicit_keys_and_overrides():
         ({"modle": {}}, "modle"),
         ({"train": {"lr": "fast"}}, "train.lr"),
         ({"train": {"compile": 1}}, "train.compile"),
+        ({"train": {"compile": "yes"}}, "train.compile"),
         ({"flow": {"sides": [32, 48]}}, "flow.sides"),
         ({"flow": {"bounds": [0, 0.7, 0.5, 0.9, 1]}}, "flow.bounds"),
         ({"model": {"preset": "huge"}}, "model.preset"),
@@ -51,3 +53,14 @@ def test_dump_roundtrip(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(C.dump(cfg))
     assert C.load(p) == cfg
+
+
+def test_compile_takes_true_false_or_auto():
+    """train.compile is `bool | str`: YAML booleans stay booleans, "auto" is the one string."""
+    assert C.from_dict({"train": {"compile": True}}).train.compile is True
+    assert C.from_dict({}, ["train.compile=false"]).train.compile is False
+    assert C.from_dict({}, ["train.compile=auto"]).train.compile == "auto"
+    with pytest.raises(C.ConfigError, match=r"train.compile: expected true/false or str, got 1\.5"):
+        C.from_dict({"train": {"compile": 1.5}})
+    cfg = C.from_dict({}, ["train.compile=auto"])
+    assert C.from_dict(yaml.safe_load(C.dump(cfg))).train.compile == "auto"  # survives config.yaml

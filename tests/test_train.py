@@ -250,5 +250,55 @@ def test_dry_run_prints_config_and_params(tmp_path, shards):
 def test_compile_on_torch_24_is_a_one_line_error(shards, tmp_path, monkeypatch):
     """torch 2.4's inductor fails on the packed trunk: say so before anything compiles."""
     monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
-    with pytest.raises(ConfigError, match=r"train.compile needs torch >= 2.5 \(this is 2.4.1\+cpu\)"):
+    with pytest.raises(ConfigError, match=r"train.compile: torch 2.4.1\+cpu is older than 2.5; .* auto") as e:
         train(from_dict(recipe(shards, compile=True, steps=2)), tmp_path / "run", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_compile_without_a_cxx_compiler_is_a_one_line_error(shards, tmp_path, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("cdc.compiled_trunk.shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"train.compile: inductor needs a C\+\+ compiler on CPU"):
+        train(from_dict(recipe(shards, compile=True, steps=2)), tmp_path / "run", progress=False)
+
+
+def test_why_not_compiled_names_what_is_missing(monkeypatch):
+    from cdc.compiled_trunk import why_not_compiled
+
+    monkeypatch.setattr(torch, "__version__", "2.6.0")
+    monkeypatch.setattr("cdc.compiled_trunk.importlib.util.find_spec", lambda name: None)
+    assert why_not_compiled("cuda") == "inductor needs triton on CUDA (pip install triton)"
+    monkeypatch.setattr("cdc.compiled_trunk.shutil.which", lambda name: "/usr/bin/" + name if name == "cl++" else None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert why_not_compiled("cpu") == "inductor needs a C++ compiler on CPU (e.g. apt-get install g++)"
+    monkeypatch.setenv("CXX", "cl++")  # the compiler inductor is told to use, found on PATH
+    assert why_not_compiled("cpu") is None
+
+
+def _weights(run):
+    return final_state(run)["model"]
+
+
+def test_compile_auto_trains_eager_where_it_cannot_compile(shards, tmp_path, monkeypatch, capsys):
+    """auto = eager, bit for bit, when the machine cannot compile (here: torch 2.4) or compiling fails."""
+    train(from_dict(recipe(shards, steps=3)), tmp_path / "eager", progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", "2.4.1+cpu")
+        train(from_dict(recipe(shards, compile="auto", steps=3)), tmp_path / "old", progress=False)
+    assert "train.compile auto: training eager (torch 2.4.1+cpu is older than 2.5)" in capsys.readouterr().out
+
+    def broken(self, *a, **k):  # what a broken toolchain looks like: the first compiled call raises
+        raise RuntimeError("C++ compile error\nmore lines")
+
+    monkeypatch.setattr("cdc.model.DiT.warm_up_compiled", broken)
+    monkeypatch.setattr("cdc.compiled_trunk.why_not_compiled", lambda device: None)  # as on a machine that can
+    monkeypatch.setattr("cdc.train.why_not_compiled", lambda device: None)
+    train(from_dict(recipe(shards, compile="auto", steps=3)), tmp_path / "broken", progress=False)
+    out = capsys.readouterr().out
+    assert "train.compile auto: the first compile failed, training eager (RuntimeError: C++ compile error)" in out
+    ref = _weights(tmp_path / "eager")
+    for run in ("old", "broken"):
+        got = _weights(tmp_path / run)
+        assert all(torch.equal(ref[k], got[k]) for k in ref), run
+    with pytest.raises(RuntimeError, match="C\\+\\+ compile error"):  # true: the error is the user's to see
+        train(from_dict(recipe(shards, compile=True, steps=3)), tmp_path / "strict", progress=False)
