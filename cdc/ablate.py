@@ -2,7 +2,7 @@
 
 A sweep moves one knob (two for the gamma-sigma grid) of a base recipe. Every point is a full run
 in its own folder, `OUT/points/<label>/`: the resolved `config.yaml`, the training run `run/`
-(cdc.train), `samples/` (cdc.generate) and `result.json` (scores from cdc.metrics / the
+(cdc.train), `samples/` (cdc.generate) and `result.json` (scores from cdc.scoring / the
 Fashion-MNIST judge). The `cfg` and `steps` sweeps train the base once (`OUT/base/`) and only
 sample. A point with a `result.json` is reused, and a half-done point resumes (training from its
 checkpoint, sampling from its finished PNGs), so an interrupted sweep continues where it stopped.
@@ -384,7 +384,7 @@ def _sample_point(ckpt_dir: Path, cfg: Config, folder: Path, n: int, progress: b
 
 def _reference(p: Plan, inception: bool) -> Path:
     """OUT/reference.npz from the base recipe's training data (SWD; FID/PR with Inception weights)."""
-    from cdc.metrics import build_reference
+    from cdc.scoring import build_reference
 
     ref = p.out / "reference.npz"
     if not ref.is_file():
@@ -396,7 +396,7 @@ def _reference(p: Plan, inception: bool) -> Path:
 
 def score_point(samples: Path, ref: Path, cfg: Config, inception: bool, judge: Path | None) -> dict[str, Any]:
     """Metrics of one point's samples.npz: SWD always; FID/IS/PR with Inception; judge on Fashion-MNIST."""
-    from cdc.metrics import score
+    from cdc.scoring import score
 
     ms = "fid,is,pr,swd" if inception else "swd"
     m = score(samples, ref, ms, progress=False)["metrics"]

@@ -247,7 +247,7 @@ def score_cmd(
     Build a reference: `cdc score ref --data DIR --out REF.npz --side S --sides 32,64 --n N`
     (DIR: image folder or `cdc prepare` shards). To score a file literally named `ref`, write ./ref.
     """
-    from cdc import metrics as M
+    from cdc import scoring as M
 
     ms = metrics
     if samples == "ref":

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from cdc import inception as I
 from cdc import metrics as M
+from cdc import scoring as S
 from cdc.cli import app
 
 
@@ -47,8 +48,8 @@ def _adm_and_cdc_refs(tmp_path, net):
     raw = tmp_path / "images.npz"
     np.savez(raw, arr_0=imgs)
     cdc_ref = tmp_path / "ref.npz"
-    M.build_reference(raw, cdc_ref, metrics="fid,pr,swd", model=net, progress=False)
-    arrays, _ = M.load_reference(cdc_ref)
+    S.build_reference(raw, cdc_ref, metrics="fid,pr,swd", model=net, progress=False)
+    arrays, _ = S.load_reference(cdc_ref)
     adm = tmp_path / "VIRTUAL_tiny32_labeled.npz"
     rng = np.random.default_rng(0)
     np.savez(
@@ -70,9 +71,9 @@ def test_adm_reference_scores_like_the_equivalent_cdc_reference(tmp_path):
     np.savez(
         samples, arr_0=np.clip(imgs.astype(int) + _images(40, seed=2) // 4 - 32, 0, 255).astype(np.uint8)
     )
-    assert M.is_adm_reference(adm) and not M.is_adm_reference(cdc_ref) and not M.is_adm_reference(samples)
-    a = M.score(samples, cdc_ref, "fid,is,pr,swd", model=net, progress=False, out=tmp_path / "a.json")
-    b = M.score(samples, adm, "fid,is,pr,swd", model=net, progress=False, out=tmp_path / "b.json")
+    assert S.is_adm_reference(adm) and not S.is_adm_reference(cdc_ref) and not S.is_adm_reference(samples)
+    a = S.score(samples, cdc_ref, "fid,is,pr,swd", model=net, progress=False, out=tmp_path / "a.json")
+    b = S.score(samples, adm, "fid,is,pr,swd", model=net, progress=False, out=tmp_path / "b.json")
     ma, mb = a["metrics"], b["metrics"]
     assert ma["fid"] > 1e-3 and mb["fid"] == pytest.approx(ma["fid"], rel=1e-9)
     assert (mb["precision"], mb["recall"], mb["is"]) == (ma["precision"], ma["recall"], ma["is"])
@@ -86,7 +87,7 @@ def test_adm_reference_scores_like_the_equivalent_cdc_reference(tmp_path):
         stored = dict(z)
     stored["mu"] = stored["mu"] + 0.5
     np.savez(tmp_path / "shifted.npz", **stored)
-    c = M.score(samples, tmp_path / "shifted.npz", "fid", model=net, progress=False, out=tmp_path / "c.json")
+    c = S.score(samples, tmp_path / "shifted.npz", "fid", model=net, progress=False, out=tmp_path / "c.json")
     with np.load(samples) as z:
         pool = net[0](torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2).float() / 255)[0].numpy()
     want = M.frechet_distance(*M.gaussian_stats(pool), stored["mu"], stored["sigma"])
@@ -106,16 +107,16 @@ def test_adm_reference_cli_and_errors(tmp_path):
     assert r.exit_code == 2 and "cdc score ref --data" in r.output and len(r.output.strip().splitlines()) == 1
     np.savez(tmp_path / "s16.npz", arr_0=imgs[:20, :16, :16])
     with pytest.raises(ValueError, match="samples are 16px but the reference"):
-        M.score(tmp_path / "s16.npz", adm, "fid,pr", model=net, progress=False)
+        S.score(tmp_path / "s16.npz", adm, "fid,pr", model=net, progress=False)
 
 
 def test_reference_of_the_old_inception_input_must_be_rebuilt(tmp_path):
     net = (TinyNet(), "tiny")
     imgs, cdc_ref, _ = _adm_and_cdc_refs(tmp_path, net)
-    arrays, desc = M.load_reference(cdc_ref)
+    arrays, desc = S.load_reference(cdc_ref)
     desc["versions"]["fid"] = "cdc-fid-1: pool3 2048-d, scipy sqrtm, eps 1e-6 fallback"
     old = tmp_path / "old.npz"
     np.savez(old, **arrays, meta=np.array(json.dumps(desc)))
     np.savez(tmp_path / "samples.npz", arr_0=imgs)
     with pytest.raises(ValueError, match="cdc-fid-1.*rebuild"):
-        M.score(tmp_path / "samples.npz", old, "fid", model=net, progress=False)
+        S.score(tmp_path / "samples.npz", old, "fid", model=net, progress=False)

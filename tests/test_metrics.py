@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from cdc import evalio as E
 from cdc import inception as I
 from cdc import metrics as M
+from cdc import scoring as SC
 from cdc import swd as S
 from cdc.cli import app
 
@@ -242,13 +243,13 @@ def test_score_end_to_end_random_inception(tmp_path):
     imgs = _images(4)
     ref_dir = _save_pngs(tmp_path / "ref" / "class_a", imgs).parent
     ref = tmp_path / "ref.npz"
-    desc = M.build_reference(
+    desc = SC.build_reference(
         ref_dir, ref, metrics="fid,pr,swd", inception_weights=False, progress=False, device="cpu"
     )
     assert desc["count"] == 4 and desc["side"] == 32 and desc["inception_sha256"] == "random"
     np.savez(tmp_path / "samples.npz", arr_0=imgs, arr_1=np.arange(4))
     (tmp_path / "samples.json").write_text(json.dumps({"cfg_scale": 1.5, "steps": [10, 10]}))
-    res = M.score(
+    res = SC.score(
         tmp_path / "samples.npz", ref, "pr,swd", inception_weights=False, progress=False, device="cpu"
     )
     m = res["metrics"]
@@ -264,18 +265,18 @@ def test_per_stage_fid(tmp_path):
     net = (TinyNet(), "tiny")
     ref_dir = _save_pngs(tmp_path / "ref", imgs)
     ref = tmp_path / "ref.npz"
-    M.build_reference(ref_dir, ref, sides=[8, 16], metrics="fid", model=net, progress=False)
-    stages = {f"stage{k}": M._stage_down(imgs, s) for k, s in enumerate((8, 16, 32))}
+    SC.build_reference(ref_dir, ref, sides=[8, 16], metrics="fid", model=net, progress=False)
+    stages = {f"stage{k}": SC._stage_down(imgs, s) for k, s in enumerate((8, 16, 32))}
     np.savez(tmp_path / "stages.npz", **stages)
     np.savez(tmp_path / "samples.npz", arr_0=imgs)
-    res = M.score(tmp_path / "samples.npz", ref, "fid", stages=True, model=net, progress=False)
+    res = SC.score(tmp_path / "samples.npz", ref, "fid", stages=True, model=net, progress=False)
     st = res["metrics"]["fid_stages"]
     assert [st[k]["side"] for k in ("stage0", "stage1", "stage2")] == [8, 16, 32]
     assert all(abs(v["fid"]) < 1e-6 for v in st.values())
     # a reference without the stage sides: one-line error telling how to rebuild
-    M.build_reference(ref_dir, tmp_path / "ref32.npz", metrics="fid", model=net, progress=False)
+    SC.build_reference(ref_dir, tmp_path / "ref32.npz", metrics="fid", model=net, progress=False)
     with pytest.raises(ValueError, match="--sides 8"):
-        M.score(
+        SC.score(
             tmp_path / "samples.npz", tmp_path / "ref32.npz", "fid", stages=True, model=net, progress=False
         )
 
@@ -312,7 +313,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     net = (TinyNet(), "tiny")
     imgs = _images(4)
     ref = tmp_path / "ref.npz"
-    M.build_reference(_save_pngs(tmp_path / "ref", imgs), ref, metrics="fid,swd", model=net, progress=False)
+    SC.build_reference(_save_pngs(tmp_path / "ref", imgs), ref, metrics="fid,swd", model=net, progress=False)
     cases = {
         "shape": (np.zeros((4, 32, 32), np.uint8), "expected \\(N, S, S, 3\\)"),
         "dtype": (np.zeros((4, 32, 32, 3), np.float32), "expected uint8"),
@@ -322,16 +323,16 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     for name, (arr, msg) in cases.items():
         np.savez(tmp_path / f"{name}.npz", arr_0=arr)
         with pytest.raises(ValueError, match=msg) as e:
-            M.score(tmp_path / f"{name}.npz", ref, "fid", model=net, progress=False)
+            SC.score(tmp_path / f"{name}.npz", ref, "fid", model=net, progress=False)
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="built without pr"):
-        M.score(tmp_path / "few.npz", ref, "pr", model=net, progress=False)
+        SC.score(tmp_path / "few.npz", ref, "pr", model=net, progress=False)
     with pytest.raises(FileNotFoundError, match="samples not found"):
-        M.score(tmp_path / "missing.npz", ref, "fid", model=net)
+        SC.score(tmp_path / "missing.npz", ref, "fid", model=net)
     with pytest.raises(FileNotFoundError, match="reference not found"):
-        M.score(tmp_path / "few.npz", tmp_path / "noref.npz", "fid", model=net)
+        SC.score(tmp_path / "few.npz", tmp_path / "noref.npz", "fid", model=net)
     with pytest.raises(ValueError, match="unknown metric"):
-        M.score(tmp_path / "few.npz", ref, "kid", model=net)
+        SC.score(tmp_path / "few.npz", ref, "kid", model=net)
 
 
 def test_cli_swd_only_and_error(tmp_path):
@@ -363,9 +364,9 @@ def test_fid_end_to_end_random_inception(tmp_path):
     """FID of a set against itself through the 2048-d network is ~0 (sqrtm of 2048x2048: ~20 s on CPU)."""
     imgs = _images(4)
     ref = tmp_path / "ref.npz"
-    M.build_reference(
+    SC.build_reference(
         _save_pngs(tmp_path / "ref", imgs), ref, metrics="fid", inception_weights=False, progress=False
     )
     np.savez(tmp_path / "samples.npz", arr_0=imgs)
-    res = M.score(tmp_path / "samples.npz", ref, "fid", inception_weights=False, progress=False)
-    assert abs(res["metrics"]["fid"]) < 1e-3 * np.trace(M.load_reference(ref)[0]["sigma"])
+    res = SC.score(tmp_path / "samples.npz", ref, "fid", inception_weights=False, progress=False)
+    assert abs(res["metrics"]["fid"]) < 1e-3 * np.trace(SC.load_reference(ref)[0]["sigma"])
