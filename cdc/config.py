@@ -296,6 +296,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: give one {noun} >= 0 or one per stage ({len(f.sides)}), got {vals}")
     if s.guide_scale != [1.0] * len(s.guide_scale) and not s.guide:
         raise ConfigError("sample.guide_scale != 1 needs sample.guide (a checkpoint, or step:N of this run)")
+    if s.solver == "sde" and f.interpolant != "linear":  # caught here, not after training
+        raise ConfigError(
+            f"sample.solver: sde derives the score for the linear interpolant only (App. D), not "
+            f"flow.interpolant {f.interpolant!r}; use heun or euler"
+        )
     if len(s.interval) != 2 or not 0.0 <= s.interval[0] <= s.interval[1] <= 1.0:
         raise ConfigError(f"sample.interval: need [lo, hi] with 0 <= lo <= hi <= 1, got {s.interval}")
     if t.compile not in (True, False, "auto"):

@@ -70,6 +70,15 @@ def test_every_sweep_default_values_build_valid_configs(tmp_path):
         assert C.to_dict(pt.cfg)["flow"] == C.to_dict(base)["flow"]
 
 
+def test_a_sweep_point_the_sampler_cannot_serve_fails_before_any_training(tmp_path):
+    """A base sampling with the SDE (linear interpolant only, like recipes/quickstart.yaml): its
+    interpolant sweep needs another solver, said at plan time naming the point, not after the
+    linear point has trained."""
+    with pytest.raises(C.ConfigError, match=r"^interpolant value trig: sample.solver: sde .* use heun or euler$"):
+        A.plan("interpolant", out=tmp_path / "i", sets=["sample.solver=sde"])
+    assert C.load("recipes/quickstart.yaml").sample.solver == "sde"
+
+
 def test_stages_scale_to_the_paper_path():
     k4 = C.load("recipes/k4.yaml")
     pts = A.expand(A.SWEEPS["stages"], None, k4)

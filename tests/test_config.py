@@ -31,6 +31,7 @@ def test_preset_then_explicit_keys_and_overrides():
         ({"flow": {"bounds": [0, 0.7, 0.5, 0.9, 1]}}, "flow.bounds"),
         ({"model": {"preset": "huge"}}, "model.preset"),
         ({"sample": {"solver": "rk4"}}, "sample.solver"),
+        ({"sample": {"solver": "sde"}, "flow": {"interpolant": "trig"}}, "sample.solver: sde"),
         ({"sample": {"guide_scale": [2.0]}}, "sample.guide"),
         ({"sample": {"guide": "step:10", "guide_scale": [2.0, 1.0]}}, "sample.guide_scale"),
     ],
