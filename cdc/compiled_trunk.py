@@ -67,7 +67,12 @@ def why_not_compiled(device: torch.device | str) -> str | None:
 
 
 def compile_for_training(
-    model, setting: bool | str, sides: list[int], batch: int, device: torch.device, log: Callable[[str], None] = print
+    model: torch.nn.Module,
+    setting: bool | str,
+    sides: list[int],
+    batch: int,
+    device: torch.device,
+    log: Callable[[str], None] = print,
 ) -> bool:
     """Apply train.compile (true | false | "auto") to `model`; returns whether it trains compiled.
 

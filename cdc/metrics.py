@@ -145,7 +145,7 @@ def precision_recall(
     return _coverage(f, r, r_rad, batch, batch), _coverage(r, f, f_rad, batch, batch)
 
 
-class _Moments:
+class Moments:
     """Streaming mean / covariance in float64 (features shifted by the first batch's mean for accuracy)."""
 
     def __init__(self) -> None:

@@ -23,7 +23,7 @@ from cdc.evalio import npz_images, open_samples, reference_images, resolve_devic
 from cdc.metrics import (
     ALL_METRICS,
     VERSIONS,
-    _Moments,
+    Moments,
     frechet_distance,
     gaussian_stats,
     inception_features,
@@ -108,7 +108,7 @@ def build_reference(
     desc = {"version": VERSIONS["reference"], "source": images.name, "count": images.n, "side": side}
     if {"fid", "pr"} & set(ms) or sides:
         net, wid = _inception(inception_path, inception_weights, dev, model)
-        mom = {s: _Moments() for s in [side, *sides]}
+        mom = {s: Moments() for s in [side, *sides]}
         keep: list[np.ndarray] = []
         with (
             torch.inference_mode(),

@@ -246,7 +246,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
         del state
         if dist.main:
             _truncate_metrics(run_dir, step)
-            print(f"resumed from {path} at step {step}", flush=True)
+            _say(f"resumed from {path} at step {step}")
 
     net = model
     # the packed trunk only: one graph for every stage mix (cdc.compiled_trunk)

@@ -119,7 +119,7 @@ def test_fid_monotone_in_blur_with_features():
 
 def test_streaming_moments_match_numpy():
     f = np.random.default_rng(3).normal(5, 2, size=(1000, 6))
-    m = M._Moments()
+    m = M.Moments()
     for i in range(0, 1000, 128):
         m.add(f[i : i + 128])
     mu, sigma = m.stats("x")
