@@ -181,6 +181,9 @@ def sample_cmd(
     guide_scale: str | None = typer.Option(
         None, "--guide-scale", help="Autoguidance weight (1 = off), or one per stage: 2,2,2."
     ),
+    cuda_graph_side: int | None = typer.Option(
+        None, "--cuda-graph-side", help="CUDA: replay stages of side <= this (px) from CUDA graphs; 0 = off."
+    ),
 ) -> None:
     """Sample images: PNGs, samples.npz (ADM format), grid.png, samples.json; works under torchrun."""
     from cdc.generate import generate
@@ -188,6 +191,7 @@ def sample_cmd(
     s = generate(
         ckpt, out, n, classes, steps, cfg, solver, seed, batch, stages, ema, interval, sde_eps,
         overwrite, resume, device, runs_dir, progress=True, bf16=bf16, guide=guide, guide_scale=guide_scale,
+        cuda_graph_side=cuda_graph_side,
     )  # fmt: skip
     if not s:  # not rank 0
         return

@@ -129,6 +129,9 @@ class SampleConfig:
     sde_eps: float = 1.0  # SDE diffusion scale (solver "sde")
     seed: int = 0  # image i uses noise from seed (seed, i)
     batch: int = 32  # images per forward
+    # CUDA only: stages whose side is at most this (px) replay the model's forward from CUDA graphs
+    # (cdc.cuda_graphs; short sequences are launch-bound); 0 = off. Ignored on CPU.
+    cuda_graph_side: int = 0
 
 
 @dataclass
@@ -303,6 +306,8 @@ def validate(cfg: Config) -> None:
         )
     if len(s.interval) != 2 or not 0.0 <= s.interval[0] <= s.interval[1] <= 1.0:
         raise ConfigError(f"sample.interval: need [lo, hi] with 0 <= lo <= hi <= 1, got {s.interval}")
+    if s.cuda_graph_side < 0:
+        raise ConfigError(f"sample.cuda_graph_side must be >= 0 (0 = off), got {s.cuda_graph_side}")
     if t.compile not in (True, False, "auto"):
         raise ConfigError(f"train.compile: {t.compile!r} is not one of true, false, auto")
     if len(t.betas) != 2:

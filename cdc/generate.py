@@ -205,10 +205,22 @@ def velocity_fn(model: torch.nn.Module, bf16: bool):
     """The sampler's net: the model under bf16 autocast (CUDA) returning fp32 velocities."""
 
     def net(xs, taus, ys, *ds):  # ds: the step sizes of a few-step (shortcut) model, if any
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        # no weight-cast cache: each forward uses each weight once, and torch wants it off where a
+        # forward is captured into a CUDA graph (cdc.cuda_graphs)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             vs = model(xs, taus, ys, *ds)
         return [v.float() for v in vs]
 
+    return net
+
+
+def _sampler_net(model: torch.nn.Module, mcfg, bf16: bool, graph_side: int):
+    """The velocity field the sampler integrates; stages of side <= graph_side from CUDA graphs."""
+    net = velocity_net_from_config(velocity_fn(model, bf16), mcfg.flow)
+    if graph_side > 0:
+        from cdc.cuda_graphs import GraphedNet
+
+        net = GraphedNet(net, graph_side)
     return net
 
 
@@ -256,6 +268,7 @@ def generate(
     bf16: bool | None = None,
     guide: str | None = None,
     guide_scale: float | str | list[float] | None = None,
+    cuda_graph_side: int | None = None,
 ) -> dict[str, Any]:
     """Sample `n` images from a checkpoint into `out`; returns the summary also written to samples.json.
 
@@ -263,6 +276,7 @@ def generate(
     samples/<run>-step<step>. `bf16` (default: on for CUDA) runs the model under bf16 autocast; the
     ODE state stays fp32. `guide` / `guide_scale`: autoguidance (cdc.sampler.autoguided). Under
     torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the summary, the others {}.
+    `cuda_graph_side`: on CUDA, stages of at most this side replay CUDA graphs (cdc.cuda_graphs).
     """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -312,6 +326,10 @@ def generate(
         if batch < 1:
             raise ValueError(f"--batch must be >= 1, got {batch}")
         use_bf16 = dev.type == "cuda" if bf16 is None else bool(bf16 and dev.type == "cuda")
+        graph_side = int(sc.cuda_graph_side if cuda_graph_side is None else cuda_graph_side)
+        if graph_side < 0:
+            raise ValueError(f"--cuda-graph-side must be >= 0 (0 = off), got {graph_side}")
+        graph_side = graph_side if dev.type == "cuda" else 0
         labels = labels_for(n, cls)
         stage_sides = list(sched.sides) if stages else None
 
@@ -351,10 +369,10 @@ def generate(
             return_stages=stages,
             step_cond=few,
         )
-        net = velocity_net_from_config(velocity_fn(model, use_bf16), mcfg.flow)
+        net = _sampler_net(model, mcfg, use_bf16, graph_side)
         if g_spec:
             gnet = _load_guide(Path(settings["guide"]), mcfg, ema, dev)
-            opts.update(guide=velocity_net_from_config(velocity_fn(gnet, use_bf16), mcfg.flow), guide_scale=g_scale)
+            opts.update(guide=_sampler_net(gnet, mcfg, use_bf16, graph_side), guide_scale=g_scale)
         timer = StageTimer(sched.K, dev)
         from tqdm import tqdm
 
@@ -410,6 +428,7 @@ def generate(
             "sides": list(sched.sides),
             "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
             "bf16": use_bf16,
+            "cuda_graph_side": graph_side,
             "batch": batch,
             "world_size": world,
             "stages": bool(stages),

@@ -336,7 +336,8 @@ class DiT(CompiledTrunk, nn.Module):
     ) -> Tensor:
         """Per-sample conditioning c (B, width) = fuse(Gamma(tau T) [+ Gamma_d(d T)], E(r_k)) + class."""
         gamma = self._gamma(tau, d)  # (B, D)
-        r = torch.tensor(grids, dtype=torch.float32).to(tau.device, non_blocking=True)  # (G,)
+        # filled on the device, not copied from the host: a CUDA graph cannot capture that copy
+        r = torch.cat([tau.new_full((1,), float(g)) for g in grids])  # (G,)
         e_g = self.r_embed(r)  # (G, D): one resolution embedding per group
         e = torch.cat([e_g[i : i + 1].expand(n, -1) for i, n in enumerate(ns)])  # (B, D)
         return self.fuse(gamma, e) + self.y_embed(y)

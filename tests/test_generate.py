@@ -180,6 +180,15 @@ def test_per_image_determinism_across_batch_sizes(run_dir, tmp_path):
     assert a["nfe"] == b["nfe"]
 
 
+def test_cuda_graphs_are_off_on_cpu_and_a_negative_side_is_an_error(run_dir, tmp_path):
+    a = generate(run_dir, tmp_path / "a", n=3, **FAST)
+    b = generate(run_dir, tmp_path / "b", n=3, cuda_graph_side=32, **FAST)  # a CUDA-only speed option
+    assert a["cuda_graph_side"] == b["cuda_graph_side"] == 0
+    assert np.array_equal(_npz(tmp_path / "a")[0], _npz(tmp_path / "b")[0])
+    with pytest.raises(ValueError, match="--cuda-graph-side must be >= 0"):
+        generate(run_dir, tmp_path / "c", n=3, cuda_graph_side=-1, **FAST)
+
+
 def test_run_seed_changes_images(run_dir, tmp_path):
     generate(run_dir, tmp_path / "a", n=3, seed=0, **FAST)
     generate(run_dir, tmp_path / "b", n=3, seed=1, **FAST)

@@ -110,3 +110,59 @@ def test_packed_attention_op_on_cuda_matches_eager_autograd(dtype, backend):
     torch.testing.assert_close(a.float(), b.float(), **tol)
     for x, y in zip(ga, gb, strict=True):
         torch.testing.assert_close(x.float(), y.float(), **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+def test_cuda_graph_sampling_matches_eager(bf16, backend):
+    """cdc.cuda_graphs on a real device: every stage up to 16 px captured (no fallback), same images."""
+    from cdc.attention import xformers_available
+    from cdc.cuda_graphs import GraphedNet
+    from cdc.flow import Schedule
+    from cdc.generate import velocity_fn
+    from cdc.model import build_model
+    from cdc.sampler import image_seed, sample
+
+    if backend == "xformers" and not xformers_available():
+        pytest.skip("xformers not installed")
+    cfg = from_dict({
+        "model": {"preset": "tiny", "depth": 2, "width": 64, "heads": 4, "in_channels": 1, "num_classes": 10},
+        "flow": {"sides": [8, 16, 32]},
+    })  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda().eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    model.set_attn_backend(backend)
+    sched = Schedule.from_config(cfg.flow)
+    net = velocity_fn(model, bf16)
+    graphed = GraphedNet(net, max_side=16)
+    y = (torch.arange(8) % 10).cuda()
+    seeds = [image_seed(0, i) for i in range(8)]
+    with torch.inference_mode():
+        for solver, cfg_scale in (("heun", 1.0), ("sde", 2.0)):
+            a = sample(net, sched, y, seeds, 1, steps=4, cfg=cfg_scale, null_class=10, solver=solver).x
+            b = sample(graphed, sched, y, seeds, 1, steps=4, cfg=cfg_scale, null_class=10, solver=solver).x
+            tol = dict(rtol=0, atol=2e-3) if bf16 else dict(rtol=0, atol=1e-5)
+            torch.testing.assert_close(b, a, **tol)
+    assert len(graphed.graphs) == 4 and all(e is not None for e in graphed.graphs.values())
+    assert graphed.replays == 2 * 4 * 2  # 2 samplings x 4 evaluations x 2 graphed stages
+
+
+@pytest.mark.gpu
+def test_cdc_sample_with_cuda_graphs_writes_the_same_images(shards, tmp_path):
+    """`cdc sample --cuda-graph-side`: the run's net and its autoguide both graphed, same PNGs."""
+    import numpy as np
+
+    from cdc.generate import generate
+    from cdc.train import train
+
+    train(_recipe(shards, steps=4, ckpt_every=2), tmp_path / "run", progress=False)  # keeps step 2
+    kw = dict(n=6, steps=3, cfg=2.0, solver="sde", guide="step:2", guide_scale=2.0, progress=False)
+    a = generate(tmp_path / "run", tmp_path / "eager", cuda_graph_side=0, **kw)
+    b = generate(tmp_path / "run", tmp_path / "graphs", cuda_graph_side=16, **kw)
+    assert a["cuda_graph_side"] == 0 and b["cuda_graph_side"] == 16 and a["nfe"] == b["nfe"]
+    xa, xb = (np.load(tmp_path / d / "samples.npz")["arr_0"].astype(int) for d in ("eager", "graphs"))
+    assert np.abs(xa - xb).max() <= 1  # uint8 images; bf16 kernels may round one level apart
