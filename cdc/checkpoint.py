@@ -206,3 +206,40 @@ def load_for_inference(
     model.to(device).eval().requires_grad_(False)
     info = {"path": str(path), "step": int(state.get("step", 0)), "weights": key}
     return model, cfg, info
+
+
+def guide_path(spec: str, ckpt: Path, runs_dir: str | Path = "runs", key: str = "--guide") -> Path:
+    """An autoguidance checkpoint file from `spec`: a file, a run dir, or "step:N" = the checkpoint
+    of step N beside `ckpt` (the sampled run's own; for a few-step teacher, the teacher's run)."""
+    if spec.startswith("step:"):
+        p = ckpt.parent / f"step_{int(spec[5:]):07d}.pt"
+        if not p.is_file():
+            have = ", ".join(f.stem for _, f in list_checkpoints(ckpt.parent)) or "none"
+            raise FileNotFoundError(
+                f"{key} {spec}: {p} does not exist (checkpoints here: {have}); keep it with "
+                f"train.milestone_every or pass another {key}"
+            )
+        return p.resolve()
+    return resolve(spec, runs_dir).resolve()
+
+
+def load_guide(path: Path, mcfg, ema: bool, device: str | torch.device, key: str = "--guide") -> torch.nn.Module:
+    """The autoguidance net. It may be smaller (EDM2 guides with a smaller, shorter-trained net) but
+    must take the same inputs as the guided model of config `mcfg`: the same stage sides, source
+    noise, channels, classes and interpolant (checked)."""
+    gmodel, g, _ = load_for_inference(path, ema=ema, device=device)
+    same = {
+        "flow.sides": (g.flow.sides, mcfg.flow.sides),
+        "flow.sigma": (g.flow.sigma, mcfg.flow.sigma),
+        "flow.gamma": (g.flow.gamma, mcfg.flow.gamma),
+        "model.in_channels": (g.model.in_channels, mcfg.model.in_channels),
+        "model.num_classes": (g.model.num_classes, mcfg.model.num_classes),
+        "flow.interpolant": (g.flow.interpolant, mcfg.flow.interpolant),
+        "flow.predict": (g.flow.predict, mcfg.flow.predict),
+    }
+    for name, (a, b) in same.items():
+        if a != b:
+            raise ValueError(
+                f"{key} {path}: its {name} is {a!r}, the guided checkpoint's {b!r}; guide with a model of the same task"
+            )
+    return gmodel

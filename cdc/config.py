@@ -140,7 +140,12 @@ class FewStepConfig:
     fraction: float = 0.25  # share of each stage group trained for self-consistency (rest: d = 0)
     levels: int = 3  # step sizes d = 2^-j, j = 0..levels, as fractions of a stage (1 ... 1/8)
     teacher: str = "none"  # d = 0 targets: "none" data (x1 - x0) | "init" the frozen train.init EMA
-    cfg: float = 1.0  # teacher=init: CFG scale baked into the teacher's targets (1 = unguided)
+    # teacher=init: the guidance baked into the teacher's targets, as `sample` has it: CFG scale
+    # (one, or one per stage; 1 = unguided) and autoguidance of the teacher by `guide` (a file, a
+    # run dir, or "step:N" = the teacher run's own step N; "" = off) with weight guide_scale
+    cfg: list[float] = field(default_factory=lambda: [1.0])
+    guide: str = ""
+    guide_scale: list[float] = field(default_factory=lambda: [1.0])
 
 
 @dataclass
@@ -330,6 +335,13 @@ def validate(cfg: Config) -> None:
     fs = cfg.fewstep
     if fs.teacher not in ("none", "init"):
         raise ConfigError(f"fewstep.teacher: {fs.teacher!r} is not one of ['none', 'init']")
+    for key, vals, noun in (("fewstep.cfg", fs.cfg, "scale"), ("fewstep.guide_scale", fs.guide_scale, "weight")):
+        if len(vals) not in (1, len(f.sides)) or min(vals) < 0:
+            raise ConfigError(f"{key}: give one {noun} >= 0 or one per stage ({len(f.sides)}), got {vals}")
+    if fs.guide_scale != [1.0] * len(fs.guide_scale) and not fs.guide:
+        raise ConfigError("fewstep.guide_scale != 1 needs fewstep.guide (a checkpoint, or step:N of the teacher's run)")
+    if fs.guide and fs.teacher != "init":
+        raise ConfigError("fewstep.guide autoguides the teacher: it needs fewstep.teacher=init")
     if not 0.0 <= fs.fraction <= 1.0 or not 0 <= fs.levels <= 10:
         raise ConfigError(f"fewstep.fraction must be in [0, 1] and fewstep.levels in 0..10, got {fs.fraction}, {fs.levels}")
     if m.step_cond and f.predict != "velocity":

@@ -163,39 +163,6 @@ def assemble(out: Path, labels: np.ndarray, channels: int, sides: list[int], sta
 # the job
 
 
-def _guide_path(spec: str, ckpt: Path, runs_dir: str | Path) -> Path:
-    """sample.guide / --guide -> a checkpoint file: "step:N" is the sampled run's own step N."""
-    if spec.startswith("step:"):
-        p = ckpt.parent / f"step_{int(spec[5:]):07d}.pt"
-        if not p.is_file():
-            have = ", ".join(f.stem for _, f in ckpt_lib.list_checkpoints(ckpt.parent)) or "none"
-            raise FileNotFoundError(
-                f"--guide {spec}: {p} does not exist (checkpoints here: {have}); keep it with "
-                "train.milestone_every or pass another --guide"
-            )
-        return p.resolve()
-    return ckpt_lib.resolve(spec, runs_dir).resolve()
-
-
-def _load_guide(path: Path, mcfg, ema: bool, dev: torch.device) -> torch.nn.Module:
-    """The autoguidance net. It may be smaller (EDM2 guides with a smaller, shorter-trained net) but
-    must take the same inputs: the same stage sides, channels, classes and interpolant (checked)."""
-    gmodel, g, _ = ckpt_lib.load_for_inference(path, ema=ema, device=dev)
-    same = {
-        "flow.sides": (g.flow.sides, mcfg.flow.sides),
-        "model.in_channels": (g.model.in_channels, mcfg.model.in_channels),
-        "model.num_classes": (g.model.num_classes, mcfg.model.num_classes),
-        "flow.interpolant": (g.flow.interpolant, mcfg.flow.interpolant),
-        "flow.predict": (g.flow.predict, mcfg.flow.predict),
-    }
-    for key, (a, b) in same.items():
-        if a != b:
-            raise ValueError(
-                f"--guide {path}: its {key} is {a!r}, the sampled checkpoint's {b!r}; guide with a model of the same task"
-            )
-    return gmodel
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -315,7 +282,7 @@ def generate(
         }
         g_spec, g_scale = parse_guide(guide, guide_scale, (sc.guide, sc.guide_scale), sched.K)
         if g_spec:
-            settings["guide"] = str(_guide_path(g_spec, path, runs_dir))
+            settings["guide"] = str(ckpt_lib.guide_path(g_spec, path, runs_dir))
             settings["guide_scale"] = g_scale
         if settings["solver"] not in ("euler", "heun", "sde"):
             raise ValueError(f"--solver: {settings['solver']!r} is not one of euler, heun, sde")
@@ -371,7 +338,7 @@ def generate(
         )
         net = _sampler_net(model, mcfg, use_bf16, graph_side)
         if g_spec:
-            gnet = _load_guide(Path(settings["guide"]), mcfg, ema, dev)
+            gnet = ckpt_lib.load_guide(Path(settings["guide"]), mcfg, ema, dev)
             opts.update(guide=_sampler_net(gnet, mcfg, use_bf16, graph_side), guide_scale=g_scale)
         timer = StageTimer(sched.K, dev)
         from tqdm import tqdm

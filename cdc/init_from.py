@@ -2,8 +2,9 @@
 
 The few-step fine-tune (cdc.shortcut) starts from an ordinary checkpoint's EMA and, with
 `fewstep.teacher: init`, keeps a frozen copy of it as the guided teacher whose d = 0 field anchors
-the shortcut targets. The init path is pinned to one checkpoint file in the run's config so that a
-resumed fine-tune (and its teacher) stays the same.
+the shortcut targets, guided as `fewstep.cfg` / `fewstep.guide` say. The init path (and the
+teacher's autoguide) is pinned to one checkpoint file in the run's config so that a resumed
+fine-tune (and its teacher) stays the same.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ def resolve_init(cfg: Config, run_dir: Path) -> None:
         old = raw.get("train", {}).get("init") if isinstance(raw, dict) else None
         if old:
             cfg.train.init = str(old)
+            cfg.fewstep.guide = str(raw.get("fewstep", {}).get("guide") or "")  # pinned like init
             return
     cfg.train.init = str(ckpt.resolve(cfg.train.init).resolve())
+    if cfg.fewstep.guide:  # "step:N" of the teacher's run, a file or a run dir -> one file
+        cfg.fewstep.guide = str(ckpt.guide_path(cfg.fewstep.guide, Path(cfg.train.init), key="fewstep.guide"))
 
 
 def _load(cfg: Config) -> tuple[dict, Config]:
@@ -51,7 +55,8 @@ def _load(cfg: Config) -> tuple[dict, Config]:
         raise ConfigError(f"train.init {path}: its stored config is unusable ({one_line(e)})") from None
     mine, theirs = to_dict(cfg), to_dict(icfg)
     diff = [f"model.{k}" for k, v in mine["model"].items() if k != "step_cond" and theirs["model"].get(k) != v]
-    diff += [f"flow.{k}" for k in ("sides", "interpolant", "predict", "timesteps") if theirs["flow"][k] != mine["flow"][k]]
+    same_flow = ("sides", "sigma", "gamma", "interpolant", "predict", "timesteps")  # the task; not bounds
+    diff += [f"flow.{k}" for k in same_flow if theirs["flow"][k] != mine["flow"][k]]
     if diff:
         raise ConfigError(
             f"train.init {path} was trained with different {', '.join(diff)}; fine-tune with its recipe"
@@ -78,4 +83,9 @@ def start_from_init(model: torch.nn.Module, cfg: Config, dev: torch.device) -> V
     teacher = build_model(icfg).to(dev)
     teacher.load_state_dict(weights)
     teacher.requires_grad_(False).eval()
-    return guided_field(velocity_net_from_config(teacher, icfg.flow), cfg.model.num_classes, cfg.fewstep.cfg)
+    fs, guide = cfg.fewstep, None
+    if fs.guide:
+        gmodel = ckpt.load_guide(Path(fs.guide), icfg, ema=True, device=dev, key="fewstep.guide")
+        guide = velocity_net_from_config(gmodel, icfg.flow)
+    teacher_net = velocity_net_from_config(teacher, icfg.flow)
+    return guided_field(teacher_net, cfg.model.num_classes, fs.cfg, icfg.flow.sides, guide, fs.guide_scale)

@@ -17,7 +17,7 @@ tau for a step of size d is drawn in [0, 1 - d] so the step stays inside its sta
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -40,24 +40,56 @@ def shortcut_mode(step_cond: bool, levels: int, steps: list[int]) -> bool:
     return step_cond and all(1 <= n <= 2**levels and n & (n - 1) == 0 for n in steps)
 
 
-def guided_field(net: VelocityNet, null_class: int, scale: float) -> VelocityNet:
-    """net's CFG velocity v_u + scale (v_c - v_u) (eq. 77) as a list-form VelocityNet.
+def guided_field(
+    net: VelocityNet,
+    null_class: int,
+    scale: float | Sequence[float],
+    sides: Sequence[int] | None = None,
+    guide: VelocityNet | None = None,
+    guide_scale: float | Sequence[float] = 1.0,
+) -> VelocityNet:
+    """net's guided velocity as a list-form VelocityNet: what `cdc sample` integrates, per group.
 
-    Samples whose label is already the null class get v_u. Both halves run as one packed call.
+    Autoguidance first, v = v_guide + w (v_net - v_guide) (cdc.sampler.autoguided), then CFG,
+    v_u + s (v_c - v_u) (eq. 77). `scale` and `guide_scale` are one value for every stage or one
+    per stage of `sides` (a group's stage is the one of its side). Samples whose label is already
+    the null class get v_u. Conditional and unconditional halves run as one packed call.
     """
-    if scale == 1.0:
+    K = len(sides) if sides is not None else 1
+
+    def per_stage(value, name: str) -> list[float]:
+        vals = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+        if len(vals) not in (1, K):
+            raise ValueError(f"guided_field: {name} needs one value or one per stage of sides, got {vals}")
+        return vals * K if len(vals) == 1 else vals
+
+    cfg_k, ag_k = per_stage(scale, "scale"), per_stage(guide_scale, "guide_scale")
+    if guide is None and any(w != 1.0 for w in ag_k):
+        raise ValueError("guided_field: guide_scale != 1 needs a guide net")
+    use_ag = guide is not None and any(w != 1.0 for w in ag_k)
+    use_cfg = any(c != 1.0 for c in cfg_k)
+    if not (use_ag or use_cfg):
         return net
+    stage_of = {int(r): k for k, r in enumerate(sides)} if sides is not None else {}
 
     def field(xs: list[Tensor], taus: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
-        both = net(
-            [torch.cat([x, x]) for x in xs],
-            [torch.cat([t, t]) for t in taus],
-            [torch.cat([y, torch.full_like(y, null_class)]) for y in ys],
-        )
+        ks = [stage_of.get(int(x.shape[-1]), 0) for x in xs]
+        if use_cfg:  # (2 B_g, C, r, r) per group: conditional, then unconditional
+            xs, taus, ys = (
+                [torch.cat([x, x]) for x in xs],
+                [torch.cat([t, t]) for t in taus],
+                [torch.cat([y, torch.full_like(y, null_class)]) for y in ys],
+            )
+        v = net(xs, taus, ys)
+        if use_ag:
+            g = guide(xs, taus, ys)
+            v = [gi + ag_k[k] * (vi - gi) for vi, gi, k in zip(v, g, ks, strict=True)]
+        if not use_cfg:
+            return v
         out = []
-        for x, v in zip(xs, both, strict=True):
-            v_c, v_u = v[: len(x)], v[len(x) :]
-            out.append(v_u + scale * (v_c - v_u))
+        for vi, k in zip(v, ks, strict=True):
+            v_c, v_u = vi.chunk(2)
+            out.append(v_u + cfg_k[k] * (v_c - v_u))
         return out
 
     return field
@@ -124,7 +156,7 @@ def shortcut_loss(
 
     anchor: the d = 0 field used as target (flow part, and the smallest step's half steps): None =
     data (x1 - x0 regression, the student's own flow mode for half steps), or a frozen teacher,
-    e.g. guided_field(teacher, null, cfg) to distil CFG in. Weighting as cdc.flow.loss.
+    e.g. guided_field(teacher, null, cfg, sides, guide, w) to distil CFG and autoguidance in. Weighting as cdc.flow.loss.
     """
     d_min = 2.0**-levels
     x_fm, t_fm, y_fm, tgt_fm = [], [], [], []  # flow part, per group

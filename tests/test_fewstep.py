@@ -140,6 +140,48 @@ def test_guided_field_is_eq77():
     assert torch.allclose(v, v_u + 3 * (v_c - v_u))
 
 
+def test_guided_field_autoguides_then_applies_cfg_per_stage():
+    """Known answer per group: v = g + w (n - g) on both halves, then v_u + s (v_c - v_u), with the
+    scale and weight of the group's own stage (sides 4, 8 -> stages 0, 1) in one packed call."""
+    net = lambda xs, ts, ys: [x * (1 + y.view(-1, 1, 1, 1).float()) for x, y in zip(xs, ys)]  # noqa: E731
+    guide = lambda xs, ts, ys: [0.5 * x + y.view(-1, 1, 1, 1).float() for x, y in zip(xs, ys)]  # noqa: E731
+    calls = []
+    counted = lambda xs, ts, ys: calls.append(len(xs)) or net(xs, ts, ys)  # noqa: E731
+    field = guided_field(counted, 0, [2.0, 3.0], sides=[4, 8], guide=guide, guide_scale=[1.5, 4.0])
+    xa, xb = torch.randn(2, 1, 4, 4), torch.randn(3, 1, 8, 8)
+    ya, yb = torch.tensor([1, 2]), torch.tensor([2, 0, 1])
+    va, vb = field([xa, xb], [torch.zeros(2), torch.zeros(3)], [ya, yb])
+    assert calls == [2]  # both groups, both halves: one call of the net
+
+    def expect(x, y, s, w):
+        yf = y.view(-1, 1, 1, 1).float()
+        n_c, n_u, g_c, g_u = x * (1 + yf), x, 0.5 * x + yf, 0.5 * x
+        v_c, v_u = g_c + w * (n_c - g_c), g_u + w * (n_u - g_u)
+        return v_u + s * (v_c - v_u)
+
+    assert torch.allclose(va, expect(xa, ya, 2.0, 1.5)) and torch.allclose(vb, expect(xb, yb, 3.0, 4.0))
+    assert guided_field(net, 0, [1.0], sides=[4, 8]) is net  # nothing to guide: the net itself
+    (v,) = guided_field(net, 0, 1.0, sides=[4, 8], guide=guide, guide_scale=2.0)([xa], [torch.zeros(2)], [ya])
+    assert torch.allclose(v, expect(xa, ya, 1.0, 2.0))  # autoguidance alone
+    with pytest.raises(ValueError, match="needs a guide net"):
+        guided_field(net, 0, 2.0, sides=[4, 8], guide_scale=2.0)
+    with pytest.raises(ValueError, match="one per stage"):
+        guided_field(net, 0, [1.0, 2.0, 3.0], sides=[4, 8])
+
+
+def test_fewstep_guidance_config():
+    ok = from_dict({"model": {"step_cond": True}, "fewstep": {"teacher": "init", "cfg": 3.0}})
+    assert ok.fewstep.cfg == [3.0]  # a single scale, as recipes and old checkpoints store it
+    bad = [
+        ({"teacher": "init", "cfg": [1.0, 2.0]}, "fewstep.cfg: give one scale"),
+        ({"teacher": "init", "guide_scale": 2.0}, "fewstep.guide_scale != 1 needs fewstep.guide"),
+        ({"teacher": "none", "guide": "step:2"}, "fewstep.guide autoguides the teacher"),
+    ]
+    for fs, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            from_dict({"model": {"step_cond": True}, "fewstep": fs})
+
+
 def test_fraction_zero_is_exactly_the_flow_matching_loss():
     sched, interp = Schedule.make([8, 16], sigma=1.0, gamma=2.0), Interpolant("linear")
     g = torch.Generator().manual_seed(3)
@@ -247,6 +289,50 @@ def test_fewstep_finetune_starts_from_the_teacher_and_resumes_exactly(teacher_ru
         assert torch.equal(a["ema"][k], b["ema"][k]), k
 
 
+def test_teacher_autoguide_is_pinned_and_distilled(teacher_run, tmp_path):
+    """fewstep.guide step:N resolves to the teacher run's own step-N file, is pinned in config.yaml,
+    and the anchor the fine-tune regresses on is that guidance applied to the teacher's EMA."""
+    import yaml
+
+    from cdc.init_from import resolve_init, start_from_init
+    from cdc.model import build_model
+
+    root, shards = teacher_run
+    raw = few_recipe(shards)
+    raw["fewstep"].update(cfg=[2.0, 1.5, 1.5], guide="step:2", guide_scale=2.0)
+    rec = tmp_path / "few.yaml"
+    rec.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "few"
+    res = CliRunner().invoke(app, ["train", str(rec), "--run-dir", str(run), "--init", str(root / "teacher")])
+    assert res.exit_code == 0, res.output
+    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert cfg.fewstep.guide == str((root / "teacher" / "checkpoints" / C.ckpt_name(2)).resolve())
+    resolve_init(cfg, run)  # a resume keeps the pinned files
+    assert cfg.fewstep.guide.endswith(C.ckpt_name(2)) and cfg.train.init.endswith(C.ckpt_name(4))
+
+    student = build_model(cfg)
+    anchor = start_from_init(student, cfg, torch.device("cpu"))
+    teacher, _, _ = C.load_for_inference(cfg.train.init)
+    guide, _, _ = C.load_for_inference(cfg.fewstep.guide)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 1, r, r, generator=g) for r in (8, 16, 32)]
+    ts = [torch.rand(3, generator=g) for _ in xs]
+    ys = [torch.tensor([1, 4, 10]) for _ in xs]  # 10: the null class
+    with torch.no_grad():
+        got = anchor(xs, ts, ys)
+        for k, (x, t, y) in enumerate(zip(xs, ts, ys)):
+            both = ([torch.cat([x, x])], [torch.cat([t, t])], [torch.cat([y, torch.full_like(y, 10)])])
+            n, gd = teacher(*both)[0], guide(*both)[0]
+            v_c, v_u = (gd + 2.0 * (n - gd)).chunk(2)
+            assert torch.allclose(got[k], v_u + [2.0, 1.5, 1.5][k] * (v_c - v_u), atol=1e-6)
+
+    raw["fewstep"]["guide"] = "step:99"
+    rec.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["train", str(rec), "--run-dir", str(tmp_path / "r"), "--init", str(root / "teacher")])
+    assert res.exit_code == 2 and "fewstep.guide step:99" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 def test_init_refuses_a_different_network(teacher_run, tmp_path):
     root, shards = teacher_run
     raw = few_recipe(shards)
@@ -257,6 +343,11 @@ def test_init_refuses_a_different_network(teacher_run, tmp_path):
 
     with pytest.raises(ConfigError, match="model.width"):
         train(from_dict(raw), tmp_path / "bad", progress=False)
+    raw = few_recipe(shards)
+    raw["flow"]["gamma"] = 4.0  # another source noise: another task
+    raw["train"]["init"] = str(root / "teacher")
+    with pytest.raises(ConfigError, match="flow.gamma"):
+        train(from_dict(raw), tmp_path / "bad-gamma", progress=False)
     with pytest.raises(ConfigError, match="--init"):
         train(from_dict(few_recipe(shards)), tmp_path / "no-init", progress=False)
     import yaml

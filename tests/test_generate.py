@@ -342,11 +342,14 @@ def test_autoguidance_by_a_smaller_model_but_not_another_task(run_dir, tmp_path)
     s = generate(run_dir, tmp_path / "s", guide=small, guide_scale=2.0, n=1, **FAST)
     assert s["guide"] == small and s["nfe"] == 2 * K * 2 * 2
     other = save("other.pt", {"num_classes": 5, "patch": 2}, {"sides": [8, 16, 32]})
-    with pytest.raises(ValueError, match=r"model.num_classes is 5, the sampled checkpoint's 10"):
+    with pytest.raises(ValueError, match=r"model.num_classes is 5, the guided checkpoint's 10"):
         generate(run_dir, tmp_path / "o", guide=other, guide_scale=2.0, n=1, **FAST)
     other = save("sides.pt", {"num_classes": 10, "patch": 2}, {"sides": [16, 32]})
     with pytest.raises(ValueError, match=r"flow.sides is \[16, 32\]"):
         generate(run_dir, tmp_path / "o2", guide=other, guide_scale=2.0, n=1, **FAST)
+    other = save("gamma.pt", {"num_classes": 10, "patch": 2}, {"sides": [8, 16, 32], "gamma": 4.0})
+    with pytest.raises(ValueError, match=r"flow.gamma is 4.0, the guided checkpoint's 2.0"):
+        generate(run_dir, tmp_path / "o3", guide=other, guide_scale=2.0, n=1, **FAST)
 
 
 # ---------------------------------------------------------------------------------------------
