@@ -73,7 +73,7 @@ def guided_field(
     stage_of = {int(r): k for k, r in enumerate(sides)} if sides is not None else {}
 
     def field(xs: list[Tensor], taus: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
-        ks = [stage_of.get(int(x.shape[-1]), 0) for x in xs]
+        ks = [stage_of[int(x.shape[-1])] if stage_of else 0 for x in xs]  # each group's stage
         if use_cfg:  # (2 B_g, C, r, r) per group: conditional, then unconditional
             xs, taus, ys = (
                 [torch.cat([x, x]) for x in xs],
@@ -156,7 +156,8 @@ def shortcut_loss(
 
     anchor: the d = 0 field used as target (flow part, and the smallest step's half steps): None =
     data (x1 - x0 regression, the student's own flow mode for half steps), or a frozen teacher,
-    e.g. guided_field(teacher, null, cfg, sides, guide, w) to distil CFG and autoguidance in. Weighting as cdc.flow.loss.
+    e.g. guided_field(teacher, null, cfg, sides, guide, w) to distil CFG and autoguidance in.
+    Weighting as cdc.flow.loss.
     """
     d_min = 2.0**-levels
     x_fm, t_fm, y_fm, tgt_fm = [], [], [], []  # flow part, per group
