@@ -1,7 +1,8 @@
 """CUDA graphs for the sampler's short-sequence stages: one captured forward per input signature.
 
-A sampling step of a coarse stage is launch-bound on a large GPU: the paper's DiT at 32 px sees
-64 tokens per image, and its ~28 x 15 kernels each finish before the host has queued the next.
+A sampling step of a coarse stage is likely launch-bound on a large GPU: at 32 px the paper's DiT
+sees 64 tokens per image, too little work for each of the hundreds of small kernels of its 28
+blocks to outlast the host's queueing of the next (bin/gpu-check measures whether graphs help).
 `GraphedNet` wraps a velocity net (cdc.flow.VelocityNet); a call whose images are no larger than
 `max_side` replays a CUDA graph captured on the first call of the same signature (shapes, dtypes
 and devices of every input tensor), so a stage's 4-24 steps cost one launch each. Larger stages
