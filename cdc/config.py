@@ -130,7 +130,7 @@ class SampleConfig:
     seed: int = 0  # image i uses noise from seed (seed, i)
     batch: int = 32  # images per forward
     # CUDA only: stages whose side is at most this (px) replay the model's forward from CUDA graphs
-    # (cdc.cuda_graphs; short sequences are launch-bound); 0 = off. Ignored on CPU.
+    # (cdc.cuda_graphs; short sequences are likely launch-bound); 0 = off. Ignored on CPU.
     cuda_graph_side: int = 0
 
 
