@@ -257,6 +257,15 @@ def from_dict(raw: dict[str, Any] | None, overrides: list[str] | tuple[str, ...]
     return cfg
 
 
+def _check_guidance(sec: str, cfg: list[float], guide: str, guide_scale: list[float], K: int, run: str) -> None:
+    """`sec`.cfg / guide / guide_scale as the sampler takes them: one value or one per stage."""
+    for key, vals, noun in ((f"{sec}.cfg", cfg, "scale"), (f"{sec}.guide_scale", guide_scale, "weight")):
+        if len(vals) not in (1, K) or min(vals) < 0:
+            raise ConfigError(f"{key}: give one {noun} >= 0 or one per stage ({K}), got {vals}")
+    if guide_scale != [1.0] * len(guide_scale) and not guide:
+        raise ConfigError(f"{sec}.guide_scale != 1 needs {sec}.guide (a checkpoint, or step:N of {run})")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; each failure is one line naming the key."""
     m, f, t, s = cfg.model, cfg.flow, cfg.train, cfg.sample
@@ -299,11 +308,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"sample.steps: give one count >= 1 or one per stage ({len(f.sides)}), got {s.steps}"
         )
-    for key, vals, noun in (("sample.cfg", s.cfg, "scale"), ("sample.guide_scale", s.guide_scale, "weight")):
-        if len(vals) not in (1, len(f.sides)) or min(vals) < 0:
-            raise ConfigError(f"{key}: give one {noun} >= 0 or one per stage ({len(f.sides)}), got {vals}")
-    if s.guide_scale != [1.0] * len(s.guide_scale) and not s.guide:
-        raise ConfigError("sample.guide_scale != 1 needs sample.guide (a checkpoint, or step:N of this run)")
+    _check_guidance("sample", s.cfg, s.guide, s.guide_scale, len(f.sides), "this run")
     if s.solver == "sde" and f.interpolant != "linear":  # caught here, not after training
         raise ConfigError(
             f"sample.solver: sde derives the score for the linear interpolant only (App. D), not "
@@ -335,11 +340,7 @@ def validate(cfg: Config) -> None:
     fs = cfg.fewstep
     if fs.teacher not in ("none", "init"):
         raise ConfigError(f"fewstep.teacher: {fs.teacher!r} is not one of ['none', 'init']")
-    for key, vals, noun in (("fewstep.cfg", fs.cfg, "scale"), ("fewstep.guide_scale", fs.guide_scale, "weight")):
-        if len(vals) not in (1, len(f.sides)) or min(vals) < 0:
-            raise ConfigError(f"{key}: give one {noun} >= 0 or one per stage ({len(f.sides)}), got {vals}")
-    if fs.guide_scale != [1.0] * len(fs.guide_scale) and not fs.guide:
-        raise ConfigError("fewstep.guide_scale != 1 needs fewstep.guide (a checkpoint, or step:N of the teacher's run)")
+    _check_guidance("fewstep", fs.cfg, fs.guide, fs.guide_scale, len(f.sides), "the teacher's run")
     if fs.guide and fs.teacher != "init":
         raise ConfigError("fewstep.guide autoguides the teacher: it needs fewstep.teacher=init")
     if not 0.0 <= fs.fraction <= 1.0 or not 0 <= fs.levels <= 10:

@@ -181,7 +181,7 @@ def velocity_fn(model: torch.nn.Module, bf16: bool):
     return net
 
 
-def _sampler_net(model: torch.nn.Module, mcfg, bf16: bool, graph_side: int):
+def sampler_net(model: torch.nn.Module, mcfg, bf16: bool, graph_side: int = 0):
     """The velocity field the sampler integrates; stages of side <= graph_side from CUDA graphs."""
     net = velocity_net_from_config(velocity_fn(model, bf16), mcfg.flow)
     if graph_side > 0:
@@ -336,10 +336,10 @@ def generate(
             return_stages=stages,
             step_cond=few,
         )
-        net = _sampler_net(model, mcfg, use_bf16, graph_side)
+        net = sampler_net(model, mcfg, use_bf16, graph_side)
         if g_spec:
             gnet = ckpt_lib.load_guide(Path(settings["guide"]), mcfg, ema, dev)
-            opts.update(guide=_sampler_net(gnet, mcfg, use_bf16, graph_side), guide_scale=g_scale)
+            opts.update(guide=sampler_net(gnet, mcfg, use_bf16, graph_side), guide_scale=g_scale)
         timer = StageTimer(sched.K, dev)
         from tqdm import tqdm
 
