@@ -210,9 +210,16 @@ def fd_to_test(judge: Classifier, info: dict[str, Any], x: Tensor, what: str) ->
 @torch.no_grad()
 def evaluate(
     samples: str | Path | np.ndarray, labels: np.ndarray | None = None, clf: str | Path = DEFAULT_CLF,
-    root: str | Path | None = None,
+    root: str | Path | None = None, block: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
-    """Accuracy of `samples` (samples.npz / its folder, or uint8 array) w.r.t. labels and FD-clf to test."""
+    """Accuracy of `samples` (samples.npz / its folder, or uint8 array) w.r.t. labels and FD-clf to test.
+
+    `block` > 0 also scores consecutive blocks of that many images on their own (`blocks`, with
+    their mean and sample standard deviation in `block_mean` / `block_sd`). FD on a few hundred
+    images is biased and noisy, so a sampler tuned on images 0..N-1 should be judged on the blocks
+    after it: `cdc sample --n 2000` then `--block 500` gives the tuning block and three held-out
+    ones whose noise the tuning never saw (docs/quickstart-notes.md, "Held-out noise").
+    """
     if isinstance(samples, (str, Path)):
         imgs, labels = _read_samples(samples)
     else:
@@ -228,13 +235,27 @@ def evaluate(
     ok = (pred == y).float()
     per_class = {int(c): float(ok[y == c].mean()) for c in torch.unique(y)}
     fd = fd_to_test(model, info, x, "sample features")
-    return {
+    out: dict[str, Any] = {
         "n": len(y),
         "accuracy": float(ok.mean()),
         "per_class_accuracy": per_class,
         "fd_clf": fd,
         "judge_test_accuracy": info["test_accuracy"],
     }
+    if block:
+        if not 2 <= block <= len(y) // 2:
+            raise ValueError(f"block {block}: need at least two blocks of >= 2 images out of {len(y)}")
+        starts = range(0, len(y) - block + 1, block)  # a short tail block is left out
+        out["blocks"] = [
+            {"first": i, "accuracy": float(ok[i : i + block].mean()),
+             "fd_clf": fd_to_test(model, info, x[i : i + block], f"sample features {i}..{i + block - 1}")}
+            for i in starts
+        ]  # fmt: skip
+        for key in ("accuracy", "fd_clf"):
+            v = np.array([b[key] for b in out["blocks"]])
+            out.setdefault("block_mean", {})[key] = float(v.mean())
+            out.setdefault("block_sd", {})[key] = float(v.std(ddof=1))
+    return out
 
 
 @torch.no_grad()
@@ -302,10 +323,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("samples", nargs="?", help="samples.npz with labels (arr_1), or the folder holding it")
     ap.add_argument("--clf", default=str(DEFAULT_CLF), help="cached classifier (.pt; trained if absent)")
     ap.add_argument("--probe", metavar="RUN", help="instead: probe each refinement stage of a checkpoint")
+    ap.add_argument("--block", type=int, default=0, metavar="N", help="also score consecutive blocks of N images")
     a = ap.parse_args(argv)
     if (a.samples is None) == (a.probe is None):
         ap.error("give a samples.npz to judge, or --probe RUN_OR_CKPT")
-    res = probe_stages(a.probe, clf=a.clf) if a.probe else evaluate(a.samples, clf=a.clf)
+    res = probe_stages(a.probe, clf=a.clf) if a.probe else evaluate(a.samples, clf=a.clf, block=a.block)
     print(json.dumps(res, indent=1))
 
 

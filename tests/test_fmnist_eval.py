@@ -69,6 +69,26 @@ def test_evaluate_real_images_scores_high(tiny):
     assert shuffled["accuracy"] < res["accuracy"] - 0.3
 
 
+def test_blocks_are_separate_evaluations_of_consecutive_slices(tiny):
+    path, _, _ = tiny
+    x, y = E.load_split("test", ASSETS)
+    u8 = ((x[:230] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    labels = y[:230].numpy().copy()
+    labels[100:150] = (labels[100:150] + 1) % 10  # block 2 gets half its labels wrong
+    res = E.evaluate(u8, labels, clf=path, block=100)  # 230 images: blocks 0..99, 100..199; the tail is left out
+    assert [b["first"] for b in res["blocks"]] == [0, 100]
+    for b in res["blocks"]:
+        alone = E.evaluate(u8[b["first"] : b["first"] + 100], labels[b["first"] : b["first"] + 100], clf=path)
+        assert b["accuracy"] == pytest.approx(alone["accuracy"]) and b["fd_clf"] == pytest.approx(alone["fd_clf"])
+    a0, a1 = (b["accuracy"] for b in res["blocks"])
+    assert a0 - a1 > 0.3  # the wrong labels land in the second block only
+    assert res["block_mean"]["accuracy"] == pytest.approx((a0 + a1) / 2)
+    assert res["block_sd"]["accuracy"] == pytest.approx(abs(a0 - a1) / 2**0.5)  # sd of two values, ddof 1
+    assert res["n"] == 230  # the whole-set figures are still there
+    with pytest.raises(ValueError, match="at least two blocks"):
+        E.evaluate(u8, labels, clf=path, block=200)
+
+
 def test_probe_stages_on_a_zero_velocity_model(tiny, tmp_path):
     """A freshly initialised DiT outputs 0 (AdaLN-Zero), so refinement only adds the stage noise:
     the label cannot matter (label_effect exactly 0) and one entry per refinement stage comes back."""
