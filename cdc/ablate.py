@@ -86,6 +86,12 @@ SWEEPS: dict[str, Sweep] = {
             "eq. 13 pixel sum vs per-sample mean (our choice)",
         ),
         Sweep(
+            "tau-dist",
+            ("flow.tau_dist",),
+            "uniform,logit_normal",
+            "not in the paper: uniform vs SD3's logit-normal tau inside each stage",
+        ),
+        Sweep(
             "pos",
             ("model.pos", "model.pos_units"),
             "rope-final,rope-native,sincos-final",

@@ -66,6 +66,11 @@ class FlowConfig:
     predict: str = "velocity"  # net output: "velocity" b (eq. 13) | "data" x1-hat, turned into b
     alpha_min: float = 0.05  # predict=data: floor on alpha(tau) in 1/alpha, keeps tau -> 1 finite
     timesteps: int = 1000  # tau is embedded as tau * timesteps (Table 7 num.train.timesteps)
+    # training tau within a stage: "uniform" (the paper) | "logit_normal" (SD3: tau = sigmoid(z),
+    # z ~ N(tau_loc, tau_scale^2), more updates mid-stage); either way a stage gets its bounds' share
+    tau_dist: str = "uniform"
+    tau_loc: float = 0.0  # logit_normal: mean of z (> 0 favours tau near 1, the data end)
+    tau_scale: float = 1.0  # logit_normal: std of z (> 0; large -> mass at both ends)
 
 
 @dataclass
@@ -281,6 +286,7 @@ def validate(cfg: Config) -> None:
         ("flow.interpolant", f.interpolant, ("linear", "trig", "sbd")),
         ("flow.loss_weight", f.loss_weight, ("pixel_sum", "sample_mean")),
         ("flow.predict", f.predict, ("velocity", "data")),
+        ("flow.tau_dist", f.tau_dist, ("uniform", "logit_normal")),
         ("train.precision", t.precision, ("bf16", "fp32")),
         ("train.schedule", t.schedule, ("constant", "cosine")),
         ("sample.solver", s.solver, ("euler", "heun", "sde")),
@@ -304,6 +310,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"flow.bounds: need {len(f.sides) + 1} increasing values from 0 to 1, got {b}")
     if f.sigma <= 0 or f.gamma <= 0:
         raise ConfigError("flow.sigma and flow.gamma must be > 0")
+    if f.tau_scale <= 0:
+        raise ConfigError(f"flow.tau_scale must be > 0, got {f.tau_scale}")
     if len(s.steps) not in (1, len(f.sides)) or min(s.steps) < 1:
         raise ConfigError(
             f"sample.steps: give one count >= 1 or one per stage ({len(f.sides)}), got {s.steps}"

@@ -1,6 +1,7 @@
 """Training data: shards from `cdc prepare` -> mixed-stage `cdc.flow.Batch`es, exactly resumable.
 
-Per sample: a global time t ~ U[0, 1), its stage k = Schedule.stage_of(t), and only the stored
+Per sample: a global time t ~ U[0, 1) (its in-stage tau redistributed by `flow.tau_dist`,
+cdc.flow.warp_time), its stage k = Schedule.stage_of(t), and only the stored
 level that stage needs is decoded. A block-aligned crop (offset a multiple of final/sides[0]
 pixels of the level the final stage uses) and one horizontal flip are applied to that level, so
 the stage target equals D_to(crop of the top level, r_k) up to the uint8 rounding of the stored
@@ -31,7 +32,7 @@ import torch
 from PIL import Image
 
 from cdc.fileio import bad_file, read_json
-from cdc.flow import Batch, Schedule
+from cdc.flow import Batch, Schedule, warp_time
 from cdc.imageproc import LEVEL_EXTS
 
 
@@ -124,6 +125,7 @@ class _Plan:
         self.cache_bytes = cfg.data.cache_mb * 2**20
         self.random_crop, self.hflip = cfg.data.random_crop, cfg.data.hflip
         self.sched = Schedule.from_config(cfg.flow)
+        self.tau_dist, self.tau_loc, self.tau_scale = cfg.flow.tau_dist, cfg.flow.tau_loc, cfg.flow.tau_scale
         self.sides = list(cfg.flow.sides)
         counts = {s["name"]: s["count"] for s in manifest["shards"]} if manifest else {}
         self.counts = [counts.get(os.path.basename(u)) for u in urls]
@@ -279,7 +281,7 @@ class _Stream(torch.utils.data.IterableDataset):
                 if not hasattr(P, "T"):  # no manifest: levels from the first sample's keys
                     P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(LEVEL_EXTS)))
                 rng = np.random.default_rng([P.seed, P.rank, w, epoch, j])
-                t = float(rng.random())
+                t = warp_time(float(rng.random()), P.sched, P.tau_dist, P.tau_loc, P.tau_scale)
                 t32 = torch.tensor([t], dtype=torch.float32)
                 k = int(P.sched.stage_of(t32)[0])
                 level, box = level_bytes(sample, P.need[k])  # box > 1: a level of a jpeg-top shard

@@ -62,6 +62,8 @@ def test_every_sweep_default_values_build_valid_configs(tmp_path):
     assert [pt.cfg.flow.interpolant for pt in A.plan("interpolant", out=tmp_path / "i").points] == [
         "linear", "trig", "sbd"]  # fmt: skip
     assert [pt.cfg.model.res_fusion for pt in A.plan("fusion", out=tmp_path / "f").points] == ["xattn", "add"]
+    tau = A.plan("tau-dist", out=tmp_path / "t").points
+    assert [pt.cfg.flow.tau_dist for pt in tau] == ["uniform", "logit_normal"]
     assert [pt.cfg.model.stage_models for pt in A.plan("unified", out=tmp_path / "u").points] == [False, True]
     pos = [(pt.cfg.model.pos, pt.cfg.model.pos_units) for pt in A.plan("pos", out=tmp_path / "p").points]
     assert pos == [("rope", "final"), ("rope", "native"), ("sincos", "final")]

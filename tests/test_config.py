@@ -30,6 +30,8 @@ def test_preset_then_explicit_keys_and_overrides():
         ({"flow": {"sides": [32, 48]}}, "flow.sides"),
         ({"flow": {"bounds": [0, 0.7, 0.5, 0.9, 1]}}, "flow.bounds"),
         ({"model": {"preset": "huge"}}, "model.preset"),
+        ({"flow": {"tau_dist": "beta"}}, "flow.tau_dist"),
+        ({"flow": {"tau_dist": "logit_normal", "tau_scale": 0}}, "flow.tau_scale"),
         ({"sample": {"solver": "rk4"}}, "sample.solver"),
         ({"sample": {"solver": "sde"}, "flow": {"interpolant": "trig"}}, "sample.solver: sde"),
         ({"sample": {"guide_scale": [2.0]}}, "sample.guide"),

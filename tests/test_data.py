@@ -91,6 +91,27 @@ def test_centre_crop_without_flip(shards):
         assert not any(f for fl in b.meta["flips"] for f in fl)
 
 
+def test_logit_normal_tau_moves_only_the_times(shards):
+    """flow.tau_dist warps each sample's uniform draw inside its stage: the same images, stages,
+    crops and labels come out, and each t is warp_time of the uniform run's t."""
+    from cdc.config import from_dict, to_dict
+    from cdc.flow import warp_time
+
+    base = config(shards)
+    d = to_dict(base)
+    d["flow"].update(tau_dist="logit_normal", tau_loc=0.4, tau_scale=1.3)
+    sched = Schedule.make([8, 16, 32])
+    moved = 0
+    for a, b in zip(take(make_loader(base, seed=4), 6), take(make_loader(from_dict(d), seed=4), 6), strict=True):
+        assert a.stage == b.stage and a.meta["keys"] == b.meta["keys"]
+        assert all(torch.equal(x, y) for x, y in zip(a.x1 + a.y, b.x1 + b.y, strict=True))
+        for ta, tb in zip(a.t, b.t, strict=True):
+            want = torch.tensor([warp_time(float(t), sched, "logit_normal", 0.4, 1.3) for t in ta])
+            assert torch.allclose(tb, want, atol=1e-6)
+            moved += int((tb - ta).abs().gt(1e-3).sum())
+    assert moved > 0
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_reproduces_batches(shards, workers):
     cfg = config(shards, workers=workers)

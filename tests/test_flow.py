@@ -23,6 +23,29 @@ def test_stage_schedule_equal_and_custom_bounds():
         F.Schedule.make([8, 16], bounds=[0, 0.7, 0.5])
 
 
+def test_warp_time_keeps_the_stage_and_gives_logit_normal_tau():
+    s = F.Schedule.make([8, 16, 32], bounds=[0, 0.5, 0.9, 1.0])
+    assert F.warp_time(0.123, s) == 0.123  # uniform: the paper's draw, untouched
+    # the stage's uniform tau u goes through the inverse CDF: u = 1/2 -> sigmoid(loc);
+    # u = Phi(1) -> sigmoid(loc + scale)
+    assert F.warp_time(0.25, s, "logit_normal") == pytest.approx(0.25)  # stage 1 centre
+    assert F.warp_time(0.7, s, "logit_normal", loc=1.0) == pytest.approx(0.5 + 0.4 / (1 + math.exp(-1)))
+    u = 0.5 * (1 + math.erf(1 / math.sqrt(2)))  # Phi(1)
+    want = 0.9 + 0.1 / (1 + math.exp(-(0.3 + 2.0)))
+    assert F.warp_time(0.9 + 0.1 * u, s, "logit_normal", loc=0.3, scale=2.0) == pytest.approx(want)
+    ts = torch.linspace(0, 1, 2001)[:-1].double()
+    warped = torch.tensor([F.warp_time(float(t), s, "logit_normal", 0.5, 1.5) for t in ts], dtype=torch.float64)
+    assert torch.equal(s.stage_of(warped.float()), s.stage_of(ts.float()))  # every stage keeps its draws
+    assert torch.all(warped[1:] >= warped[:-1])  # monotone within and across stages
+    # tau's logit over a fine grid of one stage: mean loc, std scale
+    k0 = s.stage_of(ts) == 0
+    tau = s.tau_of(warped[k0], 0).clamp(1e-12, 1 - 1e-12)
+    z = torch.log(tau / (1 - tau))
+    assert float(z.mean()) == pytest.approx(0.5, abs=0.02) and float(z.std()) == pytest.approx(1.5, rel=0.05)
+    with pytest.raises(ValueError, match="unknown tau distribution"):
+        F.warp_time(0.5, s, "beta")
+
+
 def test_sigma_k_diminishes_by_gamma():
     s = F.Schedule.make([8, 16, 32, 64], sigma=0.8, gamma=2.0)
     assert [s.sigma_k(k) for k in range(4)] == pytest.approx([0.8, 0.4, 0.2, 0.1])
