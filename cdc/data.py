@@ -281,9 +281,9 @@ class _Stream(torch.utils.data.IterableDataset):
                 if not hasattr(P, "T"):  # no manifest: levels from the first sample's keys
                     P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(LEVEL_EXTS)))
                 rng = np.random.default_rng([P.seed, P.rank, w, epoch, j])
-                t = warp_time(float(rng.random()), P.sched, P.tau_dist, P.tau_loc, P.tau_scale)
-                t32 = torch.tensor([t], dtype=torch.float32)
-                k = int(P.sched.stage_of(t32)[0])
+                t = float(rng.random())
+                k = int(P.sched.stage_of(torch.tensor([t], dtype=torch.float32))[0])
+                t32 = torch.tensor([warp_time(t, P.sched, P.tau_dist, P.tau_loc, P.tau_scale, k)], dtype=torch.float32)
                 level, box = level_bytes(sample, P.need[k])  # box > 1: a level of a jpeg-top shard
                 oy, ox = P.crop_offsets(rng, level, k, box)
                 flip = bool(rng.random() < 0.5)

@@ -79,22 +79,29 @@ class Schedule:
         return self.bounds[k] + tau * (self.bounds[k + 1] - self.bounds[k])
 
 
-def warp_time(t: float, sched: Schedule, dist: str = "uniform", loc: float = 0.0, scale: float = 1.0) -> float:
+_STD_NORMAL = NormalDist()
+
+
+def warp_time(
+    t: float, sched: Schedule, dist: str = "uniform", loc: float = 0.0, scale: float = 1.0, k: int | None = None
+) -> float:
     """Training time with a uniform draw `t` in [0, 1): same stage, tau redistributed by `dist`.
 
     "uniform" returns t (Alg. 1/3). "logit_normal" maps the stage's uniform tau u through the
     inverse CDF, tau = sigmoid(loc + scale * Phi^-1(u)) (Esser et al. 2024, "SD3"), so every stage
     keeps its share of the draws (bounds) and only the times inside it move; one uniform number in,
     one out, so the loader's random streams (and exact resume) are the same for either choice.
+    `k` is t's stage when the caller has it already (the loader); else it is looked up.
     """
     if dist == "uniform":
         return t
     if dist != "logit_normal":
         raise ValueError(f"unknown tau distribution {dist!r}; use uniform or logit_normal")
-    k = int(sched.stage_of(torch.tensor([t], dtype=torch.float32))[0])  # the stage the loader's float32 t has
+    if k is None:
+        k = int(sched.stage_of(torch.tensor([t], dtype=torch.float32))[0])  # as the loader's float32 t has it
     t0, t1 = sched.bounds[k], sched.bounds[k + 1]
     u = min(max((t - t0) / (t1 - t0), 1e-9), 1 - 1e-9)
-    tau = 1.0 / (1.0 + math.exp(-(loc + scale * NormalDist().inv_cdf(u))))
+    tau = 1.0 / (1.0 + math.exp(-(loc + scale * _STD_NORMAL.inv_cdf(u))))
     return t0 + min(tau, 1 - 1e-5) * (t1 - t0)  # the margin keeps float32(t) inside [t0, t1)
 
 

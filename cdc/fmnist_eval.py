@@ -203,7 +203,10 @@ def _read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 @torch.no_grad()
 def fd_to_test(judge: Classifier, info: dict[str, Any], x: Tensor, what: str) -> float:
     """FD-clf: Frechet distance of the judge's features of x (N, 1, 32, 32) to the test split's."""
-    feats = _batched(judge.features, x).numpy()
+    return _fd_feats(_batched(judge.features, x).numpy(), info, what)
+
+
+def _fd_feats(feats: np.ndarray, info: dict[str, Any], what: str) -> float:
     return frechet_distance(*gaussian_stats(feats, what), info["mu"], info["sigma"])
 
 
@@ -234,7 +237,8 @@ def evaluate(
     pred = _batched(model, x).argmax(1)
     ok = (pred == y).float()
     per_class = {int(c): float(ok[y == c].mean()) for c in torch.unique(y)}
-    fd = fd_to_test(model, info, x, "sample features")
+    feats = _batched(model.features, x).numpy()  # (N, FEAT_DIM), once for the whole set and its blocks
+    fd = _fd_feats(feats, info, "sample features")
     out: dict[str, Any] = {
         "n": len(y),
         "accuracy": float(ok.mean()),
@@ -248,13 +252,12 @@ def evaluate(
         starts = range(0, len(y) - block + 1, block)  # a short tail block is left out
         out["blocks"] = [
             {"first": i, "accuracy": float(ok[i : i + block].mean()),
-             "fd_clf": fd_to_test(model, info, x[i : i + block], f"sample features {i}..{i + block - 1}")}
+             "fd_clf": _fd_feats(feats[i : i + block], info, f"sample features {i}..{i + block - 1}")}
             for i in starts
         ]  # fmt: skip
-        for key in ("accuracy", "fd_clf"):
-            v = np.array([b[key] for b in out["blocks"]])
-            out.setdefault("block_mean", {})[key] = float(v.mean())
-            out.setdefault("block_sd", {})[key] = float(v.std(ddof=1))
+        per = {key: np.array([b[key] for b in out["blocks"]]) for key in ("accuracy", "fd_clf")}
+        out["block_mean"] = {key: float(v.mean()) for key, v in per.items()}
+        out["block_sd"] = {key: float(v.std(ddof=1)) for key, v in per.items()}
     return out
 
 
