@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import signal
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +27,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from cdc import checkpoint as ckpt
 from cdc import distributed as D
 from cdc.compiled_trunk import compile_for_training, why_not_compiled
-from cdc.config import Config, ConfigError, dump, for_world, from_dict, to_dict
+from cdc.config import Config, ConfigError, dump, for_world, to_dict
 from cdc.flow import Interpolant, Schedule, loss, velocity_net_from_config
 from cdc.init_from import resolve_init, start_from_init
 from cdc.model import build_model, count_params, forward_flops
-from cdc.shortcut import shortcut_loss, shortcut_mode
+from cdc.run_files import check_compatible, log_window, resume_other_world, save_grid, truncate_metrics
+from cdc.shortcut import shortcut_loss
 
 
 class NonFiniteError(RuntimeError):
@@ -71,60 +70,6 @@ def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
     return getattr(m, "_orig_mod", m)
 
 
-def _check_compatible(run_dir: Path, cfg: Config) -> None:
-    """A run dir keeps its model and flow: resuming with a different network is an error."""
-    f = run_dir / "config.yaml"
-    if not f.is_file():
-        return
-    from cdc.fileio import bad_file, read_yaml
-
-    expected = "a cdc run config (restore it or use a new --run-dir)"
-    raw = read_yaml(f, expected)
-    if not isinstance(raw, dict):
-        raise bad_file(f, expected, f"holds a {type(raw).__name__}, not a mapping")
-    try:
-        old = from_dict(raw)
-    except ConfigError as e:
-        raise bad_file(f, expected, e) from None
-    for sec in ("model", "flow"):
-        if to_dict(old)[sec] != to_dict(cfg)[sec]:
-            diff = [k for k, v in to_dict(cfg)[sec].items() if to_dict(old)[sec].get(k) != v]
-            raise ConfigError(
-                f"{run_dir} was trained with different {sec} settings ({', '.join(diff)}); "
-                f"use a new --run-dir or the original recipe"
-            )
-
-
-def _resume_other_world(
-    state: dict, cfg: Config, dist: D.Dist, loader: Any, gen: torch.Generator, step: int
-) -> None:
-    """Resume a checkpoint written by another number of ranks: same samples seen, fresh streams.
-
-    Per-rank data and noise streams depend on the rank count, so they cannot continue exactly.
-    Each rank's loader instead starts at (samples seen by all old ranks) / (new ranks), i.e. at the
-    same point of its epoch, and the noise generators are reseeded from (seed, rank, step) so they
-    do not replay step 0's noise. With train.global_batch set, the optimisation is unchanged.
-    """
-    ranks, t = state.get("ranks", []), cfg.train
-    seen = sum(int(r["data"]["batches"]) * int(r["data"].get("batch_size", t.batch_size)) for r in ranks)
-    loader.load_state_dict({"batches": seen // (dist.world * t.batch_size)})
-    gen.manual_seed(t.seed * 100_003 + dist.rank + 1_000_003 * step)
-    torch.manual_seed(t.seed * 100_003 + dist.rank + 1_000_003 * step)
-    old = state.get("config", {}).get("train", {})
-    old_global = old.get("batch_size", t.batch_size) * old.get("grad_accum", 1) * len(ranks)
-    new_global = t.batch_size * t.grad_accum * dist.world
-    kept = (
-        f"global batch {new_global} kept (grad_accum {old.get('grad_accum', 1)} -> {t.grad_accum})"
-        if old_global == new_global
-        else f"global batch changes {old_global} -> {new_global} (set train.global_batch to keep it)"
-    )
-    warnings.warn(
-        f"checkpoint was written by {len(ranks)} ranks, resuming on {dist.world}: {kept}; "
-        f"data continues after {seen} samples on fresh per-rank streams",
-        stacklevel=3,
-    )
-
-
 def describe(cfg: Config, world: int | None = None) -> dict[str, Any]:
     """Resolved config (grad_accum for `world` ranks, default $WORLD_SIZE or 1) and parameter count
     without allocating weights (for --dry-run)."""
@@ -157,20 +102,6 @@ class _Stop:
             signal.signal(s, h)
 
 
-def _log_line(run_dir: Path, line: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics lines past the checkpoint we resume from (they will be logged again)."""
-    f = run_dir / "metrics.jsonl"
-    if not f.is_file():
-        return
-    keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    ckpt.atomic_write_bytes(f, ("\n".join(keep) + "\n").encode() if keep else b"")
-
-
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -188,7 +119,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     resolve_init(cfg, run_dir)
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _check_compatible(run_dir, cfg)
+        check_compatible(run_dir, cfg)
         ckpt.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
     D.barrier()
     dev = dist.device
@@ -237,7 +168,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
         nonfinite_total = int(state.get("nonfinite_total", 0))
         ranks = state.get("ranks", [])
         if len(ranks) != dist.world:
-            _resume_other_world(state, cfg, dist, loader, gen, step)
+            resume_other_world(state, cfg, dist, loader, gen, step)
         else:
             r = ranks[dist.rank]
             gen.set_state(r["gen"])
@@ -245,7 +176,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
             loader.load_state_dict(r["data"])
         del state
         if dist.main:
-            _truncate_metrics(run_dir, step)
+            truncate_metrics(run_dir, step)
             _say(f"resumed from {path} at step {step}")
 
     net = model
@@ -387,7 +318,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
             if step > done:
                 done = step
                 if step % t.log_every == 0 or finish or signalled > 0:
-                    last = _log(run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total)
+                    last = log_window(run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
                     acc.zero_()
@@ -414,70 +345,3 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
         bar.close()
     D.barrier()
     return {"run_dir": str(run_dir), "step": step, "stopped": stop.flag, **last}
-
-
-def _log(run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total) -> dict[str, Any]:
-    """Reduce the logging window over ranks and append one metrics.jsonl line (rank 0).
-
-    acc: the device-side window [loss, grad norm, good steps, stage sums (K), stage counts (K)];
-    this is the only place it is read on the host.
-    """
-    K = len(cfg.flow.sides)
-    host = torch.tensor([win["flops"], float(win["images"])], dtype=torch.float64, device=dev)
-    vec = torch.cat([acc[:3], host, torch.stack([acc[3:3 + K], acc[3 + K:]], 1).flatten()])
-    tot = D.all_reduce_sum(vec).tolist()
-    dt = max(time.perf_counter() - t_win, 1e-9)
-    steps = max(tot[2] / dist.world, 1.0)
-    tflops = tot[3] / dt / 1e12
-    line = {
-        "step": step,
-        "loss": tot[0] / dist.world / steps,
-        "loss_stage": {
-            str(k): (tot[5 + 2 * k] / tot[6 + 2 * k] if tot[6 + 2 * k] else None) for k in range(K)
-        },
-        "grad_norm": tot[1] / dist.world / steps,
-        "lr": lr,
-        "images_per_s": tot[4] / dt,
-        "tflops": tflops,
-        "mfu": tflops / (cfg.train.peak_tflops * dist.world) if cuda else None,
-        "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
-        "nonfinite_total": nonfinite_total,
-        "grad_accum": cfg.train.grad_accum,
-        "global_batch": cfg.train.batch_size * cfg.train.grad_accum * dist.world,
-        "time": time.time(),
-    }
-    if dist.main:
-        _log_line(run_dir, line)
-    return line
-
-
-@torch.no_grad()
-def save_grid(ema: torch.nn.Module, cfg: Config, path: Path, dev: torch.device, per_class: int = 8) -> None:
-    """A labelled EMA sample grid: one row per class (first 10 classes), fixed seeds."""
-    from torchvision.utils import save_image
-
-    from cdc.sampler import image_seed, sample
-
-    n_cls = min(cfg.model.num_classes, 10)
-    y = torch.arange(n_cls, device=dev).repeat_interleave(per_class)
-    s = cfg.sample
-    few = shortcut_mode(cfg.model.step_cond, cfg.fewstep.levels, list(s.steps))
-    out = sample(
-        velocity_net_from_config(ema, cfg.flow),
-        Schedule.from_config(cfg.flow),
-        y,
-        [image_seed(s.seed, i) for i in range(len(y))],
-        cfg.model.in_channels,
-        steps=s.steps,
-        cfg=s.cfg,
-        null_class=cfg.model.num_classes,
-        solver="euler" if few else s.solver,
-        interval=tuple(s.interval),
-        sde_eps=s.sde_eps,
-        interpolant=cfg.flow.interpolant,
-        step_cond=few,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    save_image((out.x.float().clamp(-1, 1) + 1) / 2, tmp, nrow=per_class, padding=1)
-    tmp.replace(path)
