@@ -282,8 +282,10 @@ class _Stream(torch.utils.data.IterableDataset):
                     P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(LEVEL_EXTS)))
                 rng = np.random.default_rng([P.seed, P.rank, w, epoch, j])
                 t = float(rng.random())
-                k = int(P.sched.stage_of(torch.tensor([t], dtype=torch.float32))[0])
-                t32 = torch.tensor([warp_time(t, P.sched, P.tau_dist, P.tau_loc, P.tau_scale, k)], dtype=torch.float32)
+                t32 = torch.tensor([t], dtype=torch.float32)
+                k = int(P.sched.stage_of(t32)[0])
+                if P.tau_dist != "uniform":  # tau moves inside stage k (flow.tau_dist); the stage stays
+                    t32.fill_(warp_time(t, P.sched, P.tau_dist, P.tau_loc, P.tau_scale, k))
                 level, box = level_bytes(sample, P.need[k])  # box > 1: a level of a jpeg-top shard
                 oy, ox = P.crop_offsets(rng, level, k, box)
                 flip = bool(rng.random() < 0.5)
