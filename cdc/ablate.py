@@ -29,6 +29,7 @@ from cdc import checkpoint as ckpt_lib
 from cdc import distributed as D
 from cdc.config import Config, ConfigError, dump, from_dict, to_dict
 from cdc.fileio import write_json
+from cdc.run_files import read_metrics
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "assets" / "ablate-base.yaml"
 DEFAULT_SAMPLES = 500
@@ -356,9 +357,7 @@ def _train_point(cfg: Config, folder: Path, progress: bool) -> dict[str, Any]:
     secs = time.perf_counter() - t0
     summary: dict[str, Any] = {}
     if D.init().main:
-        lines = [
-            json.loads(x) for x in (folder / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()
-        ]
+        lines = read_metrics(folder / "run" / "metrics.jsonl")
         speed = [x["images_per_s"] for x in lines[1:]] or [x["images_per_s"] for x in lines]
         summary = {
             "train_steps": lines[-1]["step"] if lines else 0,

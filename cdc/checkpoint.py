@@ -140,6 +140,29 @@ def load_latest(
     return None
 
 
+def set_aside_newer(ckpt_dir: Path, step: int) -> list[Path]:
+    """Rename every checkpoint newer than `step` (those `load_latest` skipped as corrupt) and its
+    sidecar to `*.corrupt[.N]`, and return the new names.
+
+    A run resumed from an older step writes checkpoints below the corrupt one; `prune` keeps the
+    newest steps, so left in place the corrupt file would outrank, and get the new ones deleted.
+    Renamed, not deleted: its bytes stay for inspection.
+    """
+    moved = []
+    for s, p in list_checkpoints(ckpt_dir):
+        if s <= step:
+            continue
+        for f in (p.with_name(p.name + ".sha256"), p):  # sidecar first, as in prune
+            if f.exists():
+                dst, n = f.with_name(f.name + ".corrupt"), 1
+                while dst.exists():
+                    dst, n = f.with_name(f"{f.name}.corrupt.{n}"), n + 1
+                os.replace(f, dst)
+                if f == p:
+                    moved.append(dst)
+    return moved
+
+
 def prune(ckpt_dir: Path, keep_last: int, milestone_every: int) -> list[Path]:
     """Delete rolling checkpoints beyond the newest `keep_last`; milestones are kept forever."""
     removed = []

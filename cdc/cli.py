@@ -285,7 +285,7 @@ def ablate(
     name: str | None = typer.Argument(
         None,
         help="gamma, sigma, gamma-sigma, stages, interpolant, fusion, "
-        "unified, loss-weight, pos, cfg, steps (see --list).",
+        "unified, loss-weight, tau-dist, pos, cfg, steps (see --list).",
     ),
     list_: bool = typer.Option(
         False, "--list", help="List the sweeps, their keys, default values and paper figure."

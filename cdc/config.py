@@ -115,7 +115,9 @@ class TrainConfig:
     sample_every: int = 10_000  # steps between EMA sample grids (0 = never)
     max_nonfinite: int = 20  # consecutive non-finite steps before the run stops
     check_every: int = 10  # steps between host reads of stop signals / skipped steps (each waits for the GPU)
-    peak_tflops: float = 800.0  # accelerator peak (dense bf16 TFLOP/s) for MFU; H100 measured ~800
+    # dense bf16 matmul peak (TFLOP/s) that metrics.jsonl's MFU divides by: DESIGN.md's H100
+    # figure, not measured by this project; `bin/gpu-check` measures the peak of the GPU it runs on
+    peak_tflops: float = 800.0
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
     init: str = ""  # checkpoint file or run dir whose EMA weights start a fresh run (fine-tune); "" = random
 
@@ -271,9 +273,46 @@ def _check_guidance(sec: str, cfg: list[float], guide: str, guide_scale: list[fl
         raise ConfigError(f"{sec}.guide_scale != 1 needs {sec}.guide (a checkpoint, or step:N of {run})")
 
 
+def _check_ranges(cfg: Config) -> None:
+    """Single-field bounds, checked before the cross-field checks divide by any of them."""
+    m, f, d, t, s = cfg.model, cfg.flow, cfg.data, cfg.train, cfg.sample
+    at_least = [  # (key, value, minimum): counts and sizes
+        ("model.depth", m.depth, 1), ("model.width", m.width, 1), ("model.heads", m.heads, 1),
+        ("model.patch", m.patch, 1), ("model.in_channels", m.in_channels, 1),
+        ("model.num_classes", m.num_classes, 1), ("model.head_channels", m.head_channels, 1),
+        ("flow.timesteps", f.timesteps, 1), ("data.workers", d.workers, 0), ("data.shuffle", d.shuffle, 0),
+        ("train.steps", t.steps, 1), ("train.warmup_steps", t.warmup_steps, 0),
+        ("train.keep_last", t.keep_last, 1), ("train.milestone_every", t.milestone_every, 0),
+        ("train.max_nonfinite", t.max_nonfinite, 1), ("sample.batch", s.batch, 1),
+    ]
+    for key, val, lo in at_least:
+        if val < lo:
+            raise ConfigError(f"{key} must be >= {lo}, got {val}")
+    non_negative = [
+        ("train.max_minutes", t.max_minutes), ("train.weight_decay", t.weight_decay),
+        ("train.lr_min", t.lr_min), ("train.grad_clip", t.grad_clip), ("sample.sde_eps", s.sde_eps),
+    ]
+    for key, val in non_negative:
+        if val < 0:
+            raise ConfigError(f"{key} must be >= 0, got {val}")
+    for key, val in (("model.mlp_ratio", m.mlp_ratio), ("train.lr", t.lr), ("train.eps", t.eps),
+                     ("train.peak_tflops", t.peak_tflops)):
+        if val <= 0:
+            raise ConfigError(f"{key} must be > 0, got {val}")
+    if min(f.sides, default=1) < 1:
+        raise ConfigError(f"flow.sides: every side must be >= 1 px, got {f.sides}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if any(not 0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas: each must be in [0, 1), got {t.betas}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; each failure is one line naming the key."""
     m, f, t, s = cfg.model, cfg.flow, cfg.train, cfg.sample
+    _check_ranges(cfg)
     if m.width % m.heads:
         raise ConfigError(f"model.width ({m.width}) must be divisible by model.heads ({m.heads})")
     if m.pos == "rope" and (m.width // m.heads) % 4:

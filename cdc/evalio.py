@@ -234,5 +234,27 @@ def to_float(b: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The given device, else CUDA when available, else CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The given device, else CUDA when available, else CPU.
+
+    A name torch does not know, or a device this machine lacks (cuda without a GPU, cuda:3 on a
+    two-GPU box), is a one-line ValueError here rather than a RuntimeError at the first copy.
+    """
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError) as e:
+            why = str(e).split(". ")[0][:120]
+            raise ValueError(f"--device {device}: unusable here ({why}); use --device cpu") from None
+    return dev

@@ -330,7 +330,11 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if (a.samples is None) == (a.probe is None):
         ap.error("give a samples.npz to judge, or --probe RUN_OR_CKPT")
-    res = probe_stages(a.probe, clf=a.clf) if a.probe else evaluate(a.samples, clf=a.clf, block=a.block)
+    try:
+        res = probe_stages(a.probe, clf=a.clf) if a.probe else evaluate(a.samples, clf=a.clf, block=a.block)
+    except (ValueError, OSError, KeyError) as e:  # bad paths / files / options: one line, exit 2
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(res, indent=1))
 
 

@@ -34,6 +34,7 @@ from PIL import Image
 from cdc import __version__
 from cdc import checkpoint as ckpt_lib
 from cdc import distributed as dist_lib
+from cdc.evalio import resolve_device
 from cdc.figures import grid, stage_figure, stages_figure, to_uint8
 from cdc.fileio import read_json, write_json
 from cdc.flow import Schedule, velocity_net_from_config
@@ -247,6 +248,10 @@ def generate(
     """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
+    if sde_eps is not None and sde_eps < 0:  # before any output (the sampler checks it too)
+        raise ValueError(f"sde_eps (--sde-eps) must be >= 0, got {sde_eps}")
+    if batch is not None and batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     own_pg = world > 1 and not torch.distributed.is_initialized()
     if world > 1:
@@ -254,7 +259,7 @@ def generate(
         rank, dev = d.rank, d.device
     else:
         rank = 0
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = resolve_device(device)
     main = rank == 0
     try:
         model, mcfg, info = ckpt_lib.load_for_inference(ckpt, ema=ema, device=dev, runs_dir=runs_dir)

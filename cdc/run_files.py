@@ -77,12 +77,30 @@ def _log_line(run_dir: Path, line: dict) -> None:
         f.write(json.dumps(line) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The lines of a metrics.jsonl. Lines are appended, so a crash (full disk, power loss) can
+    leave the last one torn: that one is dropped with a warning; a bad line elsewhere is an error."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    out = []
+    for i, ln in enumerate(lines):
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropping a torn last line ({e.msg})", stacklevel=2)
+                break
+            raise ValueError(
+                f"{path} line {i + 1} is not JSON ({e.msg}); delete that line to resume"
+            ) from None
+    return out
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics lines past the checkpoint we resume from (they will be logged again)."""
     f = run_dir / "metrics.jsonl"
     if not f.is_file():
         return
-    keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = [json.dumps(d) for d in read_metrics(f) if d.get("step", 0) <= step]
     ckpt.atomic_write_bytes(f, ("\n".join(keep) + "\n").encode() if keep else b"")
 
 

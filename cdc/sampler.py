@@ -193,6 +193,8 @@ def sample(
         raise ValueError(f"steps: give one count >= 1 or one per stage ({sched.K}), got {list(steps_k)}")
     if solver not in ("euler", "heun", "sde"):
         raise ValueError(f"unknown solver {solver!r}; use euler, heun or sde")
+    if sde_eps < 0:  # the noise scale enters as a square root
+        raise ValueError(f"sde_eps (--sde-eps) must be >= 0, got {sde_eps}")
     if step_cond and solver != "euler":
         raise ValueError(f"few-step (step_cond) sampling takes Euler steps of the trained sizes, not {solver!r}")
     if solver == "sde" and interpolant != "linear":

@@ -177,6 +177,8 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
         del state
         if dist.main:
             truncate_metrics(run_dir, step)
+            for bad in ckpt.set_aside_newer(run_dir / "checkpoints", step):
+                _say(f"moved the corrupt newer checkpoint aside: {bad}")
             _say(f"resumed from {path} at step {step}")
 
     net = model

@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -121,6 +122,10 @@ def test_list(tmp_path):
     for name in A.SWEEPS:
         assert name in res.output
     assert "Fig. 3" in res.output and "Table 4" in res.output
+    # `cdc ablate --help` names every sweep too (the help text is written out, not imported)
+    cmd = typer.main.get_command(app).commands["ablate"]
+    names = next(p.help for p in cmd.params if p.name == "name")
+    assert all(f"{n}," in names or f"{n} (" in names for n in A.SWEEPS), names
 
 
 def test_two_point_sweep_end_to_end_and_resume(tiny, tmp_path, monkeypatch):

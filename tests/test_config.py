@@ -36,6 +36,19 @@ def test_preset_then_explicit_keys_and_overrides():
         ({"sample": {"solver": "sde"}, "flow": {"interpolant": "trig"}}, "sample.solver: sde"),
         ({"sample": {"guide_scale": [2.0]}}, "sample.guide"),
         ({"sample": {"guide": "step:10", "guide_scale": [2.0, 1.0]}}, "sample.guide_scale"),
+        # ranges, checked before anything divides by them
+        ({"model": {"heads": 0}}, "model.heads must be >= 1"),
+        ({"model": {"patch": 0}}, "model.patch must be >= 1"),
+        ({"flow": {"sides": [0, 8]}}, "flow.sides"),
+        ({"train": {"steps": -5}}, "train.steps must be >= 1"),
+        ({"train": {"max_nonfinite": 0}}, "train.max_nonfinite must be >= 1"),
+        ({"train": {"ema_decay": 2.0}}, "train.ema_decay must be in [0, 1)"),
+        ({"train": {"betas": [0.9, 1.5]}}, "train.betas"),
+        ({"train": {"lr": 0.0}}, "train.lr must be > 0"),
+        ({"train": {"max_minutes": -1.0}}, "train.max_minutes must be >= 0"),
+        ({"sample": {"batch": 0}}, "sample.batch must be >= 1"),
+        ({"sample": {"sde_eps": -1.0}}, "sample.sde_eps must be >= 0"),
+        ({"data": {"workers": -1}}, "data.workers must be >= 0"),
     ],
 )
 def test_bad_keys_are_one_line_errors_naming_the_key(raw, needle):

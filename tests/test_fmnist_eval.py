@@ -95,6 +95,7 @@ def test_probe_stages_on_a_zero_velocity_model(tiny, tmp_path):
     from cdc import checkpoint
     from cdc.config import from_dict, to_dict
     from cdc.model import build_model
+    from cdc.pyramid import down_to, up_to
 
     cfg = from_dict(
         {
@@ -107,13 +108,19 @@ def test_probe_stages_on_a_zero_velocity_model(tiny, tmp_path):
     )
     res = E.probe_stages(tmp_path / "step_0000000.pt", per_class=3, steps=2, clf=tiny[0], root=ASSETS)
     assert [s["from_side"] for s in res["stages"]] == [8, 16] and res["images"] == 30
-    for s in res["stages"]:
-        assert s["label_effect"] == 0.0
-        assert 0.0 <= s["acc_refined"] <= 1.0 and 0.0 <= s["acc_coarse"] <= 1.0
-        assert s["fd_coarse"] >= 0.0 and s["fd_refined"] >= 0.0
-    # fd_real is evaluate()'s FD-clf of the same 30 real images (3 per class, first in test order)
+    # the probe's real images: 3 per class, first in test order
     x, y = E.load_split("test", ASSETS)
     idx = torch.cat([torch.nonzero(y == c)[:3, 0] for c in range(10)])
+    judge, jinfo = E.load_or_train(tiny[0], ASSETS)
+    for s in res["stages"]:
+        assert s["label_effect"] == 0.0
+        # the coarse figures are the judge's on the test images box-averaged to from_side and
+        # upsampled back (nearest), with their own labels
+        up = up_to(down_to(x[idx], s["from_side"]), 32)
+        assert s["acc_coarse"] == pytest.approx(float((judge(up).argmax(1) == y[idx]).float().mean()))
+        assert s["fd_coarse"] == pytest.approx(E.fd_to_test(judge, jinfo, up, "coarse"), rel=1e-6)
+        assert s["fd_refined"] > 0.0 and abs(30 * s["acc_refined"] - round(30 * s["acc_refined"])) < 1e-4
+    assert res["stages"][0]["fd_coarse"] > res["stages"][1]["fd_coarse"]  # 8 px loses more than 16 px
     u8 = ((x[idx] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert res["fd_real"] == pytest.approx(E.evaluate(u8, y[idx].numpy(), clf=tiny[0], root=ASSETS)["fd_clf"], rel=1e-4)
     with pytest.raises(ValueError, match="1-channel model ending at 32 px"):
@@ -123,7 +130,40 @@ def test_probe_stages_on_a_zero_velocity_model(tiny, tmp_path):
 
 
 def test_judge_trains_on_first_use_even_under_no_grad(tmp_path):
-    # evaluate() runs under no_grad and trains the judge when its cache file is missing
+    """evaluate() runs under no_grad and trains the judge when its cache file is missing: the
+    weights must be exactly those of the same training with grad on, and moved from the init."""
     with torch.no_grad():
-        _, info = E.load_or_train(tmp_path / "j.pt", ASSETS, epochs=1, limit=128, verbose=False, width=8)
-    assert (tmp_path / "j.pt").is_file() and 0.0 <= info["test_accuracy"] <= 1.0
+        judge, info = E.load_or_train(tmp_path / "j.pt", ASSETS, epochs=2, limit=256, verbose=False, width=8)
+    assert (tmp_path / "j.pt").is_file() and info["train_images"] == 256
+    x, y = E.load_split("train", ASSETS)
+    ref = E.train_classifier(x[:256], y[:256], epochs=2, seed=0, width=8)
+    torch.manual_seed(0)
+    init = E.Classifier(8)  # train_classifier's init: the same seed, then the same constructor
+    for (name, w), r in zip(judge.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(w, r), name
+    moved = [n for (n, w), w0 in zip(judge.state_dict().items(), init.state_dict().values())
+             if w.is_floating_point() and not torch.allclose(w, w0)]  # fmt: skip
+    assert len(moved) >= 4, moved  # conv and linear weights took optimizer steps
+    # the reloaded cache is the same judge, with the same measured test accuracy
+    again, info2 = E.load_or_train(tmp_path / "j.pt", ASSETS)
+    assert info2["test_accuracy"] == info["test_accuracy"]
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), judge.state_dict().values()))
+
+
+def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
+    """`python -m cdc.fmnist_eval` on bad input: exit 2 with one line naming the problem."""
+    np.savez(tmp_path / "nolab.npz", np.zeros((4, 32, 32, 1), np.uint8))
+    np.savez(tmp_path / "ok.npz", np.zeros((20, 32, 32, 1), np.uint8), np.zeros(20, np.int64))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    clf = str(tiny[0])
+    for argv, needle in [
+        ([str(tmp_path / "missing.npz"), "--clf", clf], "no samples.npz"),
+        ([str(tmp_path / "nolab.npz"), "--clf", clf], "no labels"),
+        ([str(tmp_path / "ok.npz"), "--clf", clf, "--block", "-3"], "at least two blocks"),
+        ([str(tmp_path / "ok.npz"), "--clf", str(tmp_path / "junk.pt")], "not a Fashion-MNIST judge"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            E.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "junk.pt").read_bytes() == b"junk"  # a bad judge file is reported, not replaced

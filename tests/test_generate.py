@@ -379,6 +379,16 @@ def test_cli_sample_newest_run_and_refusals(run_dir, tmp_path):
     r = runner.invoke(app, args + ["--overwrite", "--guide-scale", "2"])
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and "--guide-scale needs --guide" in lines[0]
+    # a device torch does not know, or one this machine lacks; a negative SDE noise scale
+    base = ["sample", "--runs-dir", str(run_dir.parent), "--out", str(tmp_path / "fresh"), "--n", "3",
+            "--steps", "2", "--cfg", "1.5"]  # fmt: skip
+    bad_device = "cuda:7" if torch.cuda.is_available() else "cuda"
+    for extra, needle in [(["--device", "gpu0"], "not a torch device"), (["--device", bad_device], "--device"),
+                          (["--device", "cpu", "--solver", "sde", "--sde-eps", "-1"], "sde_eps (--sde-eps) must be >= 0")]:  # fmt: skip
+        r = runner.invoke(app, base + extra)
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.output
+        assert not (tmp_path / "fresh" / "samples.npz").exists()
 
 
 def test_torchrun_two_ranks_equal_one(run_dir, tmp_path):

@@ -103,17 +103,75 @@ def _value(cfg, name: str):  # noqa: C901 - one branch per table row is the poin
         "batch.size": t.batch_size,
         "RandomHorizontalFlip": d.hflip,
         "RandomCrop": d.random_crop,
-        "Resize": "LANCZOS" if "Image.LANCZOS" in inspect.getsource(imageproc.resize_short_side) else "?",
+        "Resize": _resize_filter(),
         "Normalize": _normalize(),
-        "optimizer": "AdamW" if "torch.optim.AdamW(" in inspect.getsource(train.train) else "?",
-        "betas/eps": (*t.betas, t.eps),
+        "optimizer": type(_k4_step(cfg)["optimizer"]).__name__,
+        "betas/eps": (*_k4_step(cfg)["optimizer"].defaults["betas"], _k4_step(cfg)["optimizer"].defaults["eps"]),
         "Learning rate": t.lr,
         "precision": t.precision,
-        "deterministic.ops": "use_deterministic_algorithms" in inspect.getsource(train),
+        "deterministic.ops": _k4_step(cfg)["deterministic"],
         "num.inference.steps": s.steps[0] if len(set(s.steps)) == 1 else s.steps,
         "CFG strength": s.cfg[0] if len(s.cfg) == 1 else s.cfg,  # one scale shared by every stage
         "num.fid.samples": 50000 if "-n 50000" in readme and "50k" in readme else None,
     }[name]
+
+
+_STEP: dict[int, dict] = {}
+
+
+def _k4_step(cfg) -> dict:
+    """One training step of the recipe's optimisation and loader settings on a tiny model and
+    Fashion-MNIST shards (CPU), watching what the trainer builds: the optimizer instance, and
+    whether deterministic algorithms were switched on at any point (once per recipe object)."""
+    import dataclasses
+    import tempfile
+
+    from cdc.prepare import prepare as prepare_shards
+
+    if id(cfg) in _STEP:
+        return _STEP[id(cfg)]
+    seen: dict = {"optimizer": None, "deterministic": False}
+    real_adamw, real_det = torch.optim.AdamW, torch.use_deterministic_algorithms
+
+    class Spy(real_adamw):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen["optimizer"] = self
+
+    def det(mode, **k):
+        seen["deterministic"] |= bool(mode)
+        return real_det(mode, **k)
+
+    Spy.__name__ = real_adamw.__name__
+    tiny = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, depth=1, width=32, heads=2, in_channels=1, num_classes=10),
+        flow=dataclasses.replace(cfg.flow, sides=[8, 16, 32], bounds=None),
+        data=dataclasses.replace(cfg.data, workers=0, shuffle=8),
+        train=dataclasses.replace(
+            cfg.train, steps=1, global_batch=0, grad_accum=1, precision="fp32", ckpt_every=0, sample_every=0
+        ),
+    )
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        prepare_shards("fashion-mnist", Path(tmp) / "s", limit=32, progress=False)
+        tiny.data.shards = str(Path(tmp) / "s")
+        mp.setattr(torch.optim, "AdamW", Spy)
+        mp.setattr(torch, "use_deterministic_algorithms", det)
+        train.train(tiny, Path(tmp) / "run", progress=False)
+        seen["deterministic"] |= torch.are_deterministic_algorithms_enabled()
+    _STEP[id(cfg)] = seen
+    return seen
+
+
+def _resize_filter() -> str:
+    """Which PIL filter `cdc prepare`'s resize matches, on a sharp image scaled by 1/4 (no crop)."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    got = np.asarray(imageproc.resize_short_side(img, 60, 4))
+    for name in ("LANCZOS", "BICUBIC", "BILINEAR", "BOX", "HAMMING", "NEAREST"):
+        if np.array_equal(got, np.asarray(img.resize((80, 60), getattr(Image.Resampling, name)))):
+            return name
+    return "?"
 
 
 def _out_channels(cfg) -> int:

@@ -288,6 +288,8 @@ def test_bad_arguments():
         sample(net, sched, torch.zeros(2, dtype=torch.long), [0], 1)
     with pytest.raises(ValueError, match="linear"):
         sample(net, sched, torch.zeros(1, dtype=torch.long), [0], 1, solver="sde", interpolant="trig")
+    with pytest.raises(ValueError, match="sde_eps"):  # it enters as a square root
+        sample(net, sched, torch.zeros(1, dtype=torch.long), [0], 1, solver="sde", sde_eps=-0.5)
 
 
 @pytest.mark.parametrize("solver", ["euler", "sde"])

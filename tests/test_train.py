@@ -145,6 +145,40 @@ def test_corrupt_newest_checkpoint_falls_back(shards, tmp_path):
     assert [x["step"] for x in metrics(run)] == list(range(1, 9))
 
 
+def test_resume_past_a_corrupt_checkpoint_keeps_the_new_ones(shards, tmp_path):
+    """With keep_last 1, the corrupt step-8 file must not outrank the checkpoints the resumed run
+    writes below step 8 (here its step-6 end): it is moved aside, never deleted."""
+    run = tmp_path / "run"
+    train(from_dict(recipe(shards, steps=8, ckpt_every=4, keep_last=10)), run, progress=False)
+    bad = run / "checkpoints" / C.ckpt_name(8)
+    body = bad.read_bytes()[:1000]
+    bad.write_bytes(body)  # truncated: the resume falls back to step 4
+    with pytest.warns(UserWarning, match="corrupt"):
+        out = train(from_dict(recipe(shards, steps=6, ckpt_every=4, keep_last=1)), run, progress=False)
+    assert out["step"] == 6
+    assert [s for s, _ in C.list_checkpoints(run / "checkpoints")] == [6]  # step 4 pruned, 6 kept
+    assert C.verify(run / "checkpoints" / C.ckpt_name(6))
+    aside = run / "checkpoints" / (C.ckpt_name(8) + ".corrupt")
+    assert aside.read_bytes() == body and (run / "checkpoints" / (C.ckpt_name(8) + ".sha256.corrupt")).is_file()
+    # and a later run continues from the good step 6
+    assert train(from_dict(recipe(shards, steps=8, ckpt_every=4, keep_last=1)), run, progress=False)["step"] == 8
+    assert [x["step"] for x in metrics(run)] == list(range(1, 9))
+
+
+def test_torn_last_metrics_line_is_dropped_on_resume(shards, tmp_path):
+    run = tmp_path / "run"
+    train(from_dict(recipe(shards, steps=4, ckpt_every=4)), run, progress=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.')  # a crash mid-append
+    with pytest.warns(UserWarning, match="torn last line"):
+        train(from_dict(recipe(shards, steps=6, ckpt_every=4)), run, progress=False)
+    assert [x["step"] for x in metrics(run)] == list(range(1, 7))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match="metrics.jsonl line 2 is not JSON"):
+        train(from_dict(recipe(shards, steps=8, ckpt_every=4)), run, progress=False)
+
+
 def test_nonfinite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkeypatch):
     import cdc.train as T
 
@@ -237,6 +271,8 @@ def test_bad_recipe_is_one_line_error(tmp_path, shards):
     assert r.exit_code == 2 and "train.lrr" in r.output and len(r.output.strip().splitlines()) == 1
     r = CliRunner().invoke(app, ["train", str(tmp_path / "missing.yaml")])
     assert r.exit_code == 2 and "recipe not found" in r.output
+    r = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path, recipe(shards))), "--set", "model.heads=0"])
+    assert r.exit_code == 2 and "model.heads must be >= 1" in r.output and len(r.output.strip().splitlines()) == 1
 
 
 def test_dry_run_prints_config_and_params(tmp_path, shards):
