@@ -29,12 +29,39 @@ def xformers_available() -> bool:
     return True
 
 
+@functools.cache
+def xformers_error(device: str) -> str:
+    """'' when xformers' block-diagonal attention runs forward and backward on `device` (bf16),
+    else why not in one line. An importable xformers can still lack kernels for this GPU or this
+    torch build; "auto" then uses SDPA instead of failing at the first step."""
+    if not xformers_available():
+        return "xformers is not installed"
+    try:
+        from xformers.ops import fmha, memory_efficient_attention
+
+        q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        mask = fmha.BlockDiagonalMask.from_seqlens([3, 5])
+        memory_efficient_attention(q, q, q, attn_bias=mask).float().sum().backward()
+        torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - any failure means: not usable here
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+    return ""
+
+
+def _xformers_works(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():  # decided outside the trace (the custom op runs eagerly)
+        return xformers_available()
+    return xformers_error(str(device)) == ""
+
+
 def groups_from_seqlens(seqlens: list[int]) -> list[tuple[int, int]]:
     """Contiguous runs of equal length: [64, 64, 256] -> [(2, 64), (1, 256)]."""
     return [(len(list(run)), L) for L, run in itertools.groupby(seqlens)]
 
 
-@functools.lru_cache(maxsize=64)
+# Large enough never to evict while sampling: a CUDA graph captured with a mask keeps pointers to
+# its seqstart tensors, which this cache owns (a training run's stage mixes number a few hundred).
+@functools.lru_cache(maxsize=1024)
 def _block_diag_mask(seqlens: tuple[int, ...], device: str):
     from xformers.ops import fmha
 
@@ -63,9 +90,11 @@ def _pick(backend: str, device: torch.device) -> str:
             )
         if device.type != "cuda":
             raise RuntimeError(f"attention backend 'xformers' needs CUDA tensors, got device {device}")
+        if not _xformers_works(device):
+            raise RuntimeError(f"attention backend 'xformers' fails on {device}: {xformers_error(str(device))}")
         return "xformers"
     if backend == "auto":
-        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+        return "xformers" if device.type == "cuda" and xformers_available() and _xformers_works(device) else "sdpa"
     return "sdpa"
 
 

@@ -71,3 +71,22 @@ def test_sdpa_matches_xformers_on_cuda():
     a = attention(q, k, v, seqlens=seqlens, backend="sdpa").float()
     b = attention(q, k, v, seqlens=seqlens, backend="xformers").float()
     torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_auto_backend_falls_back_to_sdpa_where_xformers_kernels_fail(monkeypatch):
+    """An importable xformers whose kernels fail on this GPU (no build for its architecture or for
+    this torch) must not break training: "auto" picks SDPA, an explicit "xformers" says why."""
+    import cdc.attention as A
+
+    cuda = torch.device("cuda", 0)  # _pick only reads the device type: no GPU needed here
+    monkeypatch.setattr(A, "xformers_available", lambda: True)
+    monkeypatch.setattr(A, "xformers_error", lambda dev: "NotImplementedError: No operator found")
+    assert A._pick("auto", cuda) == "sdpa"
+    with pytest.raises(RuntimeError, match="fails on cuda:0: NotImplementedError: No operator found"):
+        A._pick("xformers", cuda)
+    monkeypatch.setattr(A, "xformers_error", lambda dev: "")
+    assert A._pick("auto", cuda) == "xformers" and A._pick("xformers", cuda) == "xformers"
+    assert A._pick("auto", torch.device("cpu")) == "sdpa"  # xformers kernels are CUDA-only
+    monkeypatch.undo()
+    if not xformers_available():
+        assert A.xformers_error("cuda:0") == "xformers is not installed"

@@ -9,6 +9,16 @@ from cdc.config import from_dict
 from cdc.prepare import prepare
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32_leak():
+    """cdc.train.train switches TF32 matmuls on for the process (train.tf32); the fp32 comparisons
+    here (1e-4) must not inherit it from an earlier test's training run."""
+    m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = m, c
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("fm") / "shards"

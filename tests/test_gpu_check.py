@@ -28,3 +28,36 @@ def test_gpu_check_cpu_mode_writes_every_figure(tmp_path):
     assert res["sample"]["2x4x2"]["nfe_per_image"] == 2 * res["sample"]["1x4x2"]["nfe_per_image"]
     assert all(r["sec_per_image"] > 0 for r in res["sample"].values())
     assert res["loader"]["loader_images_per_s"] > 0 and res["loader"]["prepare_images_per_s"] > 0
+    # every gpu-marked test is named with its outcome (a timeout keeps the finished ones)
+    assert res["tests"]["passed"] == 0 and "test_exact_resume_on_cuda[False]" in res["tests"]["skipped"]
+
+
+def _load_script():
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("gpu_check", str(ROOT / "bin" / "gpu-check"))
+    spec = importlib.util.spec_from_loader("gpu_check", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def test_test_outcomes_from_a_cut_off_pytest_run():
+    out = _load_script()._test_outcomes(
+        "tests/test_gpu.py::test_a[x] PASSED   [ 10%]\n"
+        "tests/test_gpu.py::test_b FAILED   [ 20%]\n"
+        "tests/test_gpu.py::test_c[sdpa-dtype1] PASSED   [ 30%]\n"
+        "tests/test_gpu.py::test_d "  # running when the timeout hit: no outcome yet
+    )
+    assert out == {"passed": ["test_a[x]", "test_c[sdpa-dtype1]"], "failed": ["test_b"]}
+
+
+def test_steps_that_cannot_finish_in_the_budget_are_skipped():
+    g = _load_script()
+    r = g.Runner(budget_s=10.0, env=dict(os.environ))
+    r.t0 = __import__("time").time()  # 10 s left: less than a step's 30 s minimum
+    assert r.json_cmd("bench", [sys.executable, "-c", "print('{}')"], timeout=60) is None
+    assert r.log == [{"step": "bench", "status": "skipped (budget)"}]
+    got = r.json_cmd("quick", [sys.executable, "-c", "print('{\"a\": 1}')"], timeout=60, min_s=1)
+    assert got == {"a": 1} and r.log[-1]["status"] == "ok"
