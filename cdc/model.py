@@ -171,7 +171,8 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)  # (B, D) each
         a = modulate(self.norm1(h), shift1, scale1, groups)
         q, k, v = self.qkv(a).view(T, 3, self.heads, self.head_dim).unbind(1)  # (T, H, Dh) each
-        q, k = self.q_norm(q), self.k_norm(k)
+        # .to(v.dtype): under an autocast policy that runs rms_norm in fp32, q and k must still match v
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if isinstance(seqlens, Tensor):  # compiled trunk: lengths as a host tensor, one opaque op
