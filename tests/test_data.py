@@ -128,6 +128,27 @@ def test_resume_reproduces_batches(shards, workers):
     assert not all(same(a, b) for a, b in zip(ref[:4], other, strict=True))
 
 
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_worker_batches_do_not_depend_on_the_start_method(shards, method):
+    """Loader workers started by spawn (macOS, Windows) or forkserver (Linux from Python 3.14)
+    instead of fork: the loader must pickle and yield the very same batches."""
+    import multiprocessing as mp
+
+    cfg = config(shards, workers=2)
+    ref = take(make_loader(cfg, seed=1), 4)
+    before = mp.get_start_method()
+    mp.set_start_method(method, force=True)  # the default context DataLoader workers use
+    try:
+        it = iter(make_loader(cfg, seed=1))
+        got = [next(it) for _ in range(4)]
+        started = {type(p._popen).__module__ for p in mp.active_children()}  # e.g. popen_spawn_posix
+        assert started and all(method in m for m in started), started
+        del it
+    finally:
+        mp.set_start_method(before, force=True)
+    assert all(same(a, b) for a, b in zip(ref, got, strict=True))
+
+
 def test_memory_cache_gives_the_same_batches_and_skips_tar_reads(shards, monkeypatch):
     import cdc.data as data_mod
 
