@@ -51,13 +51,22 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 @torch.no_grad()
+def ema_decay_at(step: int, cfg: Config) -> float:
+    """The EMA decay d applied after optimizer step `step` (1, 2, ...)."""
+    t = cfg.train
+    if t.ema_gamma > 0:  # EDM2's power-function EMA: weights ~ (step taken)^gamma, no fixed decay
+        return (1 - 1 / (step + 1)) ** (t.ema_gamma + 1)
+    d = t.ema_decay
+    if t.ema_warmup:  # short runs: the EMA must not be dominated by the random init
+        d = min(d, (1 + step) / (10 + step))
+    return d
+
+
 def ema_update(
     ema: torch.nn.Module, model: torch.nn.Module, step: int, cfg: Config, keep: torch.Tensor | None = None
 ) -> None:
     """EMA <- EMA + (1 - d) (model - EMA); `keep` (0-dim bool on the device) False leaves it as is."""
-    d = cfg.train.ema_decay
-    if cfg.train.ema_warmup:  # short runs: the EMA must not be dominated by the random init
-        d = min(d, (1 + step) / (10 + step))
+    d = ema_decay_at(step, cfg)
     w: float | torch.Tensor = 1 - d
     if keep is not None:  # decided on the device: no host round trip
         w = torch.where(keep, 1 - d, 0.0).to(next(ema.parameters()).dtype)

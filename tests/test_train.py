@@ -339,3 +339,25 @@ def test_compile_auto_trains_eager_where_it_cannot_compile(shards, tmp_path, mon
         assert all(torch.equal(ref[k], got[k]) for k in ref), run
     with pytest.raises(RuntimeError, match="C\\+\\+ compile error"):  # true: the error is the user's to see
         train(from_dict(recipe(shards, compile=True, steps=3)), tmp_path / "strict", progress=False)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 3.0, 8.0])
+def test_ema_weight_left_on_the_init_is_the_product_of_decays(gamma):
+    """Start the EMA at the init (1), then train to 0: after N steps the EMA is exactly the weight
+    it keeps on the init, prod_n d_n. Power EMA (train.ema_gamma = g): d_n = (n/(n+1))^(g+1), so
+    that product is (N+1)^-(g+1); the default warm-up: prod min(ema_decay, (1+n)/(10+n))."""
+    import math
+
+    from cdc.train import ema_update
+
+    cfg = from_dict({"train": {"ema_gamma": gamma, "ema_decay": 0.999}})
+    model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False).requires_grad_(False)
+    ema.weight.data.fill_(1.0)  # the trainer's EMA copy does not require grad either
+    model.weight.data.fill_(0.0)
+    N = 40
+    for step in range(1, N + 1):
+        ema_update(ema, model, step, cfg, keep=torch.tensor(True))
+    want = (N + 1) ** -(gamma + 1) if gamma else math.prod(min(0.999, (1 + n) / (10 + n)) for n in range(1, N + 1))
+    assert float(ema.weight) == pytest.approx(want, rel=1e-5)
+    ema_update(ema, model, N + 1, cfg, keep=torch.tensor(False))  # a skipped step leaves it as is
+    assert float(ema.weight) == pytest.approx(want, rel=1e-5)
