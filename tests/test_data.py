@@ -134,8 +134,13 @@ def test_worker_batches_do_not_depend_on_the_start_method(shards, method):
     instead of fork: the loader must pickle and yield the very same batches."""
     import multiprocessing as mp
 
+    import gc
+
     cfg = config(shards, workers=2)
-    ref = take(make_loader(cfg, seed=1), 4)
+    it = iter(make_loader(cfg, seed=1))
+    ref = [next(it) for _ in range(4)]
+    del it  # shut the fork workers down before the start method changes
+    gc.collect()
     before = mp.get_start_method()
     mp.set_start_method(method, force=True)  # the default context DataLoader workers use
     try:
@@ -144,6 +149,7 @@ def test_worker_batches_do_not_depend_on_the_start_method(shards, method):
         started = {type(p._popen).__module__ for p in mp.active_children()}  # e.g. popen_spawn_posix
         assert started and all(method in m for m in started), started
         del it
+        gc.collect()
     finally:
         mp.set_start_method(before, force=True)
     assert all(same(a, b) for a, b in zip(ref, got, strict=True))
