@@ -132,9 +132,8 @@ def test_resume_reproduces_batches(shards, workers):
 def test_worker_batches_do_not_depend_on_the_start_method(shards, method):
     """Loader workers started by spawn (macOS, Windows) or forkserver (Linux from Python 3.14)
     instead of fork: the loader must pickle and yield the very same batches."""
-    import multiprocessing as mp
-
     import gc
+    import multiprocessing as mp
 
     cfg = config(shards, workers=2)
     it = iter(make_loader(cfg, seed=1))
