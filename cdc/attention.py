@@ -94,7 +94,7 @@ def _pick(backend: str, device: torch.device) -> str:
             raise RuntimeError(f"attention backend 'xformers' fails on {device}: {xformers_error(str(device))}")
         return "xformers"
     if backend == "auto":
-        return "xformers" if device.type == "cuda" and xformers_available() and _xformers_works(device) else "sdpa"
+        return "xformers" if device.type == "cuda" and _xformers_works(device) else "sdpa"
     return "sdpa"
 
 

@@ -288,6 +288,11 @@ def _check_ranges(cfg: Config) -> None:
         ("train.steps", t.steps, 1), ("train.warmup_steps", t.warmup_steps, 0),
         ("train.keep_last", t.keep_last, 1), ("train.milestone_every", t.milestone_every, 0),
         ("train.max_nonfinite", t.max_nonfinite, 1), ("sample.batch", s.batch, 1),
+        ("train.batch_size", t.batch_size, 1), ("train.grad_accum", t.grad_accum, 1),
+        ("train.log_every", t.log_every, 1), ("train.check_every", t.check_every, 1),
+        # 0 = off for these
+        ("train.ckpt_every", t.ckpt_every, 0), ("train.sample_every", t.sample_every, 0),
+        ("data.cache_mb", d.cache_mb, 0), ("sample.cuda_graph_side", s.cuda_graph_side, 0),
     ]
     for key, val, lo in at_least:
         if val < lo:
@@ -368,22 +373,10 @@ def validate(cfg: Config) -> None:
         )
     if len(s.interval) != 2 or not 0.0 <= s.interval[0] <= s.interval[1] <= 1.0:
         raise ConfigError(f"sample.interval: need [lo, hi] with 0 <= lo <= hi <= 1, got {s.interval}")
-    if s.cuda_graph_side < 0:
-        raise ConfigError(f"sample.cuda_graph_side must be >= 0 (0 = off), got {s.cuda_graph_side}")
     if t.compile not in (True, False, "auto"):
         raise ConfigError(f"train.compile: {t.compile!r} is not one of true, false, auto")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas: need two values, got {t.betas}")
-    if cfg.data.cache_mb < 0:
-        raise ConfigError(f"data.cache_mb must be >= 0 (0 = off), got {cfg.data.cache_mb}")
-    if t.log_every < 1:
-        raise ConfigError(f"train.log_every must be >= 1, got {t.log_every}")
-    if t.check_every < 1:
-        raise ConfigError(f"train.check_every must be >= 1, got {t.check_every}")
-    if t.ckpt_every < 0 or t.sample_every < 0:
-        raise ConfigError("train.ckpt_every / train.sample_every must be >= 0 (0 = off)")
-    if t.batch_size < 1 or t.grad_accum < 1:
-        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
     if t.global_batch < 0 or t.global_batch % t.batch_size:
         raise ConfigError(
             f"train.global_batch ({t.global_batch}) must be 0 (off) or a multiple of "
