@@ -308,11 +308,12 @@ def ablate(
 ) -> None:
     """Run one of the paper's ablations: train, sample and score each value; re-run to resume."""
     from cdc import ablate as A
+    from cdc import sweeps
 
     if list_:
-        for s in A.list_sweeps():
+        for s in sweeps.list_sweeps():
             typer.echo(f"{s['name']:<12} {', '.join(s['keys']):<28} [{s['values']}]  {s['paper']}")
-        typer.echo(f"default base recipe: {A.DEFAULT_RECIPE}")
+        typer.echo(f"default base recipe: {sweeps.DEFAULT_RECIPE}")
         return
     if name is None:
         raise ValueError("give an ablation NAME (e.g. `cdc ablate gamma`) or --list")

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import cdc.config as C
 from cdc import ablate as A
 from cdc import ablate_report as R
+from cdc import sweeps as SW
 from cdc.cli import app
 from cdc.fmnist_eval import load_or_train
 from cdc.prepare import prepare
@@ -44,8 +45,8 @@ def tiny(tmp_path_factory):
 
 
 def test_every_sweep_default_values_build_valid_configs(tmp_path):
-    listed = A.list_sweeps()
-    assert [s["name"] for s in listed] == list(A.SWEEPS)
+    listed = SW.list_sweeps()
+    assert [s["name"] for s in listed] == list(SW.SWEEPS)
     for s in listed:
         p = A.plan(s["name"], out=tmp_path / s["name"])
         if s["name"] != "gamma-sigma":
@@ -84,7 +85,7 @@ def test_a_sweep_point_the_sampler_cannot_serve_fails_before_any_training(tmp_pa
 
 def test_stages_scale_to_the_paper_path():
     k4 = C.load("recipes/k4.yaml")
-    pts = A.expand(A.SWEEPS["stages"], None, k4)
+    pts = SW.expand(SW.SWEEPS["stages"], None, k4)
     assert [v["flow.sides"] for _, v, _ in pts] == ["32-64-128-256", "64-256"]  # Table 6
 
 
@@ -119,13 +120,13 @@ def test_unwritable_out_is_one_line(tmp_path):
 def test_list(tmp_path):
     res = CliRunner().invoke(app, ["ablate", "--list"])
     assert res.exit_code == 0
-    for name in A.SWEEPS:
+    for name in SW.SWEEPS:
         assert name in res.output
     assert "Fig. 3" in res.output and "Table 4" in res.output
     # `cdc ablate --help` names every sweep too (the help text is written out, not imported)
     cmd = typer.main.get_command(app).commands["ablate"]
     names = next(p.help for p in cmd.params if p.name == "name")
-    assert all(f"{n}," in names or f"{n} (" in names for n in A.SWEEPS), names
+    assert all(f"{n}," in names or f"{n} (" in names for n in SW.SWEEPS), names
 
 
 def test_two_point_sweep_end_to_end_and_resume(tiny, tmp_path, monkeypatch):

@@ -185,7 +185,8 @@ def test_train_refuses_a_run_whose_checkpoints_are_all_bad(tmp_path, shards):
     ck = tmp_path / "run" / "checkpoints"
     ck.mkdir(parents=True)
     (ck / "step_0000100.pt").write_bytes(JUNK)
-    r = _invoke(["train", _recipe(tmp_path, shards), "--run-dir", tmp_path / "run"])
+    with pytest.warns(UserWarning, match="step_0000100.pt is incomplete or corrupt"):
+        r = _invoke(["train", _recipe(tmp_path, shards), "--run-dir", tmp_path / "run"])
     assert_one_line_error(r, "none verifies")
     assert [p.name for p in ck.iterdir()] == ["step_0000100.pt"]  # nothing written, nothing pruned
 
