@@ -288,7 +288,7 @@ def test_paper_preset_gpu_mixed_bf16():
 
 def test_gather_rows_is_a_gather_whose_backward_sums_per_row():
     """The compiled trunk's per-token modulation: v[idx] forward, scatter-add backward, no atomics."""
-    from cdc.model import gather_rows
+    from cdc.compiled_trunk import gather_rows
 
     g = torch.Generator().manual_seed(0)
     v = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
