@@ -8,7 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ for a child Python that imports this checkout's cdc: the repo goes in front of
+    PYTHONPATH, which keeps whatever is already there (packages installed with --target, as
+    bin/gpu-check does on a bare GPU machine)."""
+    import os
+
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def pytest_collection_modifyitems(config, items):

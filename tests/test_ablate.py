@@ -218,16 +218,15 @@ def test_sampling_sweep_trains_once_and_grid_heatmap(tiny, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_ranks_run_each_point_together(tiny, tmp_path):
     """Both ranks train and sample every point (DDP, split sampling); rank 0 scores and writes."""
-    import os
     import shutil
     import subprocess
     import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    from conftest import subprocess_env
+
     (tmp_path / "runs").mkdir()
     shutil.copy(tiny / "judge.pt", tmp_path / "runs" / "fmnist-classifier.pt")  # the judge's cache path
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cdc",
            "ablate", "unified", "--recipe", str(tiny / "r.yaml"), "--out", str(tmp_path / "o"),
            "--samples", "6", "--set", "train.batch_size=4"]  # fmt: skip

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import subprocess_env
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -407,7 +407,7 @@ def test_torchrun_two_ranks_equal_one(run_dir, tmp_path):
         "--device",
         "cpu",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
         "-m",

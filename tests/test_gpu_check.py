@@ -6,12 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_cpu_mode_writes_every_figure(tmp_path):
     out = tmp_path / "gpu-check.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     p = subprocess.run(
         [sys.executable, str(ROOT / "bin" / "gpu-check"), "--cpu", "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=600,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -225,7 +226,7 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path):
     out = tmp_path / "run"
     args = f"{str(src)!r}, {str(out)!r}, workers=1, progress=False, **{kw!r}"
     code = f"from cdc.prepare import prepare; prepare({args})"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     marker = out / ".prepare" / "train-000002.tar.json"
     deadline = time.time() + 60

@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import subprocess_env
 from typer.testing import CliRunner
 
 from cdc import checkpoint as C
@@ -65,7 +65,7 @@ def final_state(run):
 
 
 def cli_env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("WORLD_SIZE", None)
     return env
 
