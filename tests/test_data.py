@@ -128,6 +128,14 @@ def test_resume_reproduces_batches(shards, workers):
     assert not all(same(a, b) for a, b in zip(ref[:4], other, strict=True))
 
 
+def test_in_process_loading_gives_the_one_worker_batches(shards):
+    """data.workers 0 (batches made in the training process) and 1 (one worker process) read the
+    same single slot, so a recipe may switch between them without changing its training."""
+    ref = take(make_loader(config(shards, workers=1), seed=5), 12)  # 48 samples / 8: two epochs
+    got = take(make_loader(config(shards, workers=0), seed=5), 12)
+    assert all(same(a, b) for a, b in zip(ref, got, strict=True))
+
+
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_worker_batches_do_not_depend_on_the_start_method(shards, method):
     """Loader workers started by spawn (macOS, Windows) or forkserver (Linux from Python 3.14)
