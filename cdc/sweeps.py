@@ -1,7 +1,7 @@
 """The ablation sweeps of `cdc ablate`: which config keys each one moves, its default values, the
 paper figure or table it mirrors, and how `--values` text turns into one config override list per
-point. Pure config work: nothing here trains, samples or touches the filesystem (cdc.ablate runs
-the points).
+point. Config work only: nothing here trains, samples or writes (cdc.ablate runs the points);
+the one file read is the base recipe.
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ def list_sweeps() -> list[dict[str, Any]]:
 
 
 def base_config(recipe: str | Path | None, overrides: list[str]) -> Config:
+    """The sweep's base: RECIPE (or the default Fashion-MNIST base) with --set overrides applied."""
     from cdc import config
 
     return config.load(recipe if recipe is not None else DEFAULT_RECIPE, overrides)
