@@ -133,7 +133,7 @@ class DiT(CompiledTrunk, nn.Module):
 
     # -- positions -----------------------------------------------------------------------------
     def _grid_pos(self, g: int, device: torch.device):
-        """Per-grid table: rope (cos, sin) each (g*g, 2, Dh/4), or sincos (g*g, width). Cached."""
+        """Per-grid table: rope (cos, sin) each (g*g, 1, Dh), or sincos (g*g, width). Cached."""
         key = (g, str(device))
         if not torch.compiler.is_compiling() and key in self._pos_cache:
             return self._pos_cache[key]
@@ -147,7 +147,7 @@ class DiT(CompiledTrunk, nn.Module):
         """Per-token position tables for the packed sequence (each group's table repeated n times)."""
         tabs = [self._grid_pos(g, device) for g in grids]
         if self.pos == "rope":
-            cos = torch.cat([t[0].repeat(n, 1, 1) for t, n in zip(tabs, ns, strict=True)])  # (T, 2, Dh/4)
+            cos = torch.cat([t[0].repeat(n, 1, 1) for t, n in zip(tabs, ns, strict=True)])  # (T, 1, Dh)
             sin = torch.cat([t[1].repeat(n, 1, 1) for t, n in zip(tabs, ns, strict=True)])
             return cos, sin
         return torch.cat([t.repeat(n, 1) for t, n in zip(tabs, ns, strict=True)])  # (T, width)

@@ -37,25 +37,31 @@ def grid_coords(g: int, final_grid: int, units: str, device: torch.device | None
 
 
 def rope_table(coords: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
-    """Axial 2-D rotary angles: cos, sin of shape (N, 2, head_dim // 4) (axis y then x), float32.
+    """Axial 2-D rotary factors: cos, sin of shape (N, 1, head_dim), float32, one per head dim.
 
     The first half of each head's dims is rotated by y, the second half by x; within each half,
-    dim j pairs with dim j + head_dim // 4 (rotate-half convention).
+    dim j pairs with dim j + head_dim // 4 (rotate-half convention), so both dims of a pair carry
+    the same angle: the table is laid out (axis, half, F) like the head dims themselves.
     """
     nf = head_dim // 4
     freqs = ROPE_BASE ** (-torch.arange(nf, device=coords.device, dtype=torch.float64) / nf)  # (F,)
     theta = coords[:, :, None] * freqs  # (N, 2, F)
+    theta = theta[:, :, None].expand(-1, 2, 2, nf).reshape(-1, 1, head_dim)  # (N, 1, Dh)
     return torch.cos(theta).float(), torch.sin(theta).float()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (T, H, Dh) by per-token angles cos/sin (T, 2, Dh/4); math in float32."""
+    """Rotate x (T, H, Dh) by per-token factors cos/sin (T, 1, Dh) from rope_table; math in float32.
+
+    Each pair (a, b) becomes (a cos - b sin, b cos + a sin), written as x cos + (-b, a) sin: two
+    whole-tensor products instead of four on strided halves (about half the time, forward and
+    backward, on CPU), and bit for bit the same numbers.
+    """
     T, H, Dh = x.shape
-    xr = x.float().view(T, H, 2, 2, Dh // 4)  # (T, H, axis, half, F)
-    a, b = xr.unbind(3)  # (T, H, axis, F)
-    c, s = cos[:, None], sin[:, None]  # (T, 1, axis, F)
-    out = torch.stack([a * c - b * s, b * c + a * s], dim=3)  # (T, H, axis, half, F)
-    return out.view(T, H, Dh).to(x.dtype)
+    xf = x.float()
+    a, b = xf.view(T, H, 2, 2, Dh // 4).unbind(3)  # (T, H, axis, F) each
+    rot = torch.stack([-b, a], dim=3).view(T, H, Dh)  # (T, H, axis, half, F) -> (T, H, Dh)
+    return (xf * cos + rot * sin).to(x.dtype)
 
 
 def sincos_table(coords: Tensor, width: int) -> Tensor:

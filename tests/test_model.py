@@ -206,6 +206,26 @@ def test_rope_scores_depend_on_relative_position_only():
     torch.testing.assert_close(apply_rope(q, c, s).norm(), q.norm())
 
 
+def test_rope_rotates_each_dim_pair_by_its_axis_angle():
+    """The written-out rotation: dims j and j + Dh/4 of the y half turn by y * f_j, those of the x
+    half by x * f_j, with f_j = 100^(-j / (Dh/4)) (ROPE_BASE); gradients too, bit for bit against the
+    four-product form on the angles."""
+    T, H, Dh = 7, 3, 16
+    F = Dh // 4
+    g = torch.Generator().manual_seed(1)
+    coords = torch.rand(T, 2, generator=g, dtype=torch.float64) * 32  # (T, 2) (y, x)
+    x = torch.randn(T, H, Dh, generator=g, requires_grad=True)
+    cos, sin = rope_table(coords, Dh)
+    out = apply_rope(x, cos, sin)
+    theta = coords[:, :, None] * 100.0 ** (-torch.arange(F, dtype=torch.float64) / F)  # (T, 2, F)
+    c, s = torch.cos(theta).float()[:, None], torch.sin(theta).float()[:, None]  # (T, 1, axis, F)
+    a, b = x.view(T, H, 2, 2, F).unbind(3)  # (T, H, axis, F)
+    want = torch.stack([a * c - b * s, b * c + a * s], dim=3).view(T, H, Dh)
+    assert torch.equal(out, want)
+    gout = torch.randn(T, H, Dh, generator=g)
+    assert torch.equal(*(torch.autograd.grad(o, x, gout)[0] for o in (out, want)))
+
+
 def test_final_units_same_region_across_sides():
     G = 64  # 256 px / patch 4
     coarse, fine = grid_coords(8, G, "final"), grid_coords(16, G, "final")  # (64, 2), (256, 2)
