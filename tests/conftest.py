@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,6 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """os.environ for a child Python that imports this checkout's cdc: the repo goes in front of
     PYTHONPATH, which keeps whatever is already there (packages installed with --target, as
     bin/gpu-check does on a bare GPU machine)."""
-    import os
-
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
 
