@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdc.config import Config, ConfigError
+from cdc.config import Config, ConfigError, load
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "assets" / "ablate-base.yaml"
 
@@ -120,9 +120,7 @@ def list_sweeps() -> list[dict[str, Any]]:
 
 def base_config(recipe: str | Path | None, overrides: list[str]) -> Config:
     """The sweep's base: RECIPE (or the default Fashion-MNIST base) with --set overrides applied."""
-    from cdc import config
-
-    return config.load(recipe if recipe is not None else DEFAULT_RECIPE, overrides)
+    return load(recipe if recipe is not None else DEFAULT_RECIPE, overrides)
 
 
 def _default_values(s: Sweep, base: Config) -> str:

@@ -9,6 +9,7 @@ import json
 import pytest
 import typer
 import yaml
+from conftest import subprocess_env
 from typer.testing import CliRunner
 
 import cdc.config as C
@@ -221,8 +222,6 @@ def test_torchrun_two_ranks_run_each_point_together(tiny, tmp_path):
     import shutil
     import subprocess
     import sys
-
-    from conftest import subprocess_env
 
     (tmp_path / "runs").mkdir()
     shutil.copy(tiny / "judge.pt", tmp_path / "runs" / "fmnist-classifier.pt")  # the judge's cache path

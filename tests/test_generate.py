@@ -20,7 +20,6 @@ from cdc.figures import grid, stage_rows, to_uint8
 from cdc.generate import generate
 from cdc.sample_options import labels_for, parse_cfg, parse_classes, parse_guide, parse_steps
 
-REPO = Path(__file__).resolve().parents[1]
 K = 3  # stages of the test model: sides 8, 16, 32
 FAST = dict(steps=2, cfg=2.0, progress=False, device="cpu")
 

@@ -24,8 +24,6 @@ from typer.testing import CliRunner
 from cdc.imageproc import encode_png, top_side
 from cdc.prepare import prepare
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def smooth(h: int, w: int, seed: int = 0) -> np.ndarray:
     """A natural-ish RGB image: upsampled low-res noise (compresses and resizes like a photo)."""

@@ -17,8 +17,6 @@ from cdc.config import ConfigError, from_dict
 from cdc.prepare import prepare
 from cdc.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
