@@ -93,6 +93,12 @@ def prepare(
         "exact lossless lower levels) | jpeg-top (JPEG top only, smallest); see docs/performance.md.",
     ),
     jpeg_quality: int = typer.Option(95, "--jpeg-quality", help="JPEG quality of the top level (jpeg stores)."),
+    order: str = typer.Option(
+        "shuffled",
+        "--order",
+        help="shuffled: items in a seeded random order, so every shard mixes classes | sorted: class by class.",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffled order (recorded in the manifest)."),
 ) -> None:
     """Decode images once into webdataset shards holding every pyramid level (resumable)."""
     from cdc.prepare import prepare as run_prepare
@@ -100,7 +106,7 @@ def prepare(
     try:
         m = run_prepare(
             src, out, side, expand, levels, shard_size, workers, limit, split,
-            png=png, crop=crop, store=store, jpeg_quality=jpeg_quality,
+            png=png, crop=crop, store=store, jpeg_quality=jpeg_quality, order=order, seed=seed,
         )
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)

@@ -13,7 +13,12 @@ idx sources (28 px) are zero-padded to the side, never resampled, and stay 1-cha
 JPEG top with the lower levels taken from the *decoded* JPEG, `jpeg-top` the JPEG top alone (the
 loader box-averages it); the relation above then holds for the top as decoded.
 
-Shard i holds items [i*N, (i+1)*N) of the sorted item list (skipped files make it shorter), is
+Order (`order="shuffled"`, the default): the sorted item list is put in a permutation fixed by
+`seed` before it is cut, so every shard holds a near-uniform class mix; an ImageNet tree listed
+class by class would otherwise give shards of about one class each, and batches of a few classes
+(docs/design-notes.md, "Data"). `order="sorted"` keeps the class-sorted list (what cdc wrote
+before the order existed). Shard i holds items [i*N, (i+1)*N) of that ordered list (skipped
+files make it shorter), is
 streamed to `<name>.partial-<pid>`, fsynced and renamed, then recorded in `.prepare/<name>.json`.
 A re-run with the same arguments keeps recorded shards and redoes the rest, so an interrupted run
 ends with byte-identical shards. `manifest.json` is written atomically at the end.
@@ -25,6 +30,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 import tarfile
@@ -166,6 +172,29 @@ def _subset(items: list[Item], limit: int | None) -> list[Item]:
     return [items[(i * len(items)) // limit] for i in range(limit)]
 
 
+ORDERS = ("shuffled", "sorted")
+
+
+def _ordered(items: list[Item], order: str, seed: int) -> list[Item]:
+    """The items in the order they are written: a seeded permutation, or the sorted list as it is."""
+    if order == "sorted":
+        return items
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(len(items))  # PCG64: same on every numpy
+    return [items[i] for i in perm]
+
+
+def _clear(out: Path) -> None:
+    """`overwrite`: remove what `cdc prepare` writes in `out` (shards, manifest, state), nothing else."""
+    import shutil
+
+    if not out.is_dir():
+        return
+    shards = [p for p in out.glob("*-*.tar") if re.fullmatch(r"[\w]+-\d{6}\.tar", p.name)]
+    for p in shards + list(out.glob("*.partial-*")) + [out / "manifest.json"]:
+        p.unlink(missing_ok=True)
+    shutil.rmtree(out / ".prepare", ignore_errors=True)
+
+
 def _done(out: Path, name: str) -> dict | None:
     rec_path = out / ".prepare" / f"{name}.json"
     try:
@@ -196,6 +225,9 @@ def prepare(
     crop: str | None = None,
     store: str = "png",
     jpeg_quality: int = 95,
+    order: str = "shuffled",
+    seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write webdataset shards of `src` under `out` and return the manifest (also in out/manifest.json).
 
@@ -208,12 +240,17 @@ def prepare(
     `jpeg_quality`, lower levels exact box averages of the decoded top, lossless) or "jpeg-top"
     (the JPEG top alone; the loader computes the levels); sizes and speeds in docs/performance.md.
     "auto" (the CLI's default) is jpeg-top for image trees (the smallest and fastest measured, 0.56-0.77x
-    the source JPEGs) and png for idx sources (small lossless digits).
+    the source JPEGs) and png for idx sources (small lossless digits). order: "shuffled" (items in
+    a permutation fixed by `seed`, so shards mix classes) or "sorted" (class by class, as before).
+    overwrite: delete the shards, manifest and resume state already in `out` first (other files
+    stay). A source with no usable image is a ValueError and leaves no shard behind.
     """
     if png not in ("huffman", "store"):
         raise ValueError(f"--png must be huffman or store, got {png!r}")
     if store not in STORES + ("auto",):
         raise ValueError(f"--store must be one of {', '.join(STORES + ('auto',))}, got {store!r}")
+    if order not in ORDERS:
+        raise ValueError(f"--order must be shuffled or sorted, got {order!r}")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
     source = open_source(src, split)
@@ -234,6 +271,8 @@ def prepare(
     items = _subset(source.items, limit)
     if not items:
         raise ValueError(f"source {src} holds no files")
+    fp = fingerprint(items)  # of the sorted list: the file set, whatever order it is written in
+    items = _ordered(items, order, seed)
     n_shards = -(-len(items) // shard_size)
     names = [f"{split}-{i:06d}.tar" for i in range(n_shards)]
     args = {
@@ -249,18 +288,27 @@ def prepare(
         "png": png,
         **({"store": store, "jpeg_quality": jpeg_quality} if store != "png" else {}),
         "items": len(items),
-        "fingerprint": fingerprint(items),
+        "fingerprint": fp,
     }
     if crop != "center":  # only then, so centre-square dirs prepared before --crop existed still resume
         args["crop"] = crop
+    if order != "sorted":  # only then, so class-sorted dirs prepared before --order existed still resume
+        args["order"], args["seed"] = order, seed
+    if overwrite:
+        _clear(out)
     state = out / ".prepare"
     state.mkdir(parents=True, exist_ok=True)
     if (state / "args.json").is_file():
         old = read_json(state / "args.json", "a `cdc prepare` state file; delete the folder's .prepare/ to start over")
         if old != args:
-            diff = {k: (old.get(k), v) for k, v in args.items() if old.get(k) != v}
+            keys = dict.fromkeys([*args, *old])  # both sides: an older state may lack a key
+            diff = {k: (old.get(k), args.get(k)) for k in keys if old.get(k) != args.get(k)}
+            hint = " (an earlier cdc wrote them in class order: add --order sorted to finish them)" if (
+                "order" not in old and set(diff) <= {"order", "seed"}
+            ) else ""
             raise ValueError(
-                f"{out} holds shards prepared with other arguments {diff}; use another --out or delete it"
+                f"{out} holds shards prepared with other arguments {diff}{hint}; "
+                f"use another --out, or --overwrite to replace them"
             )
     else:
         write_json(state / "args.json", args)
@@ -358,6 +406,8 @@ def prepare(
         "png": png,
         "crop": crop,
         "store": store,
+        "order": order,  # "shuffled": items in a seeded permutation, so each shard mixes classes
+        "order_seed": seed if order == "shuffled" else None,
         "jpeg_quality": jpeg_quality if store.startswith("jpeg") else None,
         "pattern": f"{split}-{{000000..{n_shards - 1:06d}}}.tar",
         "shards": shards,
@@ -371,6 +421,13 @@ def prepare(
             if isinstance(it.ref, str) and not is_utf8(it.ref) and display(it.ref) not in skipped_paths
         ],
     }
+    if manifest["count"] == 0:
+        _clear(out)  # nothing usable: leave no empty shard a training run could be pointed at
+        why = f" (first: {display(skipped[0]['path'])}: {skipped[0]['reason']})" if skipped else ""
+        raise ValueError(
+            f"{display(source.ident)} holds no usable image: all {len(items)} files were skipped{why}; "
+            f"point --src at a folder of decodable images"
+        )
     write_json(out / "manifest.json", manifest)
     if progress and todo:
         print(
