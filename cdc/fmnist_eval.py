@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from cdc.checkpoint import atomic_write_bytes
 from cdc.fileio import one_line
@@ -107,9 +108,14 @@ def _batched(fn, x: Tensor, batch: int = 500) -> Tensor:
 
 
 def train_classifier(
-    x: Tensor, y: Tensor, epochs: int = 2, batch: int = 128, lr: float = 2e-3, seed: int = 0, width: int = 16
-) -> Classifier:
-    """Adam with a one-cycle-like cosine lr; random 1-px shifts so it tolerates slight misplacement."""
+    x: Tensor, y: Tensor, epochs: int = 2, batch: int = 128, lr: float = 2e-3, seed: int = 0, width: int = 16,
+    progress: bool = False,
+) -> Classifier:  # fmt: skip
+    """Adam with a one-cycle-like cosine lr; random 1-px shifts so it tolerates slight misplacement.
+
+    `progress`: a tqdm bar (epoch, loss) on a terminal, else one stderr line per epoch, so a minute
+    of training never looks like a hang (in a log file too).
+    """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = Classifier(width)
@@ -117,8 +123,12 @@ def train_classifier(
     steps = epochs * ((len(x) + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
-    for _ in range(epochs):
+    tty = progress and sys.stderr.isatty()
+    bar = tqdm(total=steps, desc="judge", unit="step", file=sys.stderr, disable=not tty)
+    t0 = time.perf_counter()
+    for ep in range(epochs):
         perm = torch.randperm(len(x), generator=g)
+        total, count = 0.0, 0
         for i in range(0, len(x), batch):
             idx = perm[i : i + batch]
             xb = x[idx]
@@ -131,6 +141,13 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+            bar.update(1)
+            bar.set_postfix(epoch=f"{ep + 1}/{epochs}", loss=f"{loss.item():.3f}", refresh=False)
+        if progress and not tty:
+            t = time.perf_counter() - t0
+            print(f"judge epoch {ep + 1}/{epochs}: mean loss {total / count:.4f} ({t:.0f} s)", file=sys.stderr)
+    bar.close()
     return model.eval()
 
 
@@ -158,9 +175,12 @@ def load_or_train(
     if limit:
         x, y = x[:limit], y[:limit]
     if verbose:
-        print(f"training the Fashion-MNIST judge on {len(x)} images ({epochs} epochs)...", file=sys.stderr)
+        print(
+            f"training the Fashion-MNIST judge on {len(x)} images ({epochs} epochs, once: cached in {path})",
+            file=sys.stderr,
+        )
     with torch.enable_grad():  # evaluate() runs under no_grad and trains the judge on first use
-        model = train_classifier(x, y, epochs=epochs, seed=seed, width=width)
+        model = train_classifier(x, y, epochs=epochs, seed=seed, width=width, progress=verbose)
     xt, yt = load_split("test", root)
     logits = _batched(model, xt)
     feats = _batched(model.features, xt).numpy()
@@ -184,7 +204,10 @@ def load_or_train(
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
     if verbose:
-        print(f"judge: test accuracy {info['test_accuracy']:.4f}, saved {path}", file=sys.stderr)
+        print(
+            f"judge: test accuracy {info['test_accuracy']:.4f} after {info['train_seconds']:.0f} s, saved {path}",
+            file=sys.stderr,
+        )
     return model, info
 
 

@@ -1,6 +1,9 @@
 """The Fashion-MNIST judge: a tiny training run separates real images by class and its Frechet
 distance ranks real-vs-real far below real-vs-noise."""
 
+import io
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +170,27 @@ def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and needle in err and len(err.splitlines()) == 1, err
     assert (tmp_path / "junk.pt").read_bytes() == b"junk"  # a bad judge file is reported, not replaced
+
+
+def test_judge_training_reports_progress(tmp_path, capsys, monkeypatch):
+    """Training the judge says so: a start line, per-epoch loss (a tqdm bar on a terminal), a done line."""
+    E.load_or_train(tmp_path / "log.pt", ASSETS, epochs=2, limit=128, width=8)
+    err = capsys.readouterr().err.splitlines()  # captured stderr is no terminal: plain lines for a log
+    assert err[0].startswith("training the Fashion-MNIST judge on 128 images (2 epochs")
+    assert [line.split(":")[0] for line in err[1:3]] == ["judge epoch 1/2", "judge epoch 2/2"]
+    assert all(float(line.split("mean loss ")[1].split()[0]) > 0 for line in err[1:3])
+    assert err[3].startswith("judge: test accuracy") and str(tmp_path / "log.pt") in err[3] and len(err) == 4
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    x, y = E.load_split("train", ASSETS)
+    E.train_classifier(x[:256], y[:256], epochs=2, width=8, progress=True)  # 2 batches of 128 per epoch
+    out = term.getvalue()
+    assert "judge: 100%" in out and "4/4 [" in out and "epoch=2/2" in out and "loss=" in out  # the bar
+    assert "judge epoch" not in out  # a terminal gets the bar, not the log lines
+    E.train_classifier(x[:128], y[:128], epochs=1, width=8)
+    assert term.getvalue() == out  # progress=False (the default) stays silent
