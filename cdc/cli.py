@@ -235,7 +235,11 @@ def score_cmd(
         "--ref",
         help="Reference .npz from `cdc score ref`, or an ADM batch (VIRTUAL_imagenet256_labeled.npz).",
     ),
-    metrics: str = typer.Option("fid,is,pr,swd", "--metrics", help="Comma list of fid,is,pr,swd."),
+    metrics: str | None = typer.Option(
+        None,
+        "--metrics",
+        help="Comma list of fid,is,pr,swd (default: score: what REF holds; ref: fid,pr,swd, swd needs no weights).",
+    ),
     inception: Path | None = typer.Option(
         None, "--inception", help="pt_inception-2015-12-05-6726825d.pth (default: torch hub checkpoints dir)."
     ),
@@ -263,7 +267,7 @@ def score_cmd(
     if samples == "ref":
         if data is None or out is None:
             raise ValueError("`cdc score ref` needs --data DIR and --out REF.npz")
-        ms = ",".join(m for m in metrics.split(",") if m.strip() != "is") or "swd"
+        ms = ",".join(m for m in (metrics or "fid,pr,swd").split(",") if m.strip() != "is") or "swd"
         desc = M.build_reference(
             data, out, side, n, _int_list(sides), ms, inception_path=inception, batch=batch, device=device
         )
@@ -272,6 +276,8 @@ def score_cmd(
     if ref is None:
         raise ValueError("--ref REF.npz is required (build it with `cdc score ref --data DIR --out REF.npz`)")
     res = M.score(samples, ref, ms, inception, batch, device, stages=stages, out=out)
+    for line in res["notices"]:
+        typer.echo(f"notice: {line}", err=True)
     typer.echo(f"reference: {res['reference']['used']}")
     for k, v in res["metrics"].items():
         if k == "fid_stages":

@@ -32,6 +32,17 @@ class Images:
             yield np.repeat(b, 3, axis=-1) if b.shape[-1] == 1 else b
 
 
+def greyscale(images: Images, k: int = 64) -> bool:
+    """True when the first `k` images carry no colour (R == G == B everywhere, 1-channel included).
+
+    The content decides, not the storage: a greyscale set saved as RGB PNGs counts as greyscale.
+    The first k images suffice to tell a colour dataset from a greyscale one, and cost one batch.
+    """
+    for b in images.batches(k):
+        return bool((b[..., 0] == b[..., 1]).all() and (b[..., 1] == b[..., 2]).all())
+    return True
+
+
 def _npz_header(zf: zipfile.ZipFile, key: str, path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and header length of `key` inside an .npz without reading the array."""
     if f"{key}.npy" not in zf.namelist():

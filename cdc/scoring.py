@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import zipfile
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cdc.evalio import npz_images, open_samples, reference_images, resolve_device, to_float
+from cdc.evalio import greyscale, npz_images, open_samples, reference_images, resolve_device, to_float
 from cdc.metrics import (
     ALL_METRICS,
     VERSIONS,
@@ -50,7 +51,10 @@ def _inception(inception_path, weights: bool, device: torch.device, model):
         return model
     from cdc.inception import load_inception
 
-    return load_inception(inception_path, weights=weights, device=device)
+    try:
+        return load_inception(inception_path, weights=weights, device=device)
+    except FileNotFoundError as e:  # SWD is the one metric that needs no network: say so where it stops
+        raise FileNotFoundError(f"{e}; SWD needs no weights: --metrics swd") from None
 
 
 def _stage_down(b: np.ndarray, side: int) -> np.ndarray:
@@ -97,6 +101,8 @@ def build_reference(
     for precision/recall), `swd_<level>` (Laplacian patch descriptors, float16), and `meta` (JSON).
     """
     ms = [m for m in _parse_metrics(metrics) if m != "is"]  # IS needs no reference
+    if sides and "fid" not in ms:
+        raise ValueError("--sides stores per-stage FID statistics; add fid to --metrics or drop --sides")
     images = reference_images(data, side, n)
     side = images.side
     sides = sorted({int(s) for s in sides} - {side})
@@ -105,8 +111,9 @@ def build_reference(
             raise ValueError(f"--sides {s} is not {side} divided by a power of two")
     dev = resolve_device(device)
     arrays: dict[str, np.ndarray] = {}
-    desc = {"version": VERSIONS["reference"], "source": images.name, "count": images.n, "side": side}
-    if {"fid", "pr"} & set(ms) or sides:
+    desc = {"version": VERSIONS["reference"], "source": images.name, "count": images.n, "side": side,
+            "data": str(data), "greyscale": greyscale(images)}  # fmt: skip
+    if {"fid", "pr"} & set(ms):
         net, wid = _inception(inception_path, inception_weights, dev, model)
         mom = {s: Moments() for s in [side, *sides]}
         keep: list[np.ndarray] = []
@@ -146,7 +153,7 @@ def load_reference(path: str | Path) -> tuple[dict, dict]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(
-            f"reference not found: {p} (build one with `cdc score ref --data ... --out {p}`)"
+            f"reference not found: {p} (build one with `cdc score ref --src ... --out {p}`)"
         )
     try:
         with np.load(p, allow_pickle=False) as z:
@@ -222,7 +229,7 @@ def _ref_stats(arrays: dict, desc: dict, s: int, ref: Path) -> tuple[np.ndarray,
         have = desc.get("sides") or []
         raise ValueError(
             f"{ref} has no FID statistics at side {s} (has {have}); rebuild it with "
-            f"`cdc score ref --data DATA --out {ref.name} --side {desc['side']} "
+            f"`cdc score ref --src DATA --out {ref.name} --side {desc['side']} "
             f"--sides {','.join(map(str, sorted({*have, s})))}`"
         )
     return arrays[f"mu{sfx}"], arrays[f"sigma{sfx}"]
@@ -254,7 +261,7 @@ def score_stages(
     if is_adm_reference(rp):
         raise ValueError(
             f"{rp} is an ADM reference batch without per-stage statistics; build a cdc reference from "
-            f"its images: `cdc score ref --data {rp} --out ref.npz --sides 32,64,128`"
+            f"its images: `cdc score ref --src {rp} --out ref.npz --sides 32,64,128`"
         )
     st = (sp if sp.is_dir() else sp.parent) / "stages.npz"
     if not st.is_file():
@@ -306,10 +313,63 @@ def _check_weights(desc: dict, wid: str, ref: Path) -> None:
         )
 
 
+def _rebuild_hint(desc: dict, rp: Path, add: Sequence[str]) -> str:
+    """The `cdc score ref` command that rebuilds reference `rp` with the metrics in `add` as well."""
+    ms = [m for m in ("fid", "pr", "swd") if m in add or m in desc.get("metrics", [])]
+    extra = [s for s in desc.get("sides") or [] if s != desc["side"]]
+    cmd = (
+        f"`cdc score ref --src {desc.get('data', 'DATA')} --out {rp} --metrics {','.join(ms)} "
+        f"--side {desc['side']} -n {desc['count']}" + (f" --sides {','.join(map(str, extra))}" if extra else "") + "`"
+    )
+    return cmd + (" (fid and pr need the Inception weights)" if {"fid", "pr"} & set(add) else "")
+
+
+def _default_metrics(desc: dict, rp: Path, notices: list[str]) -> list[str]:
+    """What the reference can score (IS too when it was built with Inception); a notice if not all."""
+    have = desc.get("metrics", [])
+    ms = [m for m in ALL_METRICS if m in have or (m == "is" and desc.get("inception_sha256"))]
+    if not ms:
+        raise ValueError(f"{rp} holds no statistics; rebuild it with {_rebuild_hint(desc, rp, ['swd'])}")
+    missing = [m for m in ("fid", "pr", "swd") if m not in have]
+    if missing:
+        notices.append(
+            f"{rp.name} holds {','.join(have)} only, so scoring {','.join(ms)}; "
+            f"for {','.join(missing)} rebuild it with {_rebuild_hint(desc, rp, missing)}"
+        )
+    return ms
+
+
+def _colour(grey: bool | None) -> str:
+    return "unknown" if grey is None else "greyscale" if grey else "colour"
+
+
+def _channel_notice(channels: dict, rp: Path) -> str:
+    if channels["samples"] == "greyscale":
+        return (
+            f"samples are greyscale, the reference {rp.name} is colour: each grey image is repeated to 3 "
+            "channels (the usual FID convention) and compared with colour statistics, so expect large distances"
+        )
+    return (
+        f"samples are colour, the reference {rp.name} is greyscale: samples are scored as RGB and their "
+        "colour counts as a difference; use a colour reference (or greyscale samples) to compare like with like"
+    )
+
+
+def _keep_previous(dest: Path) -> Path:
+    """Copy an existing scores file aside as `<name>.<its mtime>.json` before the new one replaces it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(dest.stat().st_mtime))
+    base = dest.name[: -len(".json")] if dest.name.endswith(".json") else dest.name
+    kept, i = dest.with_name(f"{base}.{stamp}.json"), 1
+    while kept.exists():  # two scores within one second: number them
+        kept, i = dest.with_name(f"{base}.{stamp}-{i}.json"), i + 1
+    shutil.copy2(dest, kept)
+    return kept
+
+
 def score(
     samples: str | Path,
     ref: str | Path,
-    metrics: str | Sequence[str] = ALL_METRICS,
+    metrics: str | Sequence[str] | None = None,
     inception_path: str | Path | None = None,
     batch: int = 100,
     device: str | torch.device | None = None,
@@ -319,14 +379,23 @@ def score(
     inception_weights: bool = True,
     model: tuple[torch.nn.Module, str] | None = None,
 ) -> dict:
-    """Score samples (ADM .npz or PNG folder) against a reference; writes `<samples>.scores.json`."""
+    """Score samples (ADM .npz or PNG folder) against a reference; writes `<samples>.scores.json`.
+
+    `metrics` None: every metric the reference holds (plus IS when it was built with Inception; all
+    four for an ADM batch), so a SWD-only reference scores SWD without asking for weights.
+    The result's `notices` (one line each) say what the caller should know: metrics left out by
+    default, greyscale scored against colour (or the reverse), an earlier scores file kept aside.
+    """
     t0 = time.time()
-    ms = _parse_metrics(metrics)
+    ms = _parse_metrics(metrics) if metrics else None
     sp, rp = Path(samples), Path(ref)
     images = open_samples(sp)
     dev = resolve_device(device)
     net_wid = None
-    if is_adm_reference(rp):
+    notices: list[str] = []
+    adm = is_adm_reference(rp)
+    if adm:
+        ms = ms or list(ALL_METRICS)
         if stages:
             score_stages(sp, rp)  # raises: says how to build per-stage statistics from the ADM images
         want = ms if npz_images(rp).side == images.side else ()  # wrong side: fail below, no work
@@ -335,6 +404,8 @@ def score(
         arrays, desc = adm_reference(rp, want, net_wid, batch, dev, progress)
     else:
         arrays, desc = load_reference(rp)
+        if ms is None:
+            ms = _default_metrics(desc, rp, notices)
     if images.side != desc["side"]:
         raise ValueError(
             f"samples are {images.side}px but the reference {rp} is {desc['side']}px; "
@@ -342,9 +413,16 @@ def score(
         )
     lacking = [m for m in ms if m != "is" and m not in desc.get("metrics", [])]
     if lacking:
+        rest = [m for m in ms if m not in lacking]
         raise ValueError(
-            f"{rp} was built without {','.join(lacking)}; rebuild it with `cdc score ref --metrics ...`"
+            f"{rp} was built without {','.join(lacking)} (it holds {','.join(desc.get('metrics', [])) or 'none'}); "
+            f"add {'it' if len(lacking) == 1 else 'them'}: {_rebuild_hint(desc, rp, lacking)}"
+            + (f", or score the rest: --metrics {','.join(rest)}" if rest else "")
         )
+    channels = {"samples": _colour(greyscale(images))}
+    channels["reference"] = _colour(greyscale(npz_images(rp)) if adm else desc.get("greyscale"))
+    if "unknown" not in channels.values() and channels["samples"] != channels["reference"]:
+        notices.append(_channel_notice(channels, rp))
     res: dict = {}
     wid = None
     if {"fid", "is", "pr"} & set(ms) or stages:
@@ -381,6 +459,7 @@ def score(
             "description": desc,
         },
         "versions": {m: VERSIONS[m] for m in ms},
+        "channels": channels,
         "inception_sha256": wid,
         "sampler": _sampler_settings(sp),
         "seconds": round(time.time() - t0, 2),
@@ -390,6 +469,10 @@ def score(
         if out
         else sp.with_name(sp.stem + ".scores.json" if sp.is_file() else sp.name + ".scores.json")
     )
+    if dest.is_file():  # the earlier scores may be against another reference: keep them, and say so
+        result["previous"] = str(_keep_previous(dest))
+        notices.append(f"kept the earlier {dest.name} as {Path(result['previous']).name}")
+    result["notices"] = notices
     _atomic_write(dest, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
     result["written"] = str(dest)
     return result

@@ -104,7 +104,7 @@ def test_adm_reference_cli_and_errors(tmp_path):
     assert r.exit_code == 0, r.output
     assert "reference: " in r.output and "ADM reference batch; SWD vs 40 of its images" in r.output
     r = CliRunner().invoke(app, ["score", str(tmp_path / "samples.npz"), "--ref", str(adm), "--stages"])
-    assert r.exit_code == 2 and "cdc score ref --data" in r.output and len(r.output.strip().splitlines()) == 1
+    assert r.exit_code == 2 and "cdc score ref --src" in r.output and len(r.output.strip().splitlines()) == 1
     np.savez(tmp_path / "s16.npz", arr_0=imgs[:20, :16, :16])
     with pytest.raises(ValueError, match="samples are 16px but the reference"):
         S.score(tmp_path / "s16.npz", adm, "fid,pr", model=net, progress=False)

@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -370,3 +371,86 @@ def test_fid_end_to_end_random_inception(tmp_path):
     np.savez(tmp_path / "samples.npz", arr_0=imgs)
     res = SC.score(tmp_path / "samples.npz", ref, "fid", inception_weights=False, progress=False)
     assert abs(res["metrics"]["fid"]) < 1e-3 * np.trace(SC.load_reference(ref)[0]["sigma"])
+
+
+# ----------------------------------------------------------------------------- SWD without weights, channels
+
+
+def _offline_no_weights(tmp_path, monkeypatch) -> None:
+    """No Inception weights in the hub cache and no network to fetch them."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(I.urllib.request, "urlopen", offline)
+
+
+def test_swd_only_end_to_end_without_inception_weights(tmp_path, monkeypatch):
+    _offline_no_weights(tmp_path, monkeypatch)
+    imgs = _images(8)
+    _save_pngs(tmp_path / "ref", imgs)
+    _save_pngs(tmp_path / "same", imgs)
+    np.savez(tmp_path / "samples.npz", arr_0=_blur(imgs, 1.0))
+    run = CliRunner().invoke
+    ref = str(tmp_path / "ref.npz")
+    # the default reference needs the weights: one line that names the way out
+    r = run(app, ["score", "ref", "--src", str(tmp_path / "ref"), "--out", ref])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert I.WEIGHTS_NAME in r.output and "--metrics swd" in r.output and "Traceback" not in r.output
+    r = run(app, ["score", "ref", "--src", str(tmp_path / "ref"), "--out", ref, "--metrics", "swd"])
+    assert r.exit_code == 0, r.output
+    # no --metrics: score what the reference holds (SWD), say why FID is absent, ask for nothing
+    r = run(app, ["score", str(tmp_path / "samples.npz"), "--ref", ref])
+    assert r.exit_code == 0, r.output
+    assert "notice: ref.npz holds swd only, so scoring swd; for fid,pr rebuild it with" in r.output
+    got = json.loads((tmp_path / "samples.scores.json").read_text())
+    assert list(got["metrics"]) == ["swd"] and got["inception_sha256"] is None
+    explicit = SC.score(tmp_path / "samples.npz", ref, "swd", progress=False, out=tmp_path / "x.json")
+    assert got["metrics"]["swd"] == explicit["metrics"]["swd"] and got["metrics"]["swd"]["mean"] > 0
+    r = run(app, ["score", str(tmp_path / "same"), "--ref", ref])  # PNG folder of the reference images
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "same.scores.json").read_text())["metrics"]["swd"]["mean"] == 0.0
+    # asking for what the reference lacks: which metric, and the command that adds it
+    r = run(app, ["score", str(tmp_path / "samples.npz"), "--ref", ref, "--metrics", "fid,swd"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"{ref} was built without fid (it holds swd); add it: `cdc score ref --src" in r.output
+    assert f"--out {ref} --metrics fid,swd --side 32 -n 8`" in r.output
+    assert "need the Inception weights" in r.output and "or score the rest: --metrics swd" in r.output
+    r = run(app, ["score", str(tmp_path / "samples.npz"), "--ref", ref, "--metrics", "is"])
+    assert r.exit_code == 2 and "--metrics swd" in r.output and I.WEIGHTS_NAME in r.output
+
+
+def test_greyscale_against_colour_is_noticed_and_earlier_scores_kept(tmp_path):
+    colour = _images(8)
+    grey = colour.mean(-1, keepdims=True).round().astype(np.uint8)  # (N, S, S, 1)
+    _save_pngs(tmp_path / "colour", colour)
+    (tmp_path / "grey").mkdir()
+    for i, a in enumerate(grey):
+        Image.fromarray(a[..., 0], mode="L").save(tmp_path / "grey" / f"{i:05d}.png")
+    cref, gref = tmp_path / "cref.npz", tmp_path / "gref.npz"
+    assert SC.build_reference(tmp_path / "colour", cref, metrics="swd", progress=False)["greyscale"] is False
+    assert SC.build_reference(tmp_path / "grey", gref, metrics="swd", progress=False)["greyscale"] is True
+    np.savez(tmp_path / "g1.npz", arr_0=grey)
+    np.savez(tmp_path / "g3.npz", arr_0=np.repeat(grey, 3, -1))
+    np.savez(tmp_path / "c.npz", arr_0=colour)
+    a = SC.score(tmp_path / "g1.npz", cref, "swd", progress=False)
+    b = SC.score(tmp_path / "g3.npz", cref, "swd", progress=False)
+    assert a["metrics"]["swd"] == b["metrics"]["swd"]  # 1 channel is scored as that channel repeated
+    assert a["channels"] == {"samples": "greyscale", "reference": "colour"}
+    assert [n.split(":")[0] for n in a["notices"]] == ["samples are greyscale, the reference cref.npz is colour"]
+    assert "repeated to 3 channels" in a["notices"][0]
+    assert json.loads((tmp_path / "g1.scores.json").read_text())["notices"] == a["notices"]
+    r = CliRunner().invoke(app, ["score", str(tmp_path / "c.npz"), "--ref", str(gref), "--metrics", "swd"])
+    assert r.exit_code == 0 and "notice: samples are colour, the reference gref.npz is greyscale" in r.output
+    same = SC.score(tmp_path / "g1.npz", gref, "swd", progress=False)  # like with like: no channel notice
+    assert same["channels"] == {"samples": "greyscale", "reference": "greyscale"} and same["metrics"]["swd"]["mean"] == 0
+    # g1.scores.json existed (against cref): kept aside, named, and the new one replaced it whole
+    kept = Path(same["previous"])
+    assert same["notices"] == [f"kept the earlier g1.scores.json as {kept.name}"]
+    assert kept.parent == tmp_path and kept.name.startswith("g1.scores.") and kept.suffix == ".json"
+    assert json.loads(kept.read_text())["metrics"] == a["metrics"]
+    assert json.loads((tmp_path / "g1.scores.json").read_text())["metrics"] == same["metrics"]
+    third = SC.score(tmp_path / "g1.npz", gref, "swd", progress=False)  # never overwrites a kept one
+    assert Path(third["previous"]) != kept and json.loads(kept.read_text())["metrics"] == a["metrics"]
+    assert len(list(tmp_path.glob("g1.scores*.json"))) == 3
