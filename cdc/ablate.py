@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from cdc import checkpoint as ckpt_lib
 from cdc import distributed as D
 from cdc.config import Config, ConfigError, dump, from_dict, to_dict
 from cdc.fileio import write_json
-from cdc.run_files import read_metrics
+from cdc.run_files import read_metrics, run_budget
 from cdc.sweeps import SWEEPS, Sweep, base_config, expand
 
 DEFAULT_SAMPLES = 500
@@ -160,30 +159,47 @@ def _inception_available() -> bool:
         return False
 
 
+def count_point_params(cfg: Config) -> int:
+    """The model's parameter count, built on the meta device: no weights are allocated (a real
+    `k4` with a DiT per stage would take ~11 GB just to be counted)."""
+    import torch
+
+    from cdc.model import build_model, count_params
+
+    with torch.device("meta"):
+        return count_params(build_model(cfg))
+
+
+def train_summary(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """A trained run's row fields, from its metrics.jsonl: every stretch of a resumed run counts.
+
+    train_seconds sums the loop time of all stretches and global_batch is batch_size x grad_accum x
+    processes as logged (cdc.run_files.run_budget).
+    """
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    speed = [x["images_per_s"] for x in lines[1:]] or [x["images_per_s"] for x in lines]
+    return {
+        "train_steps": lines[-1]["step"] if lines else 0,
+        "train_images_per_s": sum(speed) / len(speed) if speed else None,
+        **run_budget(lines, cfg.train.batch_size),
+        "loss": lines[-1]["loss"] if lines else None,
+        "params": count_point_params(cfg),
+    }
+
+
 def _train_point(cfg: Config, folder: Path, progress: bool) -> dict[str, Any]:
     """Train (or resume) folder/run; the summary is cached in folder/train.json by rank 0."""
     from cdc import train as T
-    from cdc.model import build_model, count_params
 
     done = D.all_gather_objects(_read_json(folder / "train.json") if D.init().main else None)[0]
     if done is not None:
         return done
-    t0 = time.perf_counter()
     if T.train(cfg, folder / "run", progress=progress).get("stopped"):
         # SIGTERM/SIGINT: train saved a checkpoint; stop the sweep instead of scoring a half-trained point
         raise KeyboardInterrupt
-    secs = time.perf_counter() - t0
     summary: dict[str, Any] = {}
     if D.init().main:
-        lines = read_metrics(folder / "run" / "metrics.jsonl")
-        speed = [x["images_per_s"] for x in lines[1:]] or [x["images_per_s"] for x in lines]
-        summary = {
-            "train_steps": lines[-1]["step"] if lines else 0,
-            "train_images_per_s": sum(speed) / len(speed) if speed else None,
-            "train_seconds": secs,
-            "loss": lines[-1]["loss"] if lines else None,
-            "params": count_params(build_model(cfg)),
-        }
+        summary = train_summary(cfg, folder / "run")
         write_json(folder / "train.json", summary)
     D.barrier()
     return summary

@@ -29,7 +29,9 @@ METRICS: dict[str, tuple[str, float, bool]] = {
     "loss": ("final loss", 1.0, False),
     "train_images_per_s": ("train img/s", 1.0, False),
     "train_steps": ("train steps", 1.0, False),
-    "train_seconds": ("train s", 1.0, False),
+    "global_batch": ("global batch", 1.0, False),  # batch_size x grad_accum x processes, as trained
+    "processes": ("processes", 1.0, False),
+    "train_seconds": ("train s", 1.0, False),  # loop time summed over every stretch of a resumed run
     "params": ("params", 1.0, False),
 }
 FIXED = ("point",)
@@ -136,6 +138,20 @@ def plot(path: Path, rows: list[dict[str, Any]], xkeys: list[str], title: str) -
     return drawn
 
 
+def batch_text(rows: list[dict[str, Any]], batch_size: int) -> str:
+    """The batch the points trained with, as logged: global when known (older rows: per process)."""
+    seen = {(r["global_batch"], r.get("processes")) for r in rows if r.get("global_batch") is not None}
+    if not seen:
+        return f"batch {batch_size} per process"
+    if len(seen) > 1:
+        return "the global batch in the table"
+    g, n = seen.pop()
+    if not (isinstance(g, int) and isinstance(n, int)):  # changed along a resumed run, e.g. "8→16"
+        return f"global batch {g}"
+    procs = f"{n} process" + ("es" if n != 1 else "")
+    return f"global batch {g} ({batch_size} per process × grad_accum {g // (batch_size * n)} × {procs})"
+
+
 def write(out: Path, sweep: Any, rows: list[dict[str, Any]], plan: Any) -> dict[str, Any]:
     """results.csv, results.md and results.png in `out`; returns what the plot drew."""
     xkeys = (
@@ -146,7 +162,7 @@ def write(out: Path, sweep: Any, rows: list[dict[str, Any]], plan: Any) -> dict[
     cols = columns(rows, xkeys)
     atomic_write_bytes(out / "results.csv", to_csv(rows, cols).encode())
     b = plan.base
-    budget = f"{b.train.steps} optimizer steps of batch {b.train.batch_size}" + (
+    budget = f"{b.train.steps} optimizer steps of {batch_text(rows, b.train.batch_size)}" + (
         f" (capped at {b.train.max_minutes:g} min)" if b.train.max_minutes else ""
     )
     notes = [
@@ -160,7 +176,8 @@ def write(out: Path, sweep: Any, rows: list[dict[str, Any]], plan: Any) -> dict[
         f"{b.sample.steps} steps per stage, CFG {','.join(f'{c:g}' for c in b.sample.cfg)} (unless swept).",
         "Metrics: SWD (Laplacian-pyramid sliced Wasserstein x1e3, against the training data); judge acc / FD "
         "(in-domain Fashion-MNIST classifier, `cdc/fmnist_eval.py`) when the data is Fashion-MNIST; FID/IS/"
-        "precision/recall when the Inception weights are present. ms / image: sampling wall time.",
+        "precision/recall when the Inception weights are present. ms / image: sampling wall time. "
+        "train s: training-loop wall time from metrics.jsonl, summed over every stretch of a resumed run.",
         *([f"Command: `{' '.join(plan.argv)}`"] if plan.argv else []),
         "",
         "![results](results.png)",

@@ -95,6 +95,40 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _changes(vals: list[Any]) -> Any:
+    """One value, or "a→b" where it changed along the run (e.g. resumed on another rank count)."""
+    vals = [v for i, v in enumerate(vals) if i == 0 or v != vals[i - 1]]
+    return None if not vals else vals[0] if len(vals) == 1 else "→".join(map(str, vals))
+
+
+def run_budget(lines: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+    """What a run's metrics lines say it cost, over every stretch it was trained in.
+
+    A resumed run keeps its lines up to the checkpoint and appends the new stretch's, so the lines
+    cover the whole run. Each line's window_s is the wall time of the steps it logs (a stretch's
+    first window starts when its loop does), so their sum is the time in the training loop over
+    all stretches; each stretch's start-up, and steps lost after a crash's last checkpoint, are
+    not in it. Lines written before window_s existed give images / images_per_s, images being
+    global_batch x the window's steps (exact unless non-finite steps were skipped).
+    global_batch (batch_size x grad_accum x processes) and processes are the logged ones, so a
+    torchrun run states its real batch.
+    """
+    secs: float | None = 0.0
+    prev = 0
+    for x in lines:
+        w = x.get("window_s")
+        if w is None and x.get("global_batch") and x.get("images_per_s"):
+            w = x["global_batch"] * (x["step"] - prev) / x["images_per_s"]
+        secs = None if secs is None or w is None else secs + w
+        prev = x["step"]
+    logged = [x for x in lines if "global_batch" in x]
+    return {
+        "train_seconds": secs if lines else None,
+        "global_batch": _changes([x["global_batch"] for x in logged]),
+        "processes": _changes([x["global_batch"] // (batch_size * x.get("grad_accum", 1)) for x in logged]),
+    }
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics lines past the checkpoint we resume from (they will be logged again)."""
     f = run_dir / "metrics.jsonl"
@@ -126,6 +160,7 @@ def log_window(run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfini
         "grad_norm": tot[1] / dist.world / steps,
         "lr": lr,
         "images_per_s": tot[4] / dt,
+        "window_s": dt,  # this window's wall time; summed over the lines, a resumed run's loop time
         "tflops": tflops,
         "mfu": tflops / (cfg.train.peak_tflops * dist.world) if cuda else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,

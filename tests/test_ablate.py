@@ -228,12 +228,123 @@ def test_torchrun_two_ranks_run_each_point_together(tiny, tmp_path):
     env = subprocess_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cdc",
            "ablate", "unified", "--recipe", str(tiny / "r.yaml"), "--out", str(tmp_path / "o"),
-           "--samples", "6", "--set", "train.batch_size=4"]  # fmt: skip
+           "--samples", "6", "--set", "train.batch_size=4", "--set", "train.grad_accum=2"]  # fmt: skip
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     rows = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
     assert [r["unified"] for r in rows] == ["unified", "stage-specific"]
     assert int(rows[1]["params"]) == 2 * int(rows[0]["params"])  # two stages, one DiT each
+    assert [(r["global_batch"], r["processes"]) for r in rows] == [("16", "2")] * 2  # 4 x grad_accum 2 x 2 ranks
+    assert "global batch 16 (4 per process × grad_accum 2 × 2 processes)" in (tmp_path / "o" / "results.md").read_text()
     for lab in ("unified-unified", "unified-stage-specific"):
         s = json.loads((tmp_path / "o" / "points" / lab / "samples" / "samples.json").read_text())
         assert s["world_size"] == 2 and s["generated"] == 6
+
+
+def _metrics(run_dir, lines):
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _line(step, window_s, t, global_batch=16, grad_accum=2, **extra):
+    return {"step": step, "loss": 1 / step, "images_per_s": 160 / window_s, "window_s": window_s,
+            "grad_accum": grad_accum, "global_batch": global_batch, "time": t, **extra}  # fmt: skip
+
+
+def test_report_states_the_global_batch_and_sums_resumed_stretches(tmp_path):
+    """Fabricated run folders: 2 processes x batch_size 4 x grad_accum 2 is a global batch of 16;
+    a point cut at step 25 (lines past its step-20 checkpoint dropped) and resumed trained for
+    3 + 4 s in its first stretch and 5 + 6 s in its second: 18 s, not the last stretch's 11."""
+    out = tmp_path / "o"
+    p = A.plan("gamma", values="1,3", out=out, sets=["train.batch_size=4", "train.grad_accum=2"])
+    stretches = {
+        "gamma-1": [_line(10, 3.0, 1003.0), _line(20, 4.0, 1007.0), _line(30, 5.0, 2005.0), _line(40, 6.0, 2011.0)],
+        "gamma-3": [_line(10, 2.5, 5002.5), _line(20, 2.5, 5005.0), _line(30, 2.5, 5007.5), _line(40, 2.5, 5010.0)],
+    }  # fmt: skip
+    rows = []
+    for pt in p.points:
+        _metrics(out / "points" / pt.label / "run", stretches[pt.label])
+        tr = A.train_summary(pt.cfg, out / "points" / pt.label / "run")
+        rows.append({"point": pt.label, **pt.value, **tr, "swd": 0.001})
+    assert [(r["train_seconds"], r["global_batch"], r["processes"], r["train_steps"]) for r in rows] == [
+        (18.0, 16, 2, 40), (10.0, 16, 2, 40)]  # fmt: skip
+    R.write(out, p.sweep, rows, p)
+    md = (out / "results.md").read_text()
+    assert "600 optimizer steps of global batch 16 (4 per process × grad_accum 2 × 2 processes)" in md
+    table = [ln.strip("|").split(" | ") for ln in md.splitlines() if ln.startswith("| ")]
+    head, body = [c.strip() for c in table[0]], [[c.strip() for c in r] for r in table[1:]]
+    cells = [dict(zip(head, r)) for r in body]
+    assert [(c["global batch"], c["processes"], c["train s"]) for c in cells] == [("16", "2", "18"), ("16", "2", "10")]
+    got = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["global_batch"], r["train_seconds"]) for r in got] == [("16", "18.0"), ("16", "10.0")]
+
+
+def test_run_budget_older_lines_and_a_resume_on_more_ranks():
+    """Lines without window_s (written before it was logged) give images / images_per_s: 160
+    images (global batch 16, steps 10 -> 20) at 40 img/s are 4 s. A run resumed from 1 process
+    (global batch 8 = 4 x grad_accum 2) on 2 says both."""
+    from cdc.run_files import run_budget
+
+    old = {"step": 20, "loss": 0.5, "images_per_s": 40.0, "grad_accum": 2, "global_batch": 16, "time": 9.0}
+    lines = [_line(10, 3.0, 3.0, global_batch=8), old]
+    assert run_budget(lines, batch_size=4) == {"train_seconds": 7.0, "global_batch": "8→16", "processes": "1→2"}
+    assert R.batch_text([{"global_batch": "8→16", "processes": "1→2"}], 4) == "global batch 8→16"
+    assert R.batch_text([{"swd": 1.0}], 4) == "batch 4 per process"  # rows from before the batch was logged
+    assert run_budget([], 4) == {"train_seconds": None, "global_batch": None, "processes": None}
+
+
+def test_params_are_counted_on_the_meta_device(monkeypatch):
+    """Same count as the real model on tiny configs, with no weight allocated; the paper's k4 with a
+    DiT per stage (~11 GB of fp32 weights) counts in a second as 4 x its unified DiT."""
+    import cdc.model as M
+
+    built = []
+
+    def spy(cfg):
+        m = real_build(cfg)
+        built.append({p.device.type for p in m.parameters()})
+        return m
+
+    real_build = M.build_model
+    for stage_models in (False, True):
+        cfg = C.from_dict(C.to_dict(C.load(SW.DEFAULT_RECIPE)), [f"model.stage_models={str(stage_models).lower()}"])
+        real = M.count_params(real_build(cfg))
+        monkeypatch.setattr(M, "build_model", spy)
+        assert A.count_point_params(cfg) == real and built[-1] == {"meta"}
+        monkeypatch.setattr(M, "build_model", real_build)
+    k4 = C.to_dict(C.load("recipes/k4.yaml"))
+    unified = A.count_point_params(C.from_dict(k4, ["model.stage_models=false"]))
+    assert A.count_point_params(C.from_dict(k4, ["model.stage_models=true"])) == 4 * unified
+
+
+def test_an_interrupted_point_reports_both_stretches(tiny, tmp_path, monkeypatch):
+    """A real point trained 2 steps, stopped, then resumed by the sweep to 4: train s is the loop
+    time of both stretches (each window timed from its own stretch's start), within each stretch's
+    wall time measured here."""
+    import time
+
+    import cdc.train as T
+
+    out = tmp_path / "o"
+    p = A.plan("fusion", tiny / "r.yaml", "add", out, train_steps=4, samples=4)
+    run = out / "points" / "fusion-add" / "run"
+    t0 = time.perf_counter()
+    T.train(C.from_dict(C.to_dict(p.points[0].cfg), ["train.steps=2"]), run, progress=False)
+    first = time.perf_counter() - t0
+    real, second = T.train, []
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        res = real(*a, **k)
+        second.append(time.perf_counter() - t0)
+        return res
+
+    monkeypatch.setattr(T, "train", timed)
+    (row,) = A.run_sweep(p, progress=False, judge=None)
+    m = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in m] == [1, 2, 3, 4] and len(second) == 1
+    w = [x["window_s"] for x in m]
+    assert row["train_seconds"] == pytest.approx(sum(w), rel=1e-12) and row["train_steps"] == 4
+    assert sum(w[:2]) <= first and sum(w[2:]) <= second[0]
+    assert m[2]["time"] - w[2] >= m[1]["time"]  # the second stretch's first window starts after the first ended
+    assert row["global_batch"] == 8 and row["processes"] == 1  # tiny: batch_size 8, one process
