@@ -28,6 +28,7 @@ from cdc import checkpoint as ckpt_lib
 from cdc import distributed as D
 from cdc.config import Config, ConfigError, dump, from_dict, to_dict
 from cdc.fileio import write_json
+from cdc.out_paths import check_out_path
 from cdc.run_files import read_metrics, run_budget
 from cdc.sweeps import SWEEPS, Sweep, base_config, expand
 
@@ -55,6 +56,7 @@ class Plan:
 
 
 def _check_writable(out: Path) -> None:
+    check_out_path(out, "--out")  # a file or a read-only disk: one line that says so
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -73,7 +75,7 @@ def plan(
     minutes: float | None = None,
     samples: int = DEFAULT_SAMPLES,
     steps: str | None = None,
-    cfg: float | None = None,
+    cfg: float | str | None = None,
     sets: list[str] | tuple[str, ...] = (),
 ) -> Plan:
     """Resolve and validate every point of sweep `name`; nothing is trained or written but --out."""
@@ -83,7 +85,7 @@ def plan(
         )
     s = SWEEPS[name]
     if samples < 2:
-        raise ConfigError(f"--samples must be >= 2, got {samples}")
+        raise ConfigError(f"-n/--num-images must be >= 2, got {samples}")
     if train_steps is not None and train_steps < 1:
         raise ConfigError(f"--train-steps must be >= 1, got {train_steps}")
     if minutes is not None and minutes <= 0:
@@ -92,7 +94,7 @@ def plan(
     extra += [f"train.steps={train_steps}"] if train_steps is not None else []
     extra += [f"train.max_minutes={minutes}"] if minutes is not None else []
     extra += [f"sample.steps=[{steps}]"] if steps is not None else []
-    extra += [f"sample.cfg={cfg}"] if cfg is not None else []
+    extra += [f"sample.cfg=[{cfg}]"] if cfg is not None else []  # one scale or one per stage, as `cdc sample`
     base = base_config(recipe, extra)
     raw = to_dict(base)
     points = []

@@ -175,7 +175,7 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
         level = fit[0]
         total = min(n, count) if n and count else (n or count)
         if not total:
-            raise ValueError(f"{d}/manifest.json has no sample count; pass --n")
+            raise ValueError(f"{d}/manifest.json has no sample count; pass -n/--num-images")
 
         def gen_shards(batch: int) -> Iterator[np.ndarray]:
             buf, seen = [], 0

@@ -243,7 +243,7 @@ def evaluate(
     `block` > 0 also scores consecutive blocks of that many images on their own (`blocks`, with
     their mean and sample standard deviation in `block_mean` / `block_sd`). FD on a few hundred
     images is biased and noisy, so a sampler tuned on images 0..N-1 should be judged on the blocks
-    after it: `cdc sample --n 2000` then `--block 500` gives the tuning block and three held-out
+    after it: `cdc sample -n 2000` then `--block 500` gives the tuning block and three held-out
     ones whose noise the tuning never saw (docs/quickstart-notes.md, "Held-out noise").
     """
     if isinstance(samples, (str, Path)):
