@@ -392,6 +392,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"fewstep.fraction must be in [0, 1] and fewstep.levels in 0..10, got {fs.fraction}, {fs.levels}")
     if m.step_cond and f.predict != "velocity":
         raise ConfigError("model.step_cond needs flow.predict=velocity (the shortcut is an average velocity)")
+    if m.step_cond and f.tau_dist != "uniform":  # an error, not a re-weighting: docs/design-notes.md, Few-step
+        raise ConfigError(
+            f"flow.tau_dist: {f.tau_dist} with model.step_cond trains almost no tau near the stage ends, "
+            "where the shortcut sampler's first and last step of every size d < 1 start (tau = 0, 1 - d); "
+            "use flow.tau_dist: uniform for a few-step model (or model.step_cond: false)"
+        )
     if not 0.0 <= t.label_dropout < 1.0:
         raise ConfigError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
 

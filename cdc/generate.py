@@ -40,7 +40,7 @@ from cdc.fileio import read_json, write_json
 from cdc.flow import Schedule, velocity_net_from_config
 from cdc.sample_options import labels_for, parse_cfg, parse_classes, parse_guide, parse_interval, parse_steps
 from cdc.sampler import image_seed, sample
-from cdc.shortcut import shortcut_mode
+from cdc.shortcut import guided_twice, guided_twice_message, shortcut_mode
 
 __all__ = [
     "generate",
@@ -286,6 +286,11 @@ def generate(
             "n": int(n),
         }
         g_spec, g_scale = parse_guide(guide, guide_scale, (sc.guide, sc.guide_scale), sched.K)
+        if twice := guided_twice(mcfg.model.step_cond, mcfg.fewstep, settings["cfg"], g_spec, g_scale):
+            where = {"cfg": "--cfg" if cfg is not None else "the checkpoint's sample.cfg",
+                     "guide": "--guide" if guide is not None else "the checkpoint's sample.guide"}
+            asked = {"cfg": f"{where['cfg']} {settings['cfg']}", "guide": f"{where['guide']} {g_spec} (weight {g_scale})"}
+            raise ValueError(guided_twice_message(twice, mcfg.fewstep, asked))
         if g_spec:
             settings["guide"] = str(ckpt_lib.guide_path(g_spec, path, runs_dir))
             settings["guide_scale"] = g_scale

@@ -18,7 +18,7 @@ from cdc.config import Config, ConfigError, from_dict, to_dict
 from cdc.fileio import one_line, read_yaml
 from cdc.flow import VelocityNet, velocity_net_from_config
 from cdc.model import build_model
-from cdc.shortcut import guided_field
+from cdc.shortcut import guided_field, guided_twice, guided_twice_message
 
 
 def resolve_init(cfg: Config, run_dir: Path) -> None:
@@ -26,6 +26,10 @@ def resolve_init(cfg: Config, run_dir: Path) -> None:
 
     A run dir given as init would otherwise resolve to whatever checkpoint is newest at resume.
     """
+    s = cfg.sample  # the student's stored sampler must not guide again what fewstep distils in
+    if twice := guided_twice(cfg.model.step_cond, cfg.fewstep, s.cfg, s.guide, s.guide_scale):
+        asked = {"cfg": f"sample.cfg {s.cfg}", "guide": f"sample.guide {s.guide} (weight {s.guide_scale})"}
+        raise ConfigError(guided_twice_message(twice, cfg.fewstep, asked))
     if not cfg.train.init:
         if cfg.model.step_cond and cfg.fewstep.teacher == "init":
             raise ConfigError("fewstep.teacher=init needs a checkpoint to fine-tune: --init RUN_DIR|FILE (train.init)")
@@ -88,4 +92,7 @@ def start_from_init(model: torch.nn.Module, cfg: Config, dev: torch.device) -> V
         gmodel = ckpt.load_guide(Path(fs.guide), icfg, ema=True, device=dev, key="fewstep.guide")
         guide = velocity_net_from_config(gmodel, icfg.flow)
     teacher_net = velocity_net_from_config(teacher, icfg.flow)
-    return guided_field(teacher_net, cfg.model.num_classes, fs.cfg, icfg.flow.sides, guide, fs.guide_scale)
+    # CFG inside sample.interval only, as `cdc sample` guides the teacher (cdc.sampler._guided)
+    return guided_field(
+        teacher_net, cfg.model.num_classes, fs.cfg, icfg.flow.sides, guide, fs.guide_scale, tuple(cfg.sample.interval)
+    )

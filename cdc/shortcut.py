@@ -6,7 +6,8 @@ d as a fraction of its stage; d = 0 is the ordinary velocity ("flow mode"). For 
 s(x, tau, d) is the average velocity over [tau, tau + d], so one Euler step x + d s lands where
 the flow would. Why shortcut and not mean flow, and how CFG is treated: docs/design-notes.md.
 
-Per stage group, a `fraction` of the samples learns self-consistency and the rest learns d = 0:
+Per stage group, a `fraction` of the samples (in expectation, `sc_rows`) learns self-consistency
+and the rest learns d = 0:
   d = 0       target dI/dtau (flow matching, eq. 13), or the frozen teacher's (guided) velocity;
   d = 2^-j    target = mean of two steps of d/2 taken by the student itself (no gradient):
               v1 = s(x, tau, d/2), v2 = s(x + d/2 v1, tau + d/2, d/2), target (v1 + v2) / 2,
@@ -40,6 +41,44 @@ def shortcut_mode(step_cond: bool, levels: int, steps: list[int]) -> bool:
     return step_cond and all(1 <= n <= 2**levels and n & (n - 1) == 0 for n in steps)
 
 
+def guided_twice(
+    step_cond: bool, fewstep, cfg: float | Sequence[float], guide: str, guide_scale: float | Sequence[float]
+) -> list[str]:
+    """Which sampling guidance a checkpoint already has in its weights: ["cfg"], ["guide"], both or [].
+
+    A student fine-tuned with `fewstep.teacher: init` (`fewstep`: cdc.config.FewStepConfig) learned
+    the teacher's field guided by fewstep.cfg and fewstep.guide; CFG (`cfg`) or autoguidance
+    (`guide` with `guide_scale`) at sampling, in a stage where the same kind was distilled, applies
+    it twice. The other kind stays allowed: it composes as the sampler composes the two.
+    """
+    if not (step_cond and fewstep.teacher == "init"):
+        return []
+
+    def per(v, n: int) -> list[float]:
+        vals = [float(v)] if isinstance(v, (int, float)) else [float(x) for x in v]
+        return vals * n if len(vals) == 1 else vals
+
+    def both(a, b) -> bool:  # some stage guided in training and at sampling (each 1 or K values)
+        n = max(len(per(a, 1)), len(per(b, 1)))
+        return any(x != 1.0 and y != 1.0 for x, y in zip(per(a, n), per(b, n), strict=True))
+
+    twice = ["cfg"] if both(fewstep.cfg, cfg) else []
+    if fewstep.guide and guide and both(fewstep.guide_scale, guide_scale):
+        twice.append("guide")
+    return twice
+
+
+def guided_twice_message(twice: list[str], fewstep, asked: dict[str, str]) -> str:
+    """The one-line error for `guided_twice`'s answer; `asked` names each kind as the caller got it."""
+    have = {"cfg": f"CFG {fewstep.cfg}", "guide": f"autoguidance weight {fewstep.guide_scale}"}
+    fix = {"cfg": "CFG 1 (--cfg 1; sample.cfg: 1 in a recipe)", "guide": "no guide (--guide none; sample.guide: '')"}
+    return (
+        f"{' and '.join(asked[k] for k in twice)}: this few-step student has "
+        f"{' and '.join(have[k] for k in twice)} distilled into its weights (fewstep), so that would "
+        f"guide it twice; sample it with {' and '.join(fix[k] for k in twice)}"
+    )
+
+
 def guided_field(
     net: VelocityNet,
     null_class: int,
@@ -47,6 +86,7 @@ def guided_field(
     sides: Sequence[int] | None = None,
     guide: VelocityNet | None = None,
     guide_scale: float | Sequence[float] = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
 ) -> VelocityNet:
     """net's guided velocity as a list-form VelocityNet: what `cdc sample` integrates, per group.
 
@@ -54,6 +94,9 @@ def guided_field(
     v_u + s (v_c - v_u) (eq. 77). `scale` and `guide_scale` are one value for every stage or one
     per stage of `sides` (a group's stage is the one of its side). Samples whose label is already
     the null class get v_u. Conditional and unconditional halves run as one packed call.
+    CFG applies only to rows whose in-stage tau lies in `interval` [lo, hi) (or tau = hi = 1), as
+    the sampler's `sample.interval` does; other rows get the (autoguided) conditional velocity and
+    skip the unconditional forward.
     """
     K = len(sides) if sides is not None else 1
 
@@ -71,14 +114,17 @@ def guided_field(
     if not (use_ag or use_cfg):
         return net
     stage_of = {int(r): k for k, r in enumerate(sides)} if sides is not None else {}
+    lo, hi = float(interval[0]), float(interval[1])
 
     def field(xs: list[Tensor], taus: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
         ks = [stage_of[int(x.shape[-1])] if stage_of else 0 for x in xs]  # each group's stage
-        if use_cfg:  # (2 B_g, C, r, r) per group: conditional, then unconditional
+        B = [len(x) for x in xs]
+        if use_cfg:  # per group: all rows conditional, then the rows guided here unconditional
+            inside = [((t >= lo) & (t < hi)) | ((t == hi) & (hi == 1.0)) for t in taus]  # (B_g,) bool
             xs, taus, ys = (
-                [torch.cat([x, x]) for x in xs],
-                [torch.cat([t, t]) for t in taus],
-                [torch.cat([y, torch.full_like(y, null_class)]) for y in ys],
+                [torch.cat([x, x[m]]) for x, m in zip(xs, inside, strict=True)],
+                [torch.cat([t, t[m]]) for t, m in zip(taus, inside, strict=True)],
+                [torch.cat([y, torch.full_like(y[m], null_class)]) for y, m in zip(ys, inside, strict=True)],
             )
         v = net(xs, taus, ys)
         if use_ag:
@@ -87,12 +133,31 @@ def guided_field(
         if not use_cfg:
             return v
         out = []
-        for vi, k in zip(v, ks, strict=True):
-            v_c, v_u = vi.chunk(2)
-            out.append(v_u + cfg_k[k] * (v_c - v_u))
+        for vi, k, b, m in zip(v, ks, B, inside, strict=True):
+            v_c, v_u = vi[:b], vi[b:]
+            o = v_c.clone()
+            o[m] = v_u + cfg_k[k] * (v_c[m] - v_u)
+            out.append(o)
         return out
 
     return field
+
+
+def sc_rows(sizes: Sequence[int], fraction: float, generator: torch.Generator | None, device) -> list[int]:
+    """How many samples of each stage group (of `sizes`) learn self-consistency: fraction x size in
+    expectation.
+
+    Stochastic rounding: floor(fraction n), plus one with probability frac(fraction n), from one
+    uniform per group drawn from the step's generator (saved with every checkpoint, so resume stays
+    exact; one host read per step). Rounding to nearest per group gave a group of one sample 0 rows
+    at fraction 0.25 and 1 at 0.75, whatever the recipe asked, and groups are small when a batch
+    spreads over many stages. Nothing is drawn when every fraction n is whole (fraction 0 or 1).
+    """
+    split = [divmod(fraction * n, 1.0) for n in sizes]
+    if not any(rest > 0 for _, rest in split):
+        return [int(whole) for whole, _ in split]
+    u = torch.rand(len(sizes), generator=generator, device=device).tolist()
+    return [int(whole) + (ui < rest) for (whole, rest), ui in zip(split, u, strict=True)]
 
 
 def _eval_subset(fn, xs, taus, ys, ds, idx: list[Tensor], out: list[Tensor]) -> None:
@@ -162,7 +227,8 @@ def shortcut_loss(
     d_min = 2.0**-levels
     x_fm, t_fm, y_fm, tgt_fm = [], [], [], []  # flow part, per group
     x_sc, t_sc, y_sc, d_sc = [], [], [], []  # self-consistency part, per group
-    for k, x1, t, y in zip(batch.stage, batch.x1, batch.t, batch.y):
+    n_scs = sc_rows([len(y) for y in batch.y], fraction, generator, batch.x1[0].device)
+    for k, x1, t, y, n_sc in zip(batch.stage, batch.x1, batch.t, batch.y, n_scs, strict=True):
         noise = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
         x0 = source(x1, k, sched, noise)
         tau = sched.tau_of(t, k)
@@ -171,7 +237,6 @@ def shortcut_loss(
                 raise ValueError("label_dropout needs null_class")
             drop = torch.rand(y.shape, generator=generator, device=y.device) < label_dropout
             y = torch.where(drop, torch.full_like(y, null_class), y)
-        n_sc = int(fraction * len(y) + 0.5)
         # drawn only when used, so fraction 0 consumes the generator exactly like cdc.flow.loss
         j = torch.randint(0, levels + 1, (n_sc,), generator=generator, device=y.device) if n_sc else y[:0]
         d = 0.5 ** j.to(tau.dtype)  # (n_sc,) step sizes 2^-j

@@ -373,3 +373,153 @@ def test_one_step_sampling_is_deterministic_per_image(teacher_run, tmp_path):
     c = generate(tmp_path / "few", tmp_path / "c", n=5, steps="16", batch=5, progress=False, device="cpu")
     assert c["solver"] == "euler" and c["nfe"] == 48  # untrained step count: the d = 0 flow
     assert json.loads((tmp_path / "a" / "samples.json").read_text())["steps"] == [1, 1, 1]
+
+
+# --- few-step guards (issue 27) ---------------------------------------------------------------
+
+
+def test_teacher_cfg_only_inside_the_guidance_interval_as_the_sampler_does():
+    """Per row: tau in [lo, hi) (or tau = hi = 1) gets eq. 77, other rows the conditional velocity,
+    and the null forward runs only for guided rows; each row equals the sampler's own field."""
+    from cdc.sampler import _guided
+
+    net = lambda xs, ts, ys: [x * (1 + y.view(-1, 1, 1, 1).float()) + t.view(-1, 1, 1, 1) for x, y, t in zip(xs, ys, ts)]  # noqa: E731
+    rows = []
+    counted = lambda xs, ts, ys: rows.append(sum(len(x) for x in xs)) or net(xs, ts, ys)  # noqa: E731
+    tau = torch.tensor([0.0, 0.29, 0.3, 0.5, 0.8, 0.95])
+    x, y = torch.randn(6, 1, 4, 4), torch.tensor([1, 2, 1, 2, 1, 2])
+    (v,) = guided_field(counted, 0, 3.0, interval=(0.3, 0.8))([x], [tau], [y])
+    assert rows == [6 + 2]  # 6 conditional rows, 2 unconditional (tau 0.3 and 0.5)
+    yf, tv = y.view(-1, 1, 1, 1).float(), tau.view(-1, 1, 1, 1)
+    v_c, v_u = x * (1 + yf) + tv, x + tv
+    inside = torch.tensor([False, False, True, True, False, False]).view(-1, 1, 1, 1)
+    assert torch.allclose(v, torch.where(inside, v_u + 3.0 * (v_c - v_u), v_c))
+    for interval, taus in (((0.3, 0.8), tau.tolist()), ((0.5, 1.0), [0.4, 0.5, 0.99, 1.0])):
+        field = guided_field(net, 0, 3.0, interval=interval)
+        for t in taus:  # the sampler's field at the same tau, row by row
+            want, _ = _guided(net, y[:1], 0, 3.0, interval)
+            (got,) = field([x[:1]], [torch.tensor([t])], [y[:1]])
+            assert torch.allclose(got, want(x[:1], t)), (interval, t)
+
+
+def test_fewstep_teacher_honours_sample_interval(teacher_run, tmp_path):
+    """start_from_init builds the teacher's guided field with the fine-tune's sample.interval."""
+    from cdc.init_from import start_from_init
+    from cdc.model import build_model
+
+    root, shards = teacher_run
+    state = C.load(root / "teacher" / "checkpoints" / C.ckpt_name(4))
+    g = torch.Generator().manual_seed(5)  # 4 steps leave the label almost unused: make it matter
+    state["ema"] = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                    for k, v in state["ema"].items()}
+    C.save(tmp_path / "teacher.pt", state)
+    raw = few_recipe(shards)
+    raw["train"]["init"] = str(tmp_path / "teacher.pt")
+    raw["sample"]["interval"] = [0.25, 0.75]
+    cfg = from_dict(raw)
+    anchor = start_from_init(build_model(cfg), cfg, torch.device("cpu"))
+    teacher, _, _ = C.load_for_inference(cfg.train.init)
+    x, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2, 3, 4])
+    t = torch.tensor([0.1, 0.25, 0.6, 0.75])
+    with torch.no_grad():
+        (got,) = anchor([x], [t], [y])
+        v_c = teacher([x], [t], [y])[0]
+        v_u = teacher([x], [t], [torch.full_like(y, 10)])[0]
+    assert (v_c - v_u).abs().amax((1, 2, 3)).min() > 1e-2  # guiding would change every row
+    assert torch.allclose(got[[0, 3]], v_c[[0, 3]], atol=1e-5)  # outside [0.25, 0.75): unguided
+    assert torch.allclose(got[[1, 2]], (v_u + 2.0 * (v_c - v_u))[[1, 2]], atol=1e-5)
+
+
+def test_self_consistency_share_is_fraction_in_expectation():
+    """Stage groups of 1 and 3 samples at fraction 0.25: the mean share of rows trained at d > 0 is
+    0.25 per group within 4 binomial standard deviations (rounding to nearest gave 0 and 1/3); the
+    same for sc_rows alone at fraction 0.6 (groups of 1, 3, 7: nearest gave 1, 2/3, 4/7)."""
+    sched, interp = Schedule.make([4, 8], sigma=1.0, gamma=2.0), Interpolant("linear")
+    x = torch.zeros(4, 1, 8, 8)
+    batch = group_batch(x, torch.tensor([0.1, 0.6, 0.7, 0.8]), torch.zeros(4, dtype=torch.long), sched)
+    assert [len(y) for y in batch.y] == [1, 3]
+    last = []
+
+    def net(xs, taus, ys, ds=None):
+        last[:] = [int((d > 0).sum()) for d in ds] if ds is not None else []
+        return [torch.zeros_like(v) for v in xs]
+
+    def shares(seed: int, n: int) -> torch.Tensor:
+        g, out = torch.Generator().manual_seed(seed), []
+        for _ in range(n):
+            shortcut_loss(net, batch, sched, interp, g, fraction=0.25, levels=2)
+            out.append(last[:])
+        return torch.tensor(out, dtype=torch.float64)  # (n, groups) rows at d > 0
+
+    def within_binomial(rows: torch.Tensor, sizes, f: float) -> None:
+        """Mean share per group within 4 sd of rows = floor(f n) + Bernoulli(frac(f n)), over N steps."""
+        for size, col in zip(sizes, rows.T):
+            p = f * size % 1
+            assert set(col.tolist()) <= {int(f * size), int(f * size) + 1}
+            tol = 4 * (p * (1 - p) / len(col)) ** 0.5 / size
+            assert abs(col.mean().item() / size - f) < tol, (size, col.mean().item() / size, tol)
+
+    rows = shares(7, 300)  # end to end through the loss: tolerances 0.10 and 0.033
+    within_binomial(rows, (1, 3), 0.25)
+    assert torch.equal(shares(7, 30), rows[:30])  # the step's generator decides: deterministic
+    from cdc.shortcut import sc_rows
+
+    g = torch.Generator().manual_seed(11)  # the rounding alone, tighter: 20000 steps, fraction 0.6
+    draws = torch.tensor([sc_rows([1, 3, 7], 0.6, g, "cpu") for _ in range(20000)], dtype=torch.float64)
+    within_binomial(draws, (1, 3, 7), 0.6)
+    before = g.get_state()
+    assert sc_rows([2, 4, 0], 0.5, g, "cpu") == [1, 2, 0] and torch.equal(g.get_state(), before)  # whole: no draw
+
+
+def test_guided_twice_known_answers():
+    from cdc.config import FewStepConfig
+    from cdc.shortcut import guided_twice
+
+    cfg_ag = FewStepConfig(teacher="init", cfg=[2.25, 1.5, 1.5], guide="g.pt", guide_scale=[2.0])
+    assert guided_twice(True, cfg_ag, 1.0, "", 1.0) == []  # neutral
+    assert guided_twice(True, cfg_ag, [1.0, 1.0, 2.0], "", 1.0) == ["cfg"]
+    assert guided_twice(True, cfg_ag, 1.0, "step:2", 2.0) == ["guide"]
+    assert guided_twice(True, cfg_ag, 3.0, "step:2", [1.0, 1.0, 1.5]) == ["cfg", "guide"]
+    assert guided_twice(True, cfg_ag, 1.0, "step:2", 1.0) == []  # guide at weight 1 is off
+    cfg_k1 = FewStepConfig(teacher="init", cfg=[2.0, 1.0, 1.0])  # CFG distilled in stage 1 only
+    assert guided_twice(True, cfg_k1, [1.0, 3.0, 3.0], "step:2", 2.0) == []  # other stages / kind: once
+    assert guided_twice(True, cfg_k1, [2.0, 3.0, 3.0], "", 1.0) == ["cfg"]
+    assert guided_twice(True, FewStepConfig(teacher="none"), 3.0, "step:2", 2.0) == []  # from scratch
+    assert guided_twice(False, cfg_ag, 3.0, "step:2", 2.0) == []  # an ordinary model
+
+
+def test_distilled_student_refuses_a_second_guidance(teacher_run, tmp_path):
+    from cdc.train import train
+
+    root, shards = teacher_run
+    raw = few_recipe(shards, steps=2, ckpt_every=0)
+    raw["train"]["init"] = str(root / "teacher")
+    bad = {**raw, "sample": {**raw["sample"], "cfg": 3.0}}
+    with pytest.raises(ConfigError, match=r"sample.cfg \[3.0\]: this few-step student has CFG \[2.0\]"):
+        train(from_dict(bad), tmp_path / "bad", progress=False)  # the recipe's own sampler, at train start
+    assert not (tmp_path / "bad").exists()
+    train(from_dict(raw), tmp_path / "few", progress=False)
+    res = CliRunner().invoke(app, ["sample", "--ckpt", str(tmp_path / "few"), "--out", str(tmp_path / "s"), "-n", "2", "--cfg", "3", "--device", "cpu"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "--cfg 3.0: this few-step student has CFG [2.0] distilled" in res.output and "--cfg 1" in res.output
+    assert not (tmp_path / "s").exists()
+    ok = generate(tmp_path / "few", tmp_path / "ok", n=2, cfg="1", progress=False, device="cpu")
+    assert ok["cfg"] == 1.0 and ok["nfe"] == 3
+    # a checkpoint that stored a guided sampler (older runs): the default refuses too, naming it
+    ck = C.load_latest(tmp_path / "few" / "checkpoints")[0]
+    ck["config"]["sample"]["cfg"] = [3.0]
+    C.save(tmp_path / "old" / "checkpoints" / C.ckpt_name(2), ck)
+    with pytest.raises(ValueError, match=r"the checkpoint's sample.cfg 3.0: .* sample it with CFG 1 \(--cfg 1"):
+        generate(tmp_path / "old", tmp_path / "o", n=2, progress=False, device="cpu")
+    assert generate(tmp_path / "old", tmp_path / "o", n=2, cfg=1.0, progress=False, device="cpu")["nfe"] == 3
+
+
+def test_logit_normal_tau_with_step_cond_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="flow.tau_dist: logit_normal with model.step_cond .* use flow.tau_dist: uniform"):
+        from_dict({"model": {"step_cond": True}, "flow": {"tau_dist": "logit_normal"}})
+    from_dict({"model": {"step_cond": True}})  # uniform (the default) is fine
+    from_dict({"flow": {"tau_dist": "logit_normal"}})  # and so is logit_normal without step_cond
+    res = CliRunner().invoke(app, ["train", "recipes/quickstart-fewstep.yaml", "--run-dir", str(tmp_path / "r"),
+                                   "--set", "flow.tau_dist=logit_normal"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "flow.tau_dist" in res.output and "model.step_cond" in res.output and not (tmp_path / "r").exists()
