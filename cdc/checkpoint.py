@@ -13,17 +13,19 @@ the previous good checkpoint or a complete new one. Loading uses `torch.load(wei
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cdc.fileio import BadFileError, one_line
+from cdc.fileio import BadFileError, display, one_line, warn
 
 CKPT_RE = re.compile(r"^step_(\d{7,})\.pt$")
 
@@ -88,25 +90,88 @@ def verify(path: Path) -> bool:
 
 
 EXPECTED = "a cdc checkpoint (a .pt file written by `cdc train`)"
-
-
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint onto `map_location` (CPU by default) without executing any code.
-
-    A file that does not unpickle under `weights_only` (random bytes, truncated, or holding code
-    objects) or holds no dict is a one-line BadFileError; `pickle.UnpicklingError` stays its cause.
-    """
-    try:
-        state = torch.load(Path(path), map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, UnicodeDecodeError) as e:
-        raise BadCheckpointError(f"{path}: not {EXPECTED} ({one_line(e)})") from e
-    if not isinstance(state, dict):
-        raise BadCheckpointError(f"{path}: not {EXPECTED} (holds a {type(state).__name__}, not a dict)")
-    return state
+INFERENCE_KEYS = ("config", "model")  # what sampling and --init read
+RESUME_KEYS = ("config", "model", "ema", "optimizer", "step")  # what a resumed run restores
 
 
 class BadCheckpointError(BadFileError, pickle.UnpicklingError):
     """A checkpoint file that cannot be loaded safely; still an UnpicklingError for old callers."""
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """The one guard around every checkpoint read (--ckpt, --init, --guide, resume).
+
+    Whatever fails inside it (bytes torch cannot parse, a torch file that is not a cdc checkpoint,
+    missing entries, wrong types, a stored config or weights that do not fit) leaves as a one-line
+    BadCheckpointError naming the file and what was expected; the original stays its __cause__.
+    Errors that already name the file (BadCheckpointError) pass through unchanged.
+    """
+    try:
+        yield
+    except BadCheckpointError:
+        raise
+    except Exception as e:  # readers of hostile bytes raise anything: KeyError, IndexError, OSError, ...
+        raise BadCheckpointError(f"{display(path)}: not {EXPECTED} ({_reason(e)})") from e
+
+
+def _reason(e: BaseException, limit: int = 160) -> str:
+    """The gist of a load failure in a few words: torch's messages run to paragraphs (and advise
+    weights_only=False, which would run the file's code), and KeyError's is a bare key."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:  # refused by the code-free unpickler; the detail follows
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip()
+        why = f"the safe unpickler (weights_only) refused it: {one_line(detail)}"
+    elif "PytorchStreamReader " in text:  # a zip that torch cannot read: "failed reading zip archive: ..."
+        why = f"damaged or truncated: {text.split('PytorchStreamReader ', 1)[1].split('. ')[0]}"
+    else:
+        msg = one_line(e)
+        why = msg if msg == type(e).__name__ else f"{type(e).__name__}: {msg}"
+    return why if len(why) <= limit else why[: limit - 3] + "..."
+
+
+def _bad(path: str | os.PathLike, why: str) -> BadCheckpointError:
+    return BadCheckpointError(f"{display(path)}: not {EXPECTED} ({why})")
+
+
+def _is_weights(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def check_state(state: Any, path: str | os.PathLike, need: tuple[str, ...] = INFERENCE_KEYS) -> dict[str, Any]:
+    """`state` if it has the entries `need` names and the types cdc writes; else a BadCheckpointError."""
+    if not isinstance(state, dict):
+        raise _bad(path, f"holds a {type(state).__name__}, not a dict")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise _bad(path, f"no {'/'.join(missing)} entr{'y' if len(missing) == 1 else 'ies'}")
+    for key in ("model", "ema"):
+        if state.get(key) is not None and not _is_weights(state[key]):
+            raise _bad(path, f"its {key} entry is not a state dict of tensors")
+    if "config" in state and not isinstance(state["config"], dict):
+        raise _bad(path, "its config entry is not a mapping")
+    step = state.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise _bad(path, f"its step entry is {step!r}, not a count >= 0")
+    if "optimizer" in need and not isinstance(state["optimizer"], dict):
+        raise _bad(path, "its optimizer entry is not a mapping")
+    return state
+
+
+def load(
+    path: Path, map_location: str | torch.device = "cpu", need: tuple[str, ...] = INFERENCE_KEYS
+) -> dict[str, Any]:
+    """Load a checkpoint onto `map_location` (CPU by default) without executing any code.
+
+    `weights_only=True`: a pickle that would call code (or anything but tensors and containers) is
+    refused. Any file that does not load, or lacks the entries `need` names, is a one-line
+    BadCheckpointError (an UnpicklingError); a file that cannot be opened keeps its OSError.
+    """
+    with open(path, "rb") as f, reading(path):  # missing / unreadable: the OSError names the file
+        with warnings.catch_warnings():  # torch warns (with a source line) about odd pickle protocols
+            warnings.simplefilter("ignore")
+            state = torch.load(f, map_location=map_location, weights_only=True)
+        return check_state(state, path, need)
 
 
 def ckpt_name(step: int) -> str:
@@ -122,21 +187,26 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def _skip_unverified(path: Path, then: str) -> None:
+    """One `warning:` line (not Python's warning format with its source line) for a skipped file."""
+    sidecar = path.with_name(path.name + ".sha256")
+    why = "sha256 does not match its .sha256 sidecar" if sidecar.is_file() else "no .sha256 sidecar"
+    warn(f"{display(path)} is incomplete or corrupt ({why}); skipped, {then}")
+
+
 def load_latest(
-    ckpt_dir: Path, map_location: str | torch.device = "cpu"
+    ckpt_dir: Path, map_location: str | torch.device = "cpu", need: tuple[str, ...] = INFERENCE_KEYS
 ) -> tuple[dict[str, Any], Path] | None:
-    """The newest checkpoint that verifies and loads; warns about and skips corrupt newer ones."""
+    """The newest checkpoint that verifies and loads (with the entries `need` names); warns about
+    and skips corrupt newer ones."""
     for _, path in list_checkpoints(ckpt_dir):
         if not verify(path):
-            warnings.warn(
-                f"checkpoint {path} is incomplete or corrupt (sha256 mismatch); trying an older one",
-                stacklevel=2,
-            )
+            _skip_unverified(path, "trying an older one")
             continue
         try:
-            return load(path, map_location), path
-        except Exception as e:  # a verified file that still fails to unpickle
-            warnings.warn(f"checkpoint {path} failed to load ({e}); trying an older one", stacklevel=2)
+            return load(path, map_location, need), path
+        except (BadCheckpointError, OSError) as e:  # a verified file that still does not load
+            warn(f"{one_line(e)}; skipped, trying an older one")
     return None
 
 
@@ -193,7 +263,7 @@ def resolve(ckpt: str | Path | None, runs_dir: str | Path = "runs") -> Path:
         for _, f in list_checkpoints(d):
             if verify(f):
                 return f
-            warnings.warn(f"skipping corrupt checkpoint {f}", stacklevel=2)
+            _skip_unverified(f, "trying an older one")
         raise FileNotFoundError(f"no valid checkpoint in {d}; is it a run directory written by `cdc train`?")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
@@ -212,35 +282,40 @@ def load_for_inference(
 
     path = resolve(ckpt, runs_dir)
     state = load(path)
-    if "config" not in state or "model" not in state:
-        raise BadCheckpointError(f"{path}: not {EXPECTED} (no config/model entries)")
-    try:
-        cfg = from_dict(state["config"])
-    except ConfigError as e:
-        raise BadCheckpointError(f"{path}: its stored config is invalid ({one_line(e)})") from None
-    model = build_model(cfg)
-    key = "ema" if ema and state.get("ema") is not None else "model"
-    try:
-        model.load_state_dict(state[key])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise BadCheckpointError(
-            f"{path}: its {key} weights do not fit the network its config describes ({one_line(e)})"
-        ) from None
+    with reading(path):  # the stored config and weights are the file's content too
+        try:
+            cfg = from_dict(state["config"])
+        except ConfigError as e:
+            raise BadCheckpointError(f"{display(path)}: its stored config is invalid ({one_line(e)})") from None
+        model = build_model(cfg)
+        key = "ema" if ema and state.get("ema") is not None else "model"
+        try:
+            model.load_state_dict(state[key])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise BadCheckpointError(
+                f"{display(path)}: its {key} weights do not fit the network its config describes ({one_line(e)})"
+            ) from None
     model.to(device).eval().requires_grad_(False)
     info = {"path": str(path), "step": int(state.get("step", 0)), "weights": key}
     return model, cfg, info
 
 
+def step_guide(spec: str, ckpt: Path) -> Path | None:
+    """The file a "step:N" guide names (step N beside `ckpt`), whether it exists or not; else None."""
+    return ckpt.parent / ckpt_name(int(spec[5:])) if spec.startswith("step:") else None
+
+
 def guide_path(spec: str, ckpt: Path, runs_dir: str | Path = "runs", key: str = "--guide") -> Path:
     """An autoguidance checkpoint file from `spec`: a file, a run dir, or "step:N" = the checkpoint
     of step N beside `ckpt` (the sampled run's own; for a few-step teacher, the teacher's run)."""
-    if spec.startswith("step:"):
-        p = ckpt.parent / f"step_{int(spec[5:]):07d}.pt"
+    p = step_guide(spec, ckpt)
+    if p is not None:
         if not p.is_file():
             have = ", ".join(f.stem for _, f in list_checkpoints(ckpt.parent)) or "none"
+            off = ", or --guide none for CFG alone" if key == "--guide" else ""
             raise FileNotFoundError(
                 f"{key} {spec}: {p} does not exist (checkpoints here: {have}); keep it with "
-                f"train.milestone_every or pass another {key}"
+                f"train.milestone_every or pass another {key}{off}"
             )
         return p.resolve()
     return resolve(spec, runs_dir).resolve()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,12 @@ def one_line(e: BaseException | str) -> str:
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: the cause is the last line
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def warn(msg: str) -> None:
+    """One `warning: MSG` line on stderr: Python's warnings format adds a file name, a line number
+    and a source line that mean nothing to a user, and shows a repeated warning only once."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def bad_file(path: str | os.PathLike, expected: str, cause: BaseException | str | None = None) -> BadFileError:

@@ -286,6 +286,16 @@ def generate(
             "n": int(n),
         }
         g_spec, g_scale = parse_guide(guide, guide_scale, (sc.guide, sc.guide_scale), sched.K)
+        wanted = ckpt_lib.step_guide(g_spec, path) if guide is None else None  # the checkpoint's own choice
+        if wanted is not None and not wanted.is_file():
+            # a run shorter than the recipe's guide step still samples with its own defaults
+            if main:
+                print(
+                    f"note: this checkpoint's sampler autoguides with {g_spec} ({wanted}), which does not "
+                    "exist yet; sampling with CFG alone (--guide none silences this note)",
+                    file=sys.stderr,
+                )
+            g_spec, g_scale = "", 1.0
         if twice := guided_twice(mcfg.model.step_cond, mcfg.fewstep, settings["cfg"], g_spec, g_scale):
             where = {"cfg": "--cfg" if cfg is not None else "the checkpoint's sample.cfg",
                      "guide": "--guide" if guide is not None else "the checkpoint's sample.guide"}
@@ -294,6 +304,7 @@ def generate(
         if g_spec:
             settings["guide"] = str(ckpt_lib.guide_path(g_spec, path, runs_dir))
             settings["guide_scale"] = g_scale
+            gmodel = ckpt_lib.load_guide(Path(settings["guide"]), mcfg, ema, dev)  # before any output
         if settings["solver"] not in ("euler", "heun", "sde"):
             raise ValueError(f"--solver: {settings['solver']!r} is not one of euler, heun, sde")
         few = shortcut_mode(mcfg.model.step_cond, mcfg.fewstep.levels, settings["steps"])
@@ -348,8 +359,7 @@ def generate(
         )
         net = sampler_net(model, mcfg, use_bf16, graph_side)
         if g_spec:
-            gnet = ckpt_lib.load_guide(Path(settings["guide"]), mcfg, ema, dev)
-            opts.update(guide=sampler_net(gnet, mcfg, use_bf16, graph_side), guide_scale=g_scale)
+            opts.update(guide=sampler_net(gmodel, mcfg, use_bf16, graph_side), guide_scale=g_scale)
         timer = StageTimer(sched.K, dev)
         from tqdm import tqdm
 

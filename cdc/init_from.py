@@ -21,15 +21,22 @@ from cdc.model import build_model
 from cdc.shortcut import guided_field, guided_twice, guided_twice_message
 
 
-def resolve_init(cfg: Config, run_dir: Path) -> None:
-    """Pin train.init to one checkpoint file, so a resumed fine-tune keeps the same init/teacher.
-
-    A run dir given as init would otherwise resolve to whatever checkpoint is newest at resume.
-    """
+def resolve_init(cfg: Config, run_dir: Path) -> tuple[dict, Config] | None:
+    """Pin train.init (see `_pin`) and load it, checked, before the run writes anything: a bad
+    --init file then leaves no run directory behind. (EMA weights, config) for start_from_init."""
     s = cfg.sample  # the student's stored sampler must not guide again what fewstep distils in
     if twice := guided_twice(cfg.model.step_cond, cfg.fewstep, s.cfg, s.guide, s.guide_scale):
         asked = {"cfg": f"sample.cfg {s.cfg}", "guide": f"sample.guide {s.guide} (weight {s.guide_scale})"}
         raise ConfigError(guided_twice_message(twice, cfg.fewstep, asked))
+    _pin(cfg, run_dir)
+    return _load(cfg) if cfg.train.init else None
+
+
+def _pin(cfg: Config, run_dir: Path) -> None:
+    """Pin train.init to one checkpoint file, so a resumed fine-tune keeps the same init/teacher.
+
+    A run dir given as init would otherwise resolve to whatever checkpoint is newest at resume.
+    """
     if not cfg.train.init:
         if cfg.model.step_cond and cfg.fewstep.teacher == "init":
             raise ConfigError("fewstep.teacher=init needs a checkpoint to fine-tune: --init RUN_DIR|FILE (train.init)")
@@ -53,10 +60,11 @@ def _load(cfg: Config) -> tuple[dict, Config]:
     if not path.is_file():
         raise FileNotFoundError(f"train.init checkpoint not found: {path}; restore it or start a new --run-dir")
     state = ckpt.load(path)
-    try:
-        icfg = from_dict(state["config"])
-    except (ConfigError, KeyError, TypeError) as e:
-        raise ConfigError(f"train.init {path}: its stored config is unusable ({one_line(e)})") from None
+    with ckpt.reading(path):
+        try:
+            icfg = from_dict(state["config"])
+        except ConfigError as e:
+            raise ckpt.BadCheckpointError(f"train.init {path}: its stored config is unusable ({one_line(e)})") from None
     mine, theirs = to_dict(cfg), to_dict(icfg)
     diff = [f"model.{k}" for k, v in mine["model"].items() if k != "step_cond" and theirs["model"].get(k) != v]
     same_flow = ("sides", "sigma", "gamma", "interpolant", "predict", "timesteps")  # the task; not bounds
@@ -78,9 +86,12 @@ def _load_into(model: torch.nn.Module, weights: dict, path: str) -> None:
         )
 
 
-def start_from_init(model: torch.nn.Module, cfg: Config, dev: torch.device) -> VelocityNet | None:
-    """Load the train.init EMA weights into `model`; the frozen teacher's guided field, or None."""
-    weights, icfg = _load(cfg)
+def start_from_init(
+    model: torch.nn.Module, cfg: Config, dev: torch.device, loaded: tuple[dict, Config] | None = None
+) -> VelocityNet | None:
+    """Load the train.init EMA weights (`loaded` by resolve_init, else read now) into `model`; the
+    frozen teacher's guided field, or None."""
+    weights, icfg = loaded or _load(cfg)
     _load_into(model, weights, cfg.train.init)
     if cfg.fewstep.teacher != "init":
         return None

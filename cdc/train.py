@@ -125,7 +125,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     t = cfg.train
     if t.compile is True and (why := why_not_compiled(dist.device)):
         raise ConfigError(f"train.compile: {why}; fix that, or set train.compile: auto (eager where it cannot) or false")
-    resolve_init(cfg, run_dir)
+    init = resolve_init(cfg, run_dir)  # loaded and checked before anything is written
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         check_compatible(run_dir, cfg)
@@ -141,7 +141,8 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     model.grad_checkpointing = t.grad_checkpointing
     # few-step fine-tune: init weights (a resume below overwrites them) and the frozen teacher's
     # guided d = 0 field as anchor; None without train.init
-    anchor = start_from_init(model, cfg, dev) if t.init else None
+    anchor = start_from_init(model, cfg, dev, init) if t.init else None
+    del init  # the init weights now live in the model (and teacher): no second copy in RAM
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
     # fused AdamW (CUDA and CPU) takes a device-side found_inf flag: a non-finite step is skipped
     # without the host ever reading the flag
@@ -161,7 +162,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     null = cfg.model.num_classes
 
     step, nonfinite_total = 0, 0
-    found = ckpt.load_latest(run_dir / "checkpoints")
+    found = ckpt.load_latest(run_dir / "checkpoints", need=ckpt.RESUME_KEYS)
     if found is None and ckpt.list_checkpoints(run_dir / "checkpoints"):
         # starting over here would let pruning delete the new checkpoints in favour of the bad ones
         raise ValueError(

@@ -351,6 +351,35 @@ def test_autoguidance_by_a_smaller_model_but_not_another_task(run_dir, tmp_path)
         generate(run_dir, tmp_path / "o3", guide=other, guide_scale=2.0, n=1, **FAST)
 
 
+def test_a_recipe_guide_not_written_yet_falls_back_to_cfg_alone(run_dir, tmp_path, capsys):
+    """A run shorter than its recipe's `sample.guide: step:N` samples with its own defaults: one
+    notice, then exactly the images of `--guide none`; asked for on the command line it is an error."""
+    from cdc.cli import app
+
+    run = _with_guide(run_dir, tmp_path)  # checkpoints 5 and 10
+    f = run / "checkpoints" / ckpt_lib.ckpt_name(10)
+    state = ckpt_lib.load(f)  # the recipe autoguides by step 2000 (weight 2), as the quickstart's does
+    state["config"]["sample"].update(guide="step:2000", guide_scale=[2.0])
+    ckpt_lib.save(f, state)
+    args = ["sample", "--ckpt", str(run), "-n", "2", "--steps", "2", "--cfg", "2", "--device", "cpu"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "auto")])  # no flag needed
+    assert r.exit_code == 0 and "error" not in r.output, r.output
+    (note,) = [ln for ln in r.output.splitlines() if ln.startswith("note: ")]
+    assert "step:2000" in note and "step_0002000.pt" in note and "CFG alone" in note and "--guide none" in note
+    capsys.readouterr()
+    off = generate(run, tmp_path / "off", n=2, guide="none", **FAST)
+    assert capsys.readouterr().err == ""  # --guide none: no notice
+    assert np.array_equal(_npz(tmp_path / "auto")[0], _npz(tmp_path / "off")[0])
+    auto = json.loads((tmp_path / "auto" / "samples.json").read_text())
+    assert "guide" not in auto and auto["nfe"] == off["nfe"] == K * 2 * 2  # no autoguide evaluations
+    # a guide given explicitly is never dropped: one line naming the way out, nothing written
+    with pytest.raises(FileNotFoundError, match=r"step:2000: .*does not exist.*--guide none"):
+        generate(run, tmp_path / "x", n=2, guide="step:2000", **FAST)
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x"), "--guide", "step:2000"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "--guide none" in r.output, r.output
+    assert not (tmp_path / "x").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 
