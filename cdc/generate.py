@@ -38,6 +38,7 @@ from cdc.evalio import resolve_device
 from cdc.figures import grid, stage_figure, stages_figure, to_uint8
 from cdc.fileio import read_json, write_json
 from cdc.flow import Schedule, velocity_net_from_config
+from cdc.out_paths import check_out_path
 from cdc.sample_options import labels_for, parse_cfg, parse_classes, parse_guide, parse_interval, parse_steps
 from cdc.sampler import image_seed, sample
 from cdc.shortcut import guided_twice, guided_twice_message, shortcut_mode
@@ -114,6 +115,34 @@ def _done(out: Path, n: int, side: int, channels: int, stage_sides: list[int] | 
         return [False] * n
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(ok, range(n)))
+
+
+def _used(folder: Path) -> bool:
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+
+
+def _finished(folder: Path) -> bool:
+    """`folder` holds a `cdc sample` output whose samples.json says it is done."""
+    try:
+        return read_json(folder / "samples.json", "a `cdc sample` record").get("status") == "done"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def default_out(base: Path, resume: bool, overwrite: bool) -> Path:
+    """The default output folder: `base`, or base-2, base-3, ... once those hold finished samples.
+
+    Sampling a checkpoint again needs no flag: finished samples are skipped up to the first folder
+    that is missing or empty. An unfinished one stops the walk (it is refused, naming --resume), and
+    --resume / --overwrite act on that one, or else on the newest finished sample.
+    """
+    k, c = 1, base
+    while _used(c) and _finished(c):
+        k += 1
+        c = base.with_name(f"{base.name}-{k}")
+    if (resume or overwrite) and not _used(c) and k > 1:
+        return base if k == 2 else base.with_name(f"{base.name}-{k - 1}")
+    return c
 
 
 def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, resume: bool) -> None:
@@ -247,7 +276,7 @@ def generate(
     `cuda_graph_side`: on CUDA, stages of at most this side replay CUDA graphs (cdc.cuda_graphs).
     """
     if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
+        raise ValueError(f"-n/--num-images must be >= 1, got {n}")
     if sde_eps is not None and sde_eps < 0:  # before any output (the sampler checks it too)
         raise ValueError(f"sde_eps (--sde-eps) must be >= 0, got {sde_eps}")
     if batch is not None and batch < 1:
@@ -265,11 +294,14 @@ def generate(
         model, mcfg, info = ckpt_lib.load_for_inference(ckpt, ema=ema, device=dev, runs_dir=runs_dir)
         sched = Schedule.from_config(mcfg.flow)
         path = Path(info["path"]).resolve()
-        out = (
-            Path(out)
-            if out is not None
-            else Path("samples") / f"{path.parent.parent.name}-step{info['step']}"
-        )
+        note = None
+        if out is None:
+            base = Path("samples") / f"{path.parent.parent.name}-step{info['step']}"
+            out = default_out(base, resume, overwrite)
+            if out != base and not (resume or overwrite):
+                note = f"note: {base} holds a finished sample; writing to {out} (--out picks the folder)"
+        out = Path(out)
+        check_out_path(out, "--out")
         sc, C, side = mcfg.sample, mcfg.model.in_channels, sched.sides[-1]
         cls = parse_classes(classes, mcfg.model.num_classes)
         settings = {
@@ -322,6 +354,8 @@ def generate(
         stage_sides = list(sched.sides) if stages else None
 
         _prepare_out(out, settings, overwrite, resume)
+        if note and main:  # only once the folder is accepted: a refusal stays one line
+            print(note, file=sys.stderr)
         dist_lib.barrier()  # every rank has checked the directory before rank 0 changes it
         if main:
             if progress:
