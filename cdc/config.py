@@ -80,6 +80,10 @@ class DataConfig:
     hflip: bool = True  # random horizontal flip (commutes with box downsampling)
     workers: int = 8  # dataloader worker processes per rank
     shuffle: int = 2000  # webdataset shuffle buffer (samples)
+    # shards each loader worker reads at once, interleaved at random (sample by sample) before the
+    # shuffle buffer: class-sorted shards (user-made, or cdc < 0.2) then still give mixed batches;
+    # each open shard costs a file handle and ~20 KB (1 = one shard after another)
+    mix_shards: int = 256
     cache_mb: int = 0  # keep up to this many MB of parsed shards in RAM per worker (small datasets; 0 = off)
 
 
@@ -292,7 +296,7 @@ def _check_ranges(cfg: Config) -> None:
         ("train.log_every", t.log_every, 1), ("train.check_every", t.check_every, 1),
         # 0 = off for these
         ("train.ckpt_every", t.ckpt_every, 0), ("train.sample_every", t.sample_every, 0),
-        ("data.cache_mb", d.cache_mb, 0), ("sample.cuda_graph_side", s.cuda_graph_side, 0),
+        ("data.cache_mb", d.cache_mb, 0), ("data.mix_shards", d.mix_shards, 1), ("sample.cuda_graph_side", s.cuda_graph_side, 0),
     ]
     for key, val, lo in at_least:
         if val < lo:

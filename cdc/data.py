@@ -9,10 +9,17 @@ level (DESIGN.md §3). Pixels map to [-1, 1] as x / 127.5 - 1.
 
 Determinism: rank r with W loader workers has S = world * W slots; slot s reads the shards
 perm_e[s::S] of epoch e's seeded shard permutation (or every S-th sample when there are fewer
-shards than slots), draws each sample's t/crop/flip from a generator seeded by (seed, rank,
-worker, epoch, position) and shuffles through a buffer seeded the same way. torch's DataLoader
-yields worker batches round-robin, so batch n comes from worker n % W; a resumed loader rotates
-its workers and each skips its batches without decoding any image.
+shards than slots), up to `data.mix_shards` of them at once, interleaved by a seeded draw;
+draws each sample's t/crop/flip from a generator seeded by (seed, rank, worker, epoch,
+position) and shuffles through a buffer seeded the same way. Sample p of a rank's sequence
+comes from worker p % W: each worker yields its share of every batch as a chunk (torch's
+DataLoader yields workers round-robin) and the loader joins W chunks, so a batch draws on all
+of the rank's shards at once. A resumed loader has each worker skip its exact share of the
+batches already yielded, without decoding any image.
+
+Mixing (docs/design-notes.md, "Data"): `cdc prepare` writes items in a seeded global order, so
+shards are already class-mixed; the interleave and the per-sample worker split keep batches
+near a uniform draw even for class-sorted shards (earlier cdc versions, user-made tars).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cdc.fileio import bad_file, read_json
+from cdc.fileio import bad_file, read_json, warn
 from cdc.flow import Batch, Schedule, warp_time
 from cdc.imageproc import LEVEL_EXTS
 
@@ -122,6 +129,7 @@ class _Plan:
         self.workers = max(cfg.data.workers, 1)
         self.batch = cfg.train.batch_size
         self.shuffle = cfg.data.shuffle
+        self.mix = cfg.data.mix_shards
         self.cache_bytes = cfg.data.cache_mb * 2**20
         self.random_crop, self.hflip = cfg.data.random_crop, cfg.data.hflip
         self.sched = Schedule.from_config(cfg.flow)
@@ -195,11 +203,11 @@ class _Plan:
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    """One rank's infinite batch stream; DataLoader worker i plays logical worker (i + start) % W."""
+    """One rank's infinite stream of worker chunks; TrainLoader joins W consecutive chunks into a batch."""
 
     def __init__(self, plan: _Plan, start: int):
         super().__init__()
-        self.plan, self.start = plan, start
+        self.plan, self.start = plan, start  # start: batches already yielded (resume)
         self._cache: dict[int, list[tuple[str, dict[str, bytes]]]] = {}  # shard -> samples (per worker)
         self._cached_bytes = 0
 
@@ -222,20 +230,41 @@ class _Stream(torch.utils.data.IterableDataset):
             if size <= budget:
                 kept.append((key, sample))
             yield key, sample
-        if size <= budget:  # only a shard read to its end, and that fits, is cached
+        # only a shard read to its end, that still fits (others read at the same time may have
+        # filled the budget meanwhile), is cached
+        if size <= self.plan.cache_bytes - self._cached_bytes:
             self._cache[i] = kept
             self._cached_bytes += size
 
+    def _mixed(self, shards: list[int], rng: random.Random) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """The samples of `shards`, up to `plan.mix` of them open at once, interleaved at random.
+
+        Each next sample comes from an open shard drawn uniformly, so equal shards are read at
+        equal pace and, with all of a slot's shards open, even shards of one class each give
+        batches of many classes. A finished shard makes room for the next. The draw never looks
+        at manifest counts, so a directory, a brace pattern and a pipe: url give the same stream.
+        """
+        queue = list(reversed(shards))  # pop() from the end: next shard in epoch order
+        open_: list[Iterator] = []
+        while queue or open_:
+            while queue and len(open_) < self.plan.mix:
+                open_.append(self._read(queue.pop()))
+            j = rng.randrange(len(open_)) if len(open_) > 1 else 0
+            item = next(open_[j], None)
+            if item is None:  # shard ended
+                del open_[j]
+                continue
+            yield item
+
     def __iter__(self) -> Iterator[tuple]:
         info = torch.utils.data.get_worker_info()
-        P = self.plan
-        W = P.workers
-        w = ((info.id if info is not None else 0) + self.start) % W
-        skip_batches = max(0, (self.start - w + W - 1) // W)
-        samples = self._samples(w, skip_batches * P.batch)
+        w = info.id if info is not None else 0
+        samples = self._samples(w, worker_share(self.plan, w, self.start))
+        n = self.start
         while True:
-            group = [next(samples) for _ in range(P.batch)]
-            yield self._collate(group)
+            take = worker_share(self.plan, w, n + 1) - worker_share(self.plan, w, n)
+            yield self._collate([next(samples) for _ in range(take)])
+            n += 1
 
     def _samples(self, w: int, skip: int) -> Iterator[tuple]:
         """Worker w's output samples across epochs, the first `skip` of them dropped undecoded."""
@@ -270,43 +299,45 @@ class _Stream(torch.utils.data.IterableDataset):
         buf_rng = random.Random(int(seeds.generate_state(1)[0]))
         buf: list[tuple] = []
         shards, stride, phase = P.epoch_shards(epoch, slot)
+        # the interleave of a sample-level split is shared by every slot (each keeps its g % stride)
+        mix_seed = [P.seed, epoch, 11] + ([slot] if stride == 1 else [])
+        mix_rng = random.Random(int(np.random.SeedSequence(mix_seed).generate_state(1)[0]))
         j = -1  # position in this slot's input stream
         g = -1  # position in the shared stream (sample-level split)
-        for i in shards:
-            for key, sample in self._read(i):
-                g += 1
-                if g % stride != phase:
-                    continue
-                j += 1
-                if not hasattr(P, "T"):  # no manifest: levels from the first sample's keys
-                    P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(LEVEL_EXTS)))
-                rng = np.random.default_rng([P.seed, P.rank, w, epoch, j])
-                t = float(rng.random())
-                t32 = torch.tensor([t], dtype=torch.float32)
-                k = int(P.sched.stage_of(t32)[0])
-                if P.tau_dist != "uniform":  # tau moves inside stage k (flow.tau_dist); the stage stays
-                    t32.fill_(warp_time(t, P.sched, P.tau_dist, P.tau_loc, P.tau_scale, k))
-                level, box = level_bytes(sample, P.need[k])  # box > 1: a level of a jpeg-top shard
-                oy, ox = P.crop_offsets(rng, level, k, box)
-                flip = bool(rng.random() < 0.5)
-                rec = (
-                    key,
-                    int(sample["cls"]),
-                    float(t32[0]),
-                    k,
-                    (level, box),
-                    oy,
-                    ox,
-                    flip and P.hflip,
-                )
-                if P.shuffle <= 1:
-                    yield rec
-                elif len(buf) < P.shuffle:
-                    buf.append(rec)
-                else:
-                    idx = buf_rng.randrange(len(buf))
-                    buf[idx], rec = rec, buf[idx]
-                    yield rec
+        for key, sample in self._mixed(shards, mix_rng):
+            g += 1
+            if g % stride != phase:
+                continue
+            j += 1
+            if not hasattr(P, "T"):  # no manifest: levels from the first sample's keys
+                P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(LEVEL_EXTS)))
+            rng = np.random.default_rng([P.seed, P.rank, w, epoch, j])
+            t = float(rng.random())
+            t32 = torch.tensor([t], dtype=torch.float32)
+            k = int(P.sched.stage_of(t32)[0])
+            if P.tau_dist != "uniform":  # tau moves inside stage k (flow.tau_dist); the stage stays
+                t32.fill_(warp_time(t, P.sched, P.tau_dist, P.tau_loc, P.tau_scale, k))
+            level, box = level_bytes(sample, P.need[k])  # box > 1: a level of a jpeg-top shard
+            oy, ox = P.crop_offsets(rng, level, k, box)
+            flip = bool(rng.random() < 0.5)
+            rec = (
+                key,
+                int(sample["cls"]),
+                float(t32[0]),
+                k,
+                (level, box),
+                oy,
+                ox,
+                flip and P.hflip,
+            )
+            if P.shuffle <= 1:
+                yield rec
+            elif len(buf) < P.shuffle:
+                buf.append(rec)
+            else:
+                idx = buf_rng.randrange(len(buf))
+                buf[idx], rec = rec, buf[idx]
+                yield rec
         buf_rng.shuffle(buf)
         yield from buf
 
@@ -333,6 +364,32 @@ class _Stream(torch.utils.data.IterableDataset):
             out[5].append([(s[5], s[6]) for s in members])
             out[6].append([s[7] for s in members])
         return out
+
+
+def worker_share(plan: _Plan, w: int, batches: int) -> int:
+    """Samples worker w gives to a rank's first `batches` batches.
+
+    Sample p of the rank's sample sequence (batch p // B) comes from worker p % W, so every batch
+    holds samples of every worker (and so of every worker's shards), and the count is exact
+    arithmetic: resume skips it without reading a batch.
+    """
+    P = batches * plan.batch
+    return max(0, (P - w + plan.workers - 1) // plan.workers)
+
+
+def join_chunks(chunks: list[tuple]) -> tuple:
+    """One batch from the workers' chunks (each grouped by stage): groups of a stage joined in worker order."""
+    stages = sorted({k for c in chunks for k in c[0]})
+    out: tuple[list, ...] = ([], [], [], [], [], [], [])  # stage, x, t, y, keys, offsets, flips
+    for k in stages:
+        parts = [[field[c[0].index(k)] for field in c[1:]] for c in chunks if k in c[0]]
+        out[0].append(k)
+        out[1].append(torch.cat([p[0] for p in parts]))  # (B_k, C, r, r)
+        out[2].append(torch.cat([p[1] for p in parts]))
+        out[3].append(torch.cat([p[2] for p in parts]))
+        for i in (4, 5, 6):
+            out[i].append([v for p in parts for v in p[i - 1]])
+    return out
 
 
 def level_bytes(sample: dict[str, bytes], side: int) -> tuple[bytes, int]:
@@ -376,6 +433,13 @@ class TrainLoader:
                     f"shards have {manifest['num_classes']} classes but model.num_classes="
                     f"{cfg.model.num_classes}; set model.num_classes={manifest['num_classes']}"
                 )
+        if manifest and manifest.get("order") != "shuffled" and rank == 0:
+            warn(
+                f"{cfg.data.shards} was prepared class by class (cdc prepare before --order, or "
+                f"--order sorted): batches mix classes only as far as data.mix_shards="
+                f"{cfg.data.mix_shards} and data.shuffle={cfg.data.shuffle} reach; "
+                f"`cdc prepare ... --overwrite` rewrites it in a shuffled order"
+            )
         self.seed = cfg.train.seed if seed is None else seed
         self.plan = _Plan(cfg, urls, manifest, rank, world_size, self.seed)
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
@@ -429,7 +493,10 @@ class TrainLoader:
                     prefetch_factor=4,
                 )
             )
-        for stage, x, t, y, keys, offsets, flips in it:
+        W = self.plan.workers
+        while True:
+            chunks = [next(it) for _ in range(W)]  # DataLoader yields workers 0..W-1 in turn
+            stage, x, t, y, keys, offsets, flips = chunks[0] if W == 1 else join_chunks(chunks)
             b = Batch(
                 list(stage),
                 x,
