@@ -336,3 +336,37 @@ def test_imagenet_mini_full(imagenet_mini, tmp_path):
     assert m["converted"].get("greyscale -> RGB", 0) > 0
     _check_imagenet(imagenet_mini, tmp_path / "tr", m, "train")
     json.dumps(m)
+
+
+def test_a_tree_with_no_usable_image_is_an_error_and_leaves_no_shard(tmp_path):
+    """Issue 28 item 3: all files skipped used to exit 0 with "0 samples" and an empty shard."""
+    from cdc.cli import app
+
+    root = tmp_path / "src" / "cat"
+    root.mkdir(parents=True)
+    (root / "a.jpg").write_bytes(b"not a jpeg at all")
+    (root / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"no usable image: all 2 files were skipped \(first: "):
+        prepare(tmp_path / "src", out, side=16, levels=2, progress=False)
+    assert not list(out.glob("*.tar")) and not (out / "manifest.json").exists()
+    r = CliRunner().invoke(app, ["prepare", "--src", str(tmp_path / "src"), "--out", str(out), "--side", "16"])
+    errors = [line for line in r.output.splitlines() if "error:" in line]  # after the progress bar's \r
+    assert r.exit_code == 2 and len(errors) == 1 and "no usable image" in errors[0]
+    assert "Traceback" not in r.output
+    assert not list(out.glob("*.tar")) and not (out / "manifest.json").exists()
+
+
+def test_overwrite_clears_only_what_prepare_wrote(tmp_path):
+    root = tmp_path / "src" / "cat"
+    root.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(smooth(20, 20, i)).save(root / f"{i}.png")
+    out = tmp_path / "out"
+    prepare(tmp_path / "src", out, side=16, levels=2, shard_size=2, progress=False, order="sorted")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="other arguments.*--overwrite"):
+        prepare(tmp_path / "src", out, side=16, levels=2, shard_size=2, progress=False)
+    m = prepare(tmp_path / "src", out, side=16, levels=2, shard_size=3, progress=False, overwrite=True)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar"] and m["order"] == "shuffled"
+    assert (out / "notes.txt").read_text() == "mine"
