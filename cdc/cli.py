@@ -215,6 +215,7 @@ cdc/config.py's defaults (--dry-run prints the result).""",
 )
 @friendly
 def train(
+    ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/k4.yaml or recipes/quickstart.yaml."),
     run_dir: Path | None = typer.Option(
         None, "--run-dir", help="Run directory; re-running into it resumes.", show_default="runs/<recipe name>"
@@ -244,7 +245,9 @@ def train(
         typer.echo(info["config"].rstrip())
         typer.echo(f"# parameters: {info['params']:,}")
         return
+    from cdc.interrupt import exit_code
     from cdc.out_paths import check_out_path
+    from cdc.rerun import continue_command, train_stop_line
 
     run_dir = run_dir or Path("runs") / recipe.stem
     check_out_path(run_dir, "--run-dir")
@@ -253,6 +256,15 @@ def train(
     except T.NonFiniteError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3) from None
+    except KeyboardInterrupt:  # outside the loop (start-up, the last save): checkpoints stay whole
+        cmd = continue_command(ctx, run_dir=run_dir)
+        typer.echo(f"interrupted; checkpoints in {run_dir} kept as they were; continue with: {cmd}", err=True)
+        raise typer.Exit(130) from None
+    line = train_stop_line(out, continue_command(ctx, run_dir=out["run_dir"]))
+    if line and out["rank"] == 0:
+        typer.echo(line, err=True)
+    if out["signal"]:  # every rank agrees on it, so a torchrun job exits alike everywhere
+        raise typer.Exit(exit_code(out["signal"]))
     typer.echo(f"run dir: {out['run_dir']} (step {out['step']})")
 
 
@@ -279,6 +291,7 @@ an interrupted job continues with --resume.""",
 )
 @friendly
 def sample_cmd(
+    ctx: typer.Context,
     ckpt: str | None = typer.Option(
         None, "--ckpt", help="Run dir or checkpoint file.", show_default="newest checkpoint under --runs-dir"
     ),
@@ -344,13 +357,22 @@ def sample_cmd(
 ) -> None:
     """Sample images: PNGs, samples.npz (ADM format), grid.png, samples.json; works under torchrun."""
     from cdc.generate import generate
+    from cdc.interrupt import Interrupted, exit_code, signal_name
+    from cdc.rerun import continue_command
 
     n = _renamed(n, n_old, "-n/--num-images", "--n")
-    s = generate(
-        ckpt, out, n, classes, steps, cfg, solver, seed, batch, stages, ema, interval, sde_eps,
-        overwrite, resume, device, runs_dir, progress=True, bf16=bf16, guide=guide, guide_scale=guide_scale,
-        cuda_graph_side=cuda_graph_side,
-    )  # fmt: skip
+    try:
+        s = generate(
+            ckpt, out, n, classes, steps, cfg, solver, seed, batch, stages, ema, interval, sde_eps,
+            overwrite, resume, device, runs_dir, progress=True, bf16=bf16, guide=guide, guide_scale=guide_scale,
+            cuda_graph_side=cuda_graph_side,
+        )  # fmt: skip
+    except Interrupted as e:  # finished images are kept; --resume (same options, same --out) makes the rest
+        if e.info.get("main"):
+            pin = {"ckpt": e.info["ckpt"], "out": e.info["out"], "resume": True, "overwrite": None} if "out" in e.info else {}
+            cmd = continue_command(ctx, **pin)  # no image yet: the same command again
+            typer.echo(f"stopped by signal {signal_name(e.signum)}; {e.saved}; continue with: {cmd}", err=True)
+        raise typer.Exit(exit_code(e.signum)) from None
     if not s:  # not rank 0
         return
     per_stage = " / ".join(f"{v:.4f}" for v in s["sec_per_image_stage"] or [])

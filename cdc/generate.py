@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from cdc.evalio import resolve_device
 from cdc.figures import grid, stage_figure, stages_figure, to_uint8
 from cdc.fileio import read_json, write_json
 from cdc.flow import Schedule, velocity_net_from_config
+from cdc.interrupt import Interrupted, signal_name, sigterm_raises
 from cdc.out_paths import check_out_path
 from cdc.sample_options import labels_for, parse_cfg, parse_classes, parse_guide, parse_interval, parse_steps
 from cdc.sampler import image_seed, sample
@@ -189,6 +191,16 @@ def assemble(out: Path, labels: np.ndarray, channels: int, sides: list[int], sta
     _write_png(out / "stages.png", stages_figure(panels[:N_COMBINED]))
 
 
+def _interrupted(out: Path, n: int, settings: dict[str, Any], signum: int) -> Interrupted:
+    """Rank 0 after a signal: samples.json records how many images are done (a resume regenerates
+    only the rest); returns the exception that tells the caller."""
+    count = sum(_img_path(out, i).is_file() for i in range(n))  # final PNGs are written last, atomically
+    meta = out / "samples.json"
+    old = read_json(meta, "a `cdc sample` record (samples.json); use --overwrite to start again")
+    write_json(meta, {**old, "status": "interrupted", "signal": signal_name(signum), "images_saved": count}, indent=2)
+    return Interrupted(signum, f"{count} of {n} images saved in {out}", out=str(out), ckpt=settings["ckpt"], main=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # the job
 
@@ -274,6 +286,8 @@ def generate(
     ODE state stays fp32. `guide` / `guide_scale`: autoguidance (cdc.sampler.autoguided). Under
     torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the summary, the others {}.
     `cuda_graph_side`: on CUDA, stages of at most this side replay CUDA graphs (cdc.cuda_graphs).
+    Ctrl-C or SIGTERM: finished images stay, samples.json says "interrupted" with `images_saved`,
+    and cdc.interrupt.Interrupted is raised (`resume=True` then continues).
     """
     if n < 1:
         raise ValueError(f"-n/--num-images must be >= 1, got {n}")
@@ -290,6 +304,8 @@ def generate(
         rank = 0
         dev = resolve_device(device)
     main = rank == 0
+    restore_sigterm = sigterm_raises()  # SIGTERM unwinds like Ctrl-C: samples.json then says what is done
+    started, bar = False, None  # started: rank 0 has marked samples.json "running"
     try:
         model, mcfg, info = ckpt_lib.load_for_inference(ckpt, ema=ema, device=dev, runs_dir=runs_dir)
         sched = Schedule.from_config(mcfg.flow)
@@ -373,6 +389,7 @@ def generate(
             meta = out / "samples.json"
             old = read_json(meta, "a `cdc sample` record (samples.json); use --overwrite to start again") if resume and meta.is_file() else {}  # keeps timings on resume
             write_json(meta, {**old, **settings, "status": "running", "cdc_version": __version__}, indent=2)
+            started = True
             done = _done(out, n, side, C, stage_sides)
         else:
             done = None
@@ -459,6 +476,14 @@ def generate(
         write_json(out / "samples.json", summary, indent=2)
         dist_lib.barrier()  # the other ranks wait for this (see above)
         return summary
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (above): finished PNGs stay, the caller reports
+        if bar is not None:
+            bar.close()
+        signum = getattr(e, "signum", signal.SIGINT)
+        if not started:
+            raise Interrupted(signum, "no new image saved", main=main) from None
+        raise _interrupted(out, n, settings, signum) from None
     finally:
+        restore_sigterm()
         if own_pg:
             dist_lib.shutdown()

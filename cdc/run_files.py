@@ -138,11 +138,13 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     ckpt.atomic_write_bytes(f, ("\n".join(keep) + "\n").encode() if keep else b"")
 
 
-def log_window(run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total) -> dict[str, Any]:
+def log_window(
+    run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total, extra=None
+) -> dict[str, Any]:
     """Reduce the logging window over ranks and append one metrics.jsonl line (rank 0).
 
     acc: the device-side window [loss, grad norm, good steps, stage sums (K), stage counts (K)];
-    this is the only place it is read on the host.
+    this is the only place it is read on the host. `extra`: more keys for the line (an early stop).
     """
     K = len(cfg.flow.sides)
     host = torch.tensor([win["flops"], float(win["images"])], dtype=torch.float64, device=dev)
@@ -168,6 +170,7 @@ def log_window(run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfini
         "grad_accum": cfg.train.grad_accum,
         "global_batch": cfg.train.batch_size * cfg.train.grad_accum * dist.world,
         "time": time.time(),
+        **(extra or {}),
     }
     if dist.main:
         _log_line(run_dir, line)

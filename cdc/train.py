@@ -89,10 +89,11 @@ def describe(cfg: Config, world: int | None = None) -> dict[str, Any]:
 
 
 class _Stop:
-    """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step boundary."""
+    """SIGTERM/SIGINT set a flag (and `signum`); the loop saves and exits at the next check."""
 
     def __init__(self):
         self.flag = False
+        self.signum = 0
         self.old = {}
 
     def __enter__(self):
@@ -104,7 +105,7 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
-        self.flag = True
+        self.flag, self.signum = True, signum
 
     def __exit__(self, *exc):
         for s, h in self.old.items():
@@ -116,7 +117,10 @@ def _say(msg: str) -> None:
 
 
 def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run in `run_dir`; returns a summary of the last logged metrics."""
+    """Train (or resume) the run in `run_dir`; returns a summary of the last logged metrics and how
+    the run ended, the same on every rank: `status` "done", "time_limit" (train.max_minutes) or
+    "interrupted" (`signal` SIGINT / SIGTERM; `stopped` True), `step` of `steps`, `minutes` trained
+    by this process, the `checkpoint` saved last."""
     from cdc.data import make_loader
 
     dist = D.init()
@@ -246,6 +250,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     t_start = t_win = time.perf_counter()
     last: dict[str, Any] = {}
     done = step  # the last step whose logging / checkpointing / sampling has run
+    signum, timed_out, elapsed_min = 0, 0.0, 0.0  # how the loop ended, agreed by all ranks
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     with _Stop() as stop, bar if bar is not None else contextlib.nullcontext():  # bar ends before errors print
@@ -313,8 +318,13 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
             # the check: one host read of skip counters and (all-reduced) stop flags
             elapsed_min = (time.perf_counter() - t_start) / 60
             over = t.max_minutes > 0 and elapsed_min >= t.max_minutes
-            flags = D.all_reduce_sum(torch.tensor([float(stop.flag), float(over)], device=dev))
-            consecutive, nonfinite, skipped, signalled, timed_out = torch.cat([nf, flags.double()]).tolist()
+            got = stop.signum  # read once: the handler may run between the two comparisons
+            flags = [float(got == signal.SIGINT), float(got == signal.SIGTERM), float(over)]
+            flags = D.all_reduce_sum(torch.tensor(flags, device=dev))
+            consecutive, nonfinite, skipped, n_int, n_term, timed_out = torch.cat([nf, flags.double()]).tolist()
+            signalled = n_int + n_term
+            # every rank takes the same signal (SIGINT if any rank got one), so all exit alike
+            signum = signal.SIGINT if n_int else signal.SIGTERM if n_term else 0
             nf[2] = 0.0
             step -= int(skipped)
             nonfinite_total = int(nonfinite)
@@ -330,7 +340,12 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
             if step > done:
                 done = step
                 if step % t.log_every == 0 or finish or signalled > 0:
-                    last = log_window(run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total)
+                    # an early stop is recorded on the run's last metrics line
+                    why = signal.Signals(signum).name if signum else "time_limit" if timed_out and step < t.steps else None
+                    extra = {"stop": why, "minutes": elapsed_min, "steps": t.steps} if why else None
+                    last = log_window(
+                        run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total, extra
+                    )
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
                     acc.zero_()
@@ -341,19 +356,27 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
                 if t.ckpt_every and step % t.ckpt_every == 0 and not (finish or signalled > 0):
                     save(step, "periodic")
             if signalled > 0:
-                save(step, "signal")
-                if dist.main:
-                    print(
-                        f"stopped by signal; checkpoint at step {step} in {run_dir}/checkpoints", flush=True
-                    )
+                save(step, "signal")  # the caller reports it (the CLI: one line, exit 128 + signal)
                 break
             if finish:
                 break
-    if not stop.flag:
-        save(step, "end")
+    status = "interrupted" if signum else "time_limit" if timed_out and step < t.steps else "done"
+    if not signum:  # the agreed signal, not this rank's flag: every rank must take part in save()
+        save(step, "time_limit" if status == "time_limit" else "end")
         if dist.main and t.sample_every:
             save_grid(ema, cfg, run_dir / "samples" / f"step_{step:07d}.png", dev)
     if bar is not None:
         bar.close()
     D.barrier()
-    return {"run_dir": str(run_dir), "step": step, "stopped": stop.flag, **last}
+    return {
+        "run_dir": str(run_dir),
+        **last,
+        "step": step,
+        "steps": t.steps,
+        "status": status,
+        "signal": signal.Signals(signum).name if signum else None,
+        "stopped": bool(signum),
+        "minutes": elapsed_min,
+        "checkpoint": str(run_dir / "checkpoints" / ckpt.ckpt_name(step)),
+        "rank": dist.rank,
+    }

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -458,3 +461,47 @@ def test_torchrun_two_ranks_equal_one(run_dir, tmp_path):
     assert np.abs(x1.astype(int) - x2.astype(int)).max() <= 1 and (x1 != x2).mean() < 1e-3
     meta = json.loads((tmp_path / "two" / "samples.json").read_text())
     assert meta["world_size"] == 2 and meta["generated"] == 5
+
+
+@pytest.fixture
+def one_thread():
+    """In-process torch on one thread, like the subprocesses (OMP_NUM_THREADS=1): on a busy 2-core
+    machine two threads make these tiny models ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_cli_sample_with_a_record_and_a_resume_command(run_dir, tmp_path, sig, one_thread):
+    from cdc.cli import app
+
+    out, n = tmp_path / "job", 40
+    args = ["sample", "--ckpt", str(run_dir), "--out", str(out), "-n", str(n), "--steps", "2", "--batch", "1",
+            "--device", "cpu"]  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cdc", *args], env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip  (SIGINT as in a terminal, even where this test's runner ignores it)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "images").glob("*.png"))) < 3:
+        time.sleep(0.02)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, err[-2000:]  # 130 / 143
+    saved = sorted(f.name for f in (out / "images").glob("*.png"))
+    k = len(saved)
+    assert 3 <= k < n and saved == [f"{i:06d}.png" for i in range(k)]  # one rank: images in order
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["status"] == "interrupted" and meta["signal"] == sig.name and meta["images_saved"] == k
+    ckpt = (run_dir / "checkpoints" / "step_0000010.pt").resolve()
+    cmd = f"cdc sample --ckpt {ckpt} --out {out} -n {n} --steps 2 --batch 1 --resume --device cpu"
+    line = f"stopped by signal {sig.name}; {k} of {n} images saved in {out}; continue with: {cmd}"
+    assert [ln for ln in err.splitlines() if "stopped" in ln] == [line]
+    # the printed command finishes the job: only the missing images are made
+    r = CliRunner().invoke(app, shlex.split(cmd)[1:])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["status"] == "done" and meta["resumed"] == k and meta["generated"] == n - k
+    assert _npz(out)[0].shape[0] == n

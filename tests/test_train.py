@@ -126,9 +126,67 @@ def test_sigterm_saves_a_checkpoint(shards, tmp_path):
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out
+    assert p.returncode == 143, out  # 128 + SIGTERM: `cdc train ... && cdc sample` stops here
     steps = [s for s, _ in C.list_checkpoints(run / "checkpoints")]
     assert len(steps) == 1 and steps[0] == final_state(run)["step"] > 0 and "stopped by signal" in out
+    assert f"stopped by signal SIGTERM at step {steps[0]} of 100000; saved {run}/checkpoints/" in out
+
+
+def test_ctrl_c_saves_exits_130_and_its_command_continues(shards, tmp_path):
+    rec = write_recipe(tmp_path, recipe(shards, steps=100000, ckpt_every=100000))
+    run = tmp_path / "run"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cdc", "train", str(rec), "--run-dir", str(run), "--set", "train.lr=0.002"],
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, even if we ignore it
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and metrics(run)):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    st, path = C.load_latest(run / "checkpoints")
+    step = st["step"]
+    cmd = f"cdc train {rec} --run-dir {run} --set train.lr=0.002"
+    line = f"stopped by signal SIGINT at step {step} of 100000; saved {path}; continue with: {cmd}"
+    assert [ln for ln in err.splitlines() if "stopped" in ln] == [line]
+    assert st["reason"] == "signal" and "run dir:" not in out
+    last = metrics(run)[-1]
+    assert last["step"] == step and last["stop"] == "SIGINT" and last["steps"] == 100000
+    # the printed command continues from that checkpoint (here capped 3 steps later)
+    again = [sys.executable, "-m", "cdc", *cmd.split()[1:], "--set", f"train.steps={step + 3}"]
+    r = subprocess.run(again, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"resumed from {path} at step {step}" in r.stdout, r.stderr[-2000:]
+    assert final_state(run)["step"] == step + 3 and [x["step"] for x in metrics(run)] == list(range(1, step + 4))
+    assert "stopped" not in r.stderr and "stop" not in metrics(run)[-1]
+
+
+@pytest.fixture
+def one_thread():
+    """In-process torch on one thread, like the subprocesses (OMP_NUM_THREADS=1): on a busy 2-core
+    machine two threads make these tiny models ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_time_limit_stop_exits_0_and_says_so(shards, tmp_path, one_thread):
+    rec = write_recipe(tmp_path, recipe(shards, steps=12))
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", str(rec), "--run-dir", str(run), "--set", "train.max_minutes=1e-6"])
+    assert res.exit_code == 0, res.output  # the budget the user asked for is not a failure
+    st, path = C.load_latest(run / "checkpoints")
+    assert st["step"] == 1 and st["reason"] == "time_limit"  # the first check (log_every 1) is past 1e-6 min
+    cmd = f"cdc train {rec} --run-dir {run} --set train.max_minutes=1e-6"
+    lines = [ln for ln in res.stderr.splitlines() if "stopped" in ln]
+    assert len(lines) == 1 and lines[0].startswith("stopped early at step 1 of 12 after ")
+    assert lines[0].endswith(f" s (train.max_minutes); saved {path}; continue with: {cmd}")
+    assert metrics(run)[-1]["stop"] == "time_limit" and f"run dir: {run} (step 1)" in res.stdout
+    res = CliRunner().invoke(app, ["train", str(rec), "--run-dir", str(run)])  # no cap: runs to the end
+    assert res.exit_code == 0 and "stopped" not in res.stderr and final_state(run)["step"] == 12
+    assert final_state(run)["reason"] == "end"
 
 
 def test_corrupt_newest_checkpoint_falls_back(shards, tmp_path, capsys):
@@ -260,6 +318,40 @@ def test_two_process_torchrun_gloo_stays_in_sync(shards, tmp_path):
     assert [r["data"]["rank"] for r in st["ranks"]] == [0, 1]  # each rank kept its own data position
     m = metrics(run)
     assert [x["step"] for x in m] == [1, 2, 3, 4] and m[-1]["images_per_s"] > 0
+
+
+def test_signal_to_one_torchrun_rank_stops_every_rank_alike(shards, tmp_path):
+    rec = write_recipe(tmp_path, recipe(shards, steps=100000, ckpt_every=100000))
+    run = tmp_path / "ddp"
+    # the two ranks as torchrun starts them, launched here so each one's exit code can be read
+    # (torchrun itself reports the first failure and SIGTERMs the rest)
+    world = dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29519")
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cdc", "train", str(rec), "--run-dir", str(run)],
+            env={**cli_env(), **world, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and metrics(run)):
+            time.sleep(0.05)
+        ranks[1].send_signal(signal.SIGTERM)  # rank 1 only: rank 0 learns of it at the next check
+        (_, err0), (_, err1) = (p.communicate(timeout=120) for p in ranks)
+    finally:  # a hang (ranks disagreeing) must not leave the job running
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in ranks] == [143, 143], err0[-2000:] + err1[-2000:]  # both save, exit alike
+    st, path = C.load_latest(run / "checkpoints")
+    assert st["reason"] == "signal" and len(st["ranks"]) == 2
+    assert st["ranks"][0]["param_checksum"] == st["ranks"][1]["param_checksum"]
+    cont = f"torchrun --nproc_per_node 2 -m cdc train {rec} --run-dir {run}"
+    line = f"stopped by signal SIGTERM at step {st['step']} of 100000; saved {path}; continue with: {cont}"
+    assert [ln for ln in err0.splitlines() if "stopped by" in ln] == [line]  # rank 0 says it, once
+    assert "stopped by" not in err1
 
 
 def test_bad_recipe_is_one_line_error(tmp_path, shards):
