@@ -181,8 +181,8 @@ def prepare(
     ),
 ) -> None:
     """Decode images once into webdataset shards holding every pyramid level (resumable: re-run the same command)."""
-    from cdc.out_paths import check_out_path
-    from cdc.prepare import prepare as run_prepare
+    from cdc.data.prepare import prepare as run_prepare
+    from cdc.fileio import check_out_path
 
     if out is not None:
         check_out_path(out, "--out")
@@ -237,7 +237,7 @@ def train(
     import json
 
     from cdc import config
-    from cdc import train as T
+    from cdc.train import loop as T
 
     cfg = config.load(recipe, [*set_, *([f"train.init={json.dumps(init)}"] if init else [])])
     if dry_run:
@@ -245,8 +245,8 @@ def train(
         typer.echo(info["config"].rstrip())
         typer.echo(f"# parameters: {info['params']:,}")
         return
+    from cdc.fileio import check_out_path
     from cdc.interrupt import exit_code
-    from cdc.out_paths import check_out_path
     from cdc.rerun import continue_command, train_stop_line
 
     run_dir = run_dir or Path("runs") / recipe.stem
@@ -356,9 +356,9 @@ def sample_cmd(
     ),
 ) -> None:
     """Sample images: PNGs, samples.npz (ADM format), grid.png, samples.json; works under torchrun."""
-    from cdc.generate import generate
     from cdc.interrupt import Interrupted, exit_code, signal_name
     from cdc.rerun import continue_command
+    from cdc.sample.generate import generate
 
     n = _renamed(n, n_old, "-n/--num-images", "--n")
     try:
@@ -467,8 +467,8 @@ def score_cmd(
     Build a reference: `cdc score ref --src DIR --out REF.npz --side S --sides 32,64 -n N`
     (DIR: image folder or `cdc prepare` shards). To score a file literally named `ref`, write ./ref.
     """
-    from cdc import scoring as M
-    from cdc.out_paths import check_out_path
+    from cdc.eval import scoring as M
+    from cdc.fileio import check_out_path
 
     data = _renamed(data, data_old, "--src", "--data")
     n = _renamed(n, n_old, "-n/--num-images", "--n")
@@ -554,8 +554,8 @@ def ablate(
     ),
 ) -> None:
     """Run one of the paper's ablations: train, sample and score each value; re-run to resume."""
-    from cdc import ablate as A
-    from cdc import sweeps
+    from cdc.ablate import runner as A
+    from cdc.ablate import sweeps
 
     if list_:
         for s in sweeps.list_sweeps():

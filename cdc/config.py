@@ -145,13 +145,13 @@ class SampleConfig:
     seed: int = 0  # image i uses noise from seed (seed, i)
     batch: int = 32  # images per forward
     # CUDA only: stages whose side is at most this (px) replay the model's forward from CUDA graphs
-    # (cdc.cuda_graphs; short sequences are likely launch-bound); 0 = off. Ignored on CPU.
+    # (cdc.nn.cuda_graphs; short sequences are likely launch-bound); 0 = off. Ignored on CPU.
     cuda_graph_side: int = 0
 
 
 @dataclass
 class FewStepConfig:
-    # the shortcut objective (cdc.shortcut), used when model.step_cond is true; docs/few-step.md
+    # the shortcut objective (cdc.flow.shortcut), used when model.step_cond is true; docs/few-step.md
     fraction: float = 0.25  # share of each stage group trained for self-consistency (rest: d = 0)
     levels: int = 3  # step sizes d = 2^-j, j = 0..levels, as fractions of a stage (1 ... 1/8)
     teacher: str = "none"  # d = 0 targets: "none" data (x1 - x0) | "init" the frozen train.init EMA

@@ -46,10 +46,31 @@ def read_json(path: str | os.PathLike, expected: str) -> Any:
         raise bad_file(path, expected, e) from None
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file + fsync + rename: readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> None:
     """Write JSON atomically (temp file + fsync + rename): readers see the old file or the new one."""
-    from cdc.checkpoint import atomic_write_bytes
-
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=indent) + "\n").encode())
 
 
@@ -83,3 +104,53 @@ def path_record(path: str | os.PathLike) -> dict[str, str]:
     if not is_utf8(path):
         rec["path_hex"] = os.fsencode(path).hex()
     return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# output paths users name (`--out`, `--run-dir`), checked before any work starts: a path that is a
+# file, lies under one, or is on a read-only disk is one line naming it and what to do, instead of an
+# OSError about an internal temporary file minutes later. Nothing is created here.
+
+
+def _nearest_existing(p: Path) -> Path:
+    """`p` or its closest ancestor that exists (a relative path ends at '.')."""
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _why_not_writable(folder: Path) -> str | None:
+    """None if files can be created in `folder`, else the reason in a few words."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    return "permission denied"
+
+
+def check_out_path(path: str | os.PathLike, option: str, kind: str = "folder") -> None:
+    """Raise ValueError (one line) unless `path` can be made or written as a `kind` ("folder" or "file").
+
+    A folder may exist (commands that refuse a non-empty one say so themselves); a file's folder must
+    allow creating files, since every writer here writes a temporary file next to it and renames.
+    """
+    p = Path(path)
+    shown = display(p)
+    fix = f"choose another {option}"
+    if kind == "file":
+        if p.is_dir():
+            raise ValueError(f"{option} {shown} is a folder, not a file path; {fix}")
+        folder = p.parent
+    else:
+        folder = p
+    q = _nearest_existing(folder)
+    if not q.is_dir():
+        where = "is a file, not a folder" if q == p else f"is not writable: {display(q)} is a file, not a folder"
+        raise ValueError(f"{option} {shown} {where}; {fix}")
+    why = _why_not_writable(q)
+    if why:
+        at = "" if q == p else f" at {display(q)}"
+        raise ValueError(f"{option} {shown} is not writable ({why}{at}); {fix}")

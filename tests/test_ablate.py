@@ -13,12 +13,12 @@ from conftest import subprocess_env
 from typer.testing import CliRunner
 
 import cdc.config as C
-from cdc import ablate as A
-from cdc import ablate_report as R
-from cdc import sweeps as SW
+from cdc.ablate import report as R
+from cdc.ablate import runner as A
+from cdc.ablate import sweeps as SW
 from cdc.cli import app
-from cdc.fmnist_eval import load_or_train
-from cdc.prepare import prepare
+from cdc.data.prepare import prepare
+from cdc.eval.fmnist import load_or_train
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_list(tmp_path):
 
 
 def test_two_point_sweep_end_to_end_and_resume(tiny, tmp_path, monkeypatch):
-    import cdc.train as T
+    import cdc.train.loop as T
 
     real, calls = T.train, []
 
@@ -283,7 +283,7 @@ def test_run_budget_older_lines_and_a_resume_on_more_ranks():
     """Lines without window_s (written before it was logged) give images / images_per_s: 160
     images (global batch 16, steps 10 -> 20) at 40 img/s are 4 s. A run resumed from 1 process
     (global batch 8 = 4 x grad_accum 2) on 2 says both."""
-    from cdc.run_files import run_budget
+    from cdc.train.run_files import run_budget
 
     old = {"step": 20, "loss": 0.5, "images_per_s": 40.0, "grad_accum": 2, "global_batch": 16, "time": 9.0}
     lines = [_line(10, 3.0, 3.0, global_batch=8), old]
@@ -296,7 +296,7 @@ def test_run_budget_older_lines_and_a_resume_on_more_ranks():
 def test_params_are_counted_on_the_meta_device(monkeypatch):
     """Same count as the real model on tiny configs, with no weight allocated; the paper's k4 with a
     DiT per stage (~11 GB of fp32 weights) counts in a second as 4 x its unified DiT."""
-    import cdc.model as M
+    import cdc.nn.model as M
 
     built = []
 
@@ -323,7 +323,7 @@ def test_an_interrupted_point_reports_both_stretches(tiny, tmp_path, monkeypatch
     wall time measured here."""
     import time
 
-    import cdc.train as T
+    import cdc.train.loop as T
 
     out = tmp_path / "o"
     p = A.plan("fusion", tiny / "r.yaml", "add", out, train_steps=4, samples=4)

@@ -11,10 +11,10 @@ import torch
 from test_metrics import TinyNet, _images
 from typer.testing import CliRunner
 
-from cdc import inception as I
-from cdc import metrics as M
-from cdc import scoring as S
 from cdc.cli import app
+from cdc.eval import inception as I
+from cdc.eval import metrics as M
+from cdc.eval import scoring as S
 
 
 def test_tf1_resize_bilinear_known_answer():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cdc.attention import attention, groups_from_seqlens, xformers_available
+from cdc.nn.attention import attention, groups_from_seqlens, xformers_available
 
 
 def _naive(q, k, v):
@@ -76,7 +76,7 @@ def test_sdpa_matches_xformers_on_cuda():
 def test_auto_backend_falls_back_to_sdpa_where_xformers_kernels_fail(monkeypatch):
     """An importable xformers whose kernels fail on this GPU (no build for its architecture or for
     this torch) must not break training: "auto" picks SDPA, an explicit "xformers" says why."""
-    import cdc.attention as A
+    import cdc.nn.attention as A
 
     cuda = torch.device("cuda", 0)  # _pick only reads the device type: no GPU needed here
     monkeypatch.setattr(A, "xformers_available", lambda: True)

@@ -20,10 +20,10 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdc import checkpoint as ckpt_lib
 from cdc import config
 from cdc.cli import app
-from cdc.prepare import prepare
+from cdc.data.prepare import prepare
+from cdc.train import checkpoint as ckpt_lib
 
 JUNK = bytes(range(256)) * 4 + b"\xff\xfe not a real file \x00\x01"
 
@@ -60,7 +60,7 @@ def _tiny_cfg() -> dict:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    from cdc.model import build_model
+    from cdc.nn.model import build_model
 
     cfg = config.from_dict(_tiny_cfg())
     sd = build_model(cfg).state_dict()
@@ -106,7 +106,7 @@ def test_prepare_survives_non_utf8_file_names(tmp_path):
     # lossless: the raw bytes come back from the hex field, and the display form is readable
     assert bytes.fromhex(entry["path_hex"]) == b"a/" + bad
     assert entry["path"] == "a/img\\xff\\xfe1.png"
-    from cdc.data import read_tar
+    from cdc.data.loader import read_tar
 
     keys = [key for sh in sorted(out.glob("*.tar")) for key, _ in read_tar(str(sh))]
     assert entry["key"] in keys and all(k.isascii() and "." not in k for k in keys)

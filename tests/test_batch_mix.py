@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import smooth_image_tree, take
 
-from cdc.batch_mix import loader_classes, uniform_classes
 from cdc.config import from_dict
-from cdc.data import make_loader, read_tar, worker_share
-from cdc.prepare import prepare
+from cdc.data.batch_mix import loader_classes, uniform_classes
+from cdc.data.loader import make_loader, read_tar, worker_share
+from cdc.data.prepare import prepare
 
 
 def test_uniform_classes_known_answers():

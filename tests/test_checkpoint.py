@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from cdc import checkpoint as C
+from cdc.train import checkpoint as C
 
 
 def _state(step):

@@ -17,11 +17,11 @@ import torch
 import typer.main
 from typer.testing import CliRunner
 
-import cdc.checkpoint as ckpt_lib
 import cdc.config as config
-from cdc import out_paths
+import cdc.train.checkpoint as ckpt_lib
+from cdc import fileio
 from cdc.cli import app
-from cdc.generate import default_out
+from cdc.sample.generate import default_out
 
 WIDE = {"COLUMNS": "250"}  # one help row per option line, so rows can be searched
 # spellings that name the same thing; only the first may be visible (the others: hidden aliases)
@@ -150,7 +150,7 @@ def test_every_help_shows_examples_on_their_own_lines_and_where_defaults_come_fr
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run with one step-10 checkpoint of a tiny randomised DiT (1 channel, sides 8/16/32)."""
-    from cdc.model import build_model
+    from cdc.nn.model import build_model
 
     cfg = config.from_dict(
         {
@@ -214,7 +214,7 @@ def test_old_score_ref_spellings_still_work(tmp_path):
 
 
 def test_ablate_image_count_and_per_stage_cfg(tmp_path, monkeypatch):
-    from cdc import ablate as A
+    from cdc.ablate import runner as A
 
     plans = []
     monkeypatch.setattr(A, "run_sweep", lambda p: plans.append(p) or [])
@@ -317,8 +317,8 @@ def test_a_read_only_output_is_one_line(run_dir, tmp_path, monkeypatch):
     def access(p, mode, **kw):  # readable, not writable
         return not (Path(p) == ro and mode & os.W_OK) and real_access(p, mode, **kw)
 
-    monkeypatch.setattr(out_paths.os, "access", access)
-    monkeypatch.setattr(out_paths.os, "statvfs", lambda p: _RO() if Path(p) == ro else real_statvfs(p))
+    monkeypatch.setattr(fileio.os, "access", access)
+    monkeypatch.setattr(fileio.os, "statvfs", lambda p: _RO() if Path(p) == ro else real_statvfs(p))
     line = _one_line_error(_invoke(["sample", "--ckpt", run_dir, "-n", "1", "--out", ro / "s"]))
     assert line == f"error: --out {ro / 's'} is not writable (read-only file system at {ro}); choose another --out"
     _one_line_error(_invoke(["prepare", "--src", "fashion-mnist", "--out", ro]), "read-only file system")

@@ -9,12 +9,12 @@ import torch
 import torch._dynamo.testing as DT
 
 import cdc.config as C
-from cdc import flow as F
-from cdc.attention import attention, packed_attention
-from cdc.compiled_trunk import why_not_compiled
-from cdc.model import build_model
-from cdc.prepare import prepare
-from cdc.sampler import image_seed, sample
+from cdc.data.prepare import prepare
+from cdc.flow import matching as F
+from cdc.flow.sampler import image_seed, sample
+from cdc.nn.attention import attention, packed_attention
+from cdc.nn.compiled_trunk import why_not_compiled
+from cdc.nn.model import build_model
 
 SIDES = [8, 16, 32]
 # inductor builds C++ kernels on CPU; without a compiler, compile cannot run here (eager still can)
@@ -68,7 +68,7 @@ def test_packed_attention_op_matches_eager_attention_and_its_gradient():
 
 def test_written_out_attention_gradient_matches_the_flash_kernels():
     """The fallback backward (used where the flash kernels refuse the input) is the same gradient."""
-    from cdc.attention import _attention_grad_math, _flash_grad
+    from cdc.nn.attention import _attention_grad_math, _flash_grad
 
     g = torch.Generator().manual_seed(2)
     q, k, v, w = (torch.randn(3, 16, 2, 8, generator=g, dtype=torch.float64) for _ in range(4))  # (n, L, H, D)
@@ -128,8 +128,8 @@ def shards(tmp_path_factory):
 
 
 def test_compiled_training_resumes_bit_for_bit(shards, tmp_path):
-    from cdc import checkpoint as ck
-    from cdc.train import train
+    from cdc.train import checkpoint as ck
+    from cdc.train.loop import train
 
     def cfg(steps):
         return C.from_dict(

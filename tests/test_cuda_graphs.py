@@ -1,4 +1,4 @@
-"""cdc.cuda_graphs.GraphedNet on CPU, with a stand-in for the capture (the real one: tests/test_gpu.py).
+"""cdc.nn.cuda_graphs.GraphedNet on CPU, with a stand-in for the capture (the real one: tests/test_gpu.py).
 
 The stand-in's replay re-runs the captured function on the static input buffers, as a CUDA graph
 replays its kernels on them; so these tests check the wrapper's own logic (copy in, clone out,
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from cdc import config as C
-from cdc.cuda_graphs import GraphedNet
-from cdc.flow import Schedule
-from cdc.generate import velocity_fn
-from cdc.model import build_model
-from cdc.sampler import autoguided, image_seed, sample
+from cdc.flow.matching import Schedule
+from cdc.flow.sampler import autoguided, image_seed, sample
+from cdc.nn.cuda_graphs import GraphedNet
+from cdc.nn.model import build_model
+from cdc.sample.generate import velocity_fn
 
 
 class FakeCapture:

@@ -12,10 +12,10 @@ from conftest import smooth_image_tree, take
 from PIL import Image
 
 from cdc.config import from_dict
-from cdc.data import make_loader, read_tar
-from cdc.flow import Schedule
-from cdc.prepare import prepare
-from cdc.pyramid import down_to
+from cdc.data.loader import make_loader, read_tar
+from cdc.data.prepare import prepare
+from cdc.flow.matching import Schedule
+from cdc.flow.pyramid import down_to
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_logit_normal_tau_moves_only_the_times(shards):
     """flow.tau_dist warps each sample's uniform draw inside its stage: the same images, stages,
     crops and labels come out, and each t is warp_time of the uniform run's t."""
     from cdc.config import from_dict, to_dict
-    from cdc.flow import warp_time
+    from cdc.flow.matching import warp_time
 
     base = config(shards)
     d = to_dict(base)
@@ -163,7 +163,7 @@ def test_worker_batches_do_not_depend_on_the_start_method(shards, method):
 
 
 def test_memory_cache_gives_the_same_batches_and_skips_tar_reads(shards, monkeypatch):
-    import cdc.data as data_mod
+    import cdc.data.loader as data_mod
 
     ref = take(make_loader(config(shards), seed=3), 18)  # 48 samples / 8: three epochs
     reads = []

@@ -9,15 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cdc import checkpoint as C
 from cdc.cli import app
 from cdc.config import ConfigError, from_dict
-from cdc.flow import Interpolant, Schedule, group_batch, loss
-from cdc.generate import generate
-from cdc.model import DiT
-from cdc.prepare import prepare
-from cdc.sampler import sample
-from cdc.shortcut import guided_field, shortcut_loss, shortcut_mode, shortcut_targets
+from cdc.data.prepare import prepare
+from cdc.flow.matching import Interpolant, Schedule, group_batch, loss
+from cdc.flow.sampler import sample
+from cdc.flow.shortcut import guided_field, shortcut_loss, shortcut_mode, shortcut_targets
+from cdc.nn.model import DiT
+from cdc.sample.generate import generate
+from cdc.train import checkpoint as C
 
 
 def tiny(step_cond: bool, seed: int = 0) -> DiT:
@@ -227,7 +227,7 @@ def test_sampler_tells_the_net_its_step_size():
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
-    from cdc.train import train
+    from cdc.train.loop import train
 
     root = tmp_path_factory.mktemp("few")
     shards = root / "shards"
@@ -264,7 +264,7 @@ def few_recipe(shards, **train):
 def test_fewstep_finetune_starts_from_the_teacher_and_resumes_exactly(teacher_run, tmp_path):
     import yaml
 
-    from cdc.train import train
+    from cdc.train.loop import train
 
     root, shards = teacher_run
     rec = tmp_path / "few.yaml"
@@ -294,8 +294,8 @@ def test_teacher_autoguide_is_pinned_and_distilled(teacher_run, tmp_path):
     and the anchor the fine-tune regresses on is that guidance applied to the teacher's EMA."""
     import yaml
 
-    from cdc.init_from import resolve_init, start_from_init
-    from cdc.model import build_model
+    from cdc.nn.model import build_model
+    from cdc.train.init_from import resolve_init, start_from_init
 
     root, shards = teacher_run
     raw = few_recipe(shards)
@@ -339,7 +339,7 @@ def test_init_refuses_a_different_network(teacher_run, tmp_path):
     raw["model"]["width"] = 32
     raw["model"]["heads"] = 2
     raw["train"]["init"] = str(root / "teacher")
-    from cdc.train import train
+    from cdc.train.loop import train
 
     with pytest.raises(ConfigError, match="model.width"):
         train(from_dict(raw), tmp_path / "bad", progress=False)
@@ -359,7 +359,7 @@ def test_init_refuses_a_different_network(teacher_run, tmp_path):
 
 
 def test_one_step_sampling_is_deterministic_per_image(teacher_run, tmp_path):
-    from cdc.train import train
+    from cdc.train.loop import train
 
     root, shards = teacher_run
     raw = few_recipe(shards, steps=2, ckpt_every=0)
@@ -381,7 +381,7 @@ def test_one_step_sampling_is_deterministic_per_image(teacher_run, tmp_path):
 def test_teacher_cfg_only_inside_the_guidance_interval_as_the_sampler_does():
     """Per row: tau in [lo, hi) (or tau = hi = 1) gets eq. 77, other rows the conditional velocity,
     and the null forward runs only for guided rows; each row equals the sampler's own field."""
-    from cdc.sampler import _guided
+    from cdc.flow.sampler import _guided
 
     net = lambda xs, ts, ys: [x * (1 + y.view(-1, 1, 1, 1).float()) + t.view(-1, 1, 1, 1) for x, y, t in zip(xs, ys, ts)]  # noqa: E731
     rows = []
@@ -404,8 +404,8 @@ def test_teacher_cfg_only_inside_the_guidance_interval_as_the_sampler_does():
 
 def test_fewstep_teacher_honours_sample_interval(teacher_run, tmp_path):
     """start_from_init builds the teacher's guided field with the fine-tune's sample.interval."""
-    from cdc.init_from import start_from_init
-    from cdc.model import build_model
+    from cdc.nn.model import build_model
+    from cdc.train.init_from import start_from_init
 
     root, shards = teacher_run
     state = C.load(root / "teacher" / "checkpoints" / C.ckpt_name(4))
@@ -462,7 +462,7 @@ def test_self_consistency_share_is_fraction_in_expectation():
     rows = shares(7, 300)  # end to end through the loss: tolerances 0.10 and 0.033
     within_binomial(rows, (1, 3), 0.25)
     assert torch.equal(shares(7, 30), rows[:30])  # the step's generator decides: deterministic
-    from cdc.shortcut import sc_rows
+    from cdc.flow.shortcut import sc_rows
 
     g = torch.Generator().manual_seed(11)  # the rounding alone, tighter: 20000 steps, fraction 0.6
     draws = torch.tensor([sc_rows([1, 3, 7], 0.6, g, "cpu") for _ in range(20000)], dtype=torch.float64)
@@ -473,7 +473,7 @@ def test_self_consistency_share_is_fraction_in_expectation():
 
 def test_guided_twice_known_answers():
     from cdc.config import FewStepConfig
-    from cdc.shortcut import guided_twice
+    from cdc.flow.shortcut import guided_twice
 
     cfg_ag = FewStepConfig(teacher="init", cfg=[2.25, 1.5, 1.5], guide="g.pt", guide_scale=[2.0])
     assert guided_twice(True, cfg_ag, 1.0, "", 1.0) == []  # neutral
@@ -489,7 +489,7 @@ def test_guided_twice_known_answers():
 
 
 def test_distilled_student_refuses_a_second_guidance(teacher_run, tmp_path):
-    from cdc.train import train
+    from cdc.train.loop import train
 
     root, shards = teacher_run
     raw = few_recipe(shards, steps=2, ckpt_every=0)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from cdc import flow as F
-from cdc.pyramid import down_to
+from cdc.flow import matching as F
+from cdc.flow.pyramid import down_to
 
 
 def test_stage_schedule_equal_and_custom_bounds():
@@ -201,7 +201,7 @@ def test_transport_costs_on_fashion_mnist_match_theorem2(fmnist32):
     assert sum(meas) < L_A
     # Lemma 1 holds exactly for box/nearest pyramids (U D is an orthogonal projection): the detail
     # energies, measured at full resolution, add up to the image energy.
-    from cdc.pyramid import up_to
+    from cdc.flow.pyramid import up_to
 
     details = [up_to(down_to(x, 8), 32)]
     for k in (1, 2):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cdc import fmnist_eval as E
-from cdc.metrics import frechet_distance, gaussian_stats
-from cdc.sources import ASSETS
+from cdc.data.sources import ASSETS
+from cdc.eval import fmnist as E
+from cdc.eval.metrics import frechet_distance, gaussian_stats
 
 
 def test_load_split_pads_like_prepare():
@@ -95,10 +95,10 @@ def test_blocks_are_separate_evaluations_of_consecutive_slices(tiny):
 def test_probe_stages_on_a_zero_velocity_model(tiny, tmp_path):
     """A freshly initialised DiT outputs 0 (AdaLN-Zero), so refinement only adds the stage noise:
     the label cannot matter (label_effect exactly 0) and one entry per refinement stage comes back."""
-    from cdc import checkpoint
     from cdc.config import from_dict, to_dict
-    from cdc.model import build_model
-    from cdc.pyramid import down_to, up_to
+    from cdc.flow.pyramid import down_to, up_to
+    from cdc.nn.model import build_model
+    from cdc.train import checkpoint
 
     cfg = from_dict(
         {
@@ -154,7 +154,7 @@ def test_judge_trains_on_first_use_even_under_no_grad(tmp_path):
 
 
 def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
-    """`python -m cdc.fmnist_eval` on bad input: exit 2 with one line naming the problem."""
+    """`python -m cdc.eval.fmnist` on bad input: exit 2 with one line naming the problem."""
     np.savez(tmp_path / "nolab.npz", np.zeros((4, 32, 32, 1), np.uint8))
     np.savez(tmp_path / "ok.npz", np.zeros((20, 32, 32, 1), np.uint8), np.zeros(20, np.int64))
     (tmp_path / "junk.pt").write_bytes(b"junk")

@@ -13,10 +13,10 @@ from conftest import smooth_image_tree, take
 from PIL import Image
 
 from cdc.config import from_dict
-from cdc.data import make_loader, read_tar
-from cdc.evalio import reference_images
-from cdc.imageproc import resize_short_side
-from cdc.prepare import prepare
+from cdc.data.imageproc import resize_short_side
+from cdc.data.loader import make_loader, read_tar
+from cdc.data.prepare import prepare
+from cdc.eval.evalio import reference_images
 
 SIZES = [(64, 48), (48, 80), (40, 40), (100, 36), (37, 53)]  # (width, height) of the source images
 

@@ -1,4 +1,4 @@
-"""`cdc sample` / cdc.generate: determinism, NFE accounting, CFG limits, resume, npz layout, CLI, torchrun."""
+"""`cdc sample` / cdc.sample.generate: determinism, NFE accounting, CFG limits, resume, npz layout, CLI, torchrun."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from conftest import subprocess_env
 from PIL import Image
 from typer.testing import CliRunner
 
-import cdc.checkpoint as ckpt_lib
 import cdc.config as config
-from cdc.figures import grid, stage_rows, to_uint8
-from cdc.generate import generate
-from cdc.sample_options import labels_for, parse_cfg, parse_classes, parse_guide, parse_steps
+import cdc.train.checkpoint as ckpt_lib
+from cdc.sample.figures import grid, stage_rows, to_uint8
+from cdc.sample.generate import generate
+from cdc.sample.options import labels_for, parse_cfg, parse_classes, parse_guide, parse_steps
 
 K = 3  # stages of the test model: sides 8, 16, 32
 FAST = dict(steps=2, cfg=2.0, progress=False, device="cpu")
@@ -39,7 +39,7 @@ def _tiny_cfg():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run directory with one checkpoint of a tiny DiT whose zero-initialised layers are randomised."""
-    from cdc.model import build_model
+    from cdc.nn.model import build_model
 
     cfg = _tiny_cfg()
     model = build_model(cfg)
@@ -332,7 +332,7 @@ def test_autoguidance_by_an_earlier_checkpoint_of_the_run(run_dir, tmp_path, mon
 
 
 def test_autoguidance_by_a_smaller_model_but_not_another_task(run_dir, tmp_path):
-    from cdc.model import build_model
+    from cdc.nn.model import build_model
 
     def save(name, model, flow):
         cfg = config.from_dict({"model": {"preset": "tiny", "in_channels": 1, **model}, "flow": flow})

@@ -14,9 +14,9 @@ import torch
 import torch.multiprocessing as tmp
 import yaml
 
-from cdc import checkpoint as C
 from cdc.config import ConfigError, for_world, from_dict
-from cdc.prepare import prepare
+from cdc.data.prepare import prepare
+from cdc.train import checkpoint as C
 
 
 def _cfg(shards: str, **train):
@@ -60,7 +60,7 @@ class _Synthetic:
         self.batches = int(state["batches"])
 
     def __iter__(self):
-        from cdc.flow import Schedule, group_batch
+        from cdc.flow.matching import Schedule, group_batch
 
         A, W, B = self.cfg.train.grad_accum, self.world, self.cfg.train.batch_size
         sched = Schedule.from_config(self.cfg.flow)
@@ -81,9 +81,9 @@ def _worker(rank: int, world: int, port: int, raw: dict, run: str, synthetic: bo
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    import cdc.data
-    import cdc.train as T
-    from cdc import distributed as D
+    import cdc.data.loader
+    import cdc.train.loop as T
+    from cdc.train import distributed as D
 
     if synthetic:
         real = T.loss
@@ -93,7 +93,7 @@ def _worker(rank: int, world: int, port: int, raw: dict, run: str, synthetic: bo
             return real(field, batch, sched, interp, torch.Generator().manual_seed(batch.meta["g"]), *a, **k)
 
         T.loss = loss
-        cdc.data.make_loader = lambda cfg, rank=0, world_size=1, **k: _Synthetic(cfg, rank, world_size)
+        cdc.data.loader.make_loader = lambda cfg, rank=0, world_size=1, **k: _Synthetic(cfg, rank, world_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         T.train(from_dict(raw), run, progress=False)
@@ -167,20 +167,20 @@ class _Built(Exception):
 
 
 def test_train_tells_the_loader_its_device(tmp_path, monkeypatch):
-    import cdc.data
-    from cdc.train import train
+    import cdc.data.loader
+    from cdc.train.loop import train
 
     def record(cfg, **kw):
         raise _Built(kw)
 
-    monkeypatch.setattr(cdc.data, "make_loader", record)
+    monkeypatch.setattr(cdc.data.loader, "make_loader", record)
     with pytest.raises(_Built) as e:
         train(from_dict(_cfg("unused")), tmp_path / "run", progress=False)
     assert e.value.args[0]["device"] == torch.device("cpu")
 
 
 def test_loader_pins_memory_on_cuda_only(fm_shards, monkeypatch):
-    from cdc.data import make_loader
+    from cdc.data.loader import make_loader
 
     seen = []
 
@@ -200,7 +200,7 @@ def test_loader_pins_memory_on_cuda_only(fm_shards, monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_loader_yields_device_batches(fm_shards):
-    from cdc.data import make_loader
+    from cdc.data.loader import make_loader
 
     raw = _cfg(str(fm_shards))
     raw["data"]["workers"] = 1

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from cdc.config import from_dict
-from cdc.prepare import prepare
+from cdc.data.prepare import prepare
 
 
 @pytest.fixture(autouse=True)
 def _no_tf32_leak():
-    """cdc.train.train switches TF32 matmuls on for the process (train.tf32); the fp32 comparisons
+    """cdc.train.loop.train switches TF32 matmuls on for the process (train.tf32); the fp32 comparisons
     here (1e-4) must not inherit it from an earlier test's training run."""
     m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -50,8 +50,8 @@ def _recipe(shards, backend_compile: bool = False, **train):
 
 
 def _count_syncs(cfg, run_dir) -> int:
-    """Synchronizing CUDA calls made by a whole cdc.train.train run (torch's sync debug mode)."""
-    from cdc.train import train
+    """Synchronizing CUDA calls made by a whole cdc.train.loop.train run (torch's sync debug mode)."""
+    from cdc.train.loop import train
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -79,8 +79,8 @@ def test_training_steps_make_no_host_sync(shards, tmp_path, compiled):
 def test_exact_resume_on_cuda(shards, tmp_path, compiled):
     """Train 6 steps straight, or 3 then resume to 6 (bf16 autocast on CUDA). Resuming must not
     add any difference beyond what two identical uninterrupted runs show (CUDA atomics)."""
-    from cdc import checkpoint as C
-    from cdc.train import train
+    from cdc.train import checkpoint as C
+    from cdc.train.loop import train
 
     def weights(name):
         state, _ = C.load_latest(tmp_path / name / "checkpoints")
@@ -104,7 +104,7 @@ def test_exact_resume_on_cuda(shards, tmp_path, compiled):
 def test_packed_attention_op_on_cuda_matches_eager_autograd(dtype, backend):
     """The compiled trunk's attention op (forward via `attention`, backward via the flash kernels
     or the written-out gradient) against eager autograd, paper head dim 72, mixed lengths."""
-    from cdc.attention import attention, packed_attention, xformers_available
+    from cdc.nn.attention import attention, packed_attention, xformers_available
 
     if backend == "xformers" and not xformers_available():
         pytest.skip("xformers not installed")
@@ -126,13 +126,13 @@ def test_packed_attention_op_on_cuda_matches_eager_autograd(dtype, backend):
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("backend", ["sdpa", "xformers"])
 def test_cuda_graph_sampling_matches_eager(bf16, backend):
-    """cdc.cuda_graphs on a real device: every stage up to 16 px captured (no fallback), same images."""
-    from cdc.attention import xformers_available
-    from cdc.cuda_graphs import GraphedNet
-    from cdc.flow import Schedule
-    from cdc.generate import velocity_fn
-    from cdc.model import build_model
-    from cdc.sampler import image_seed, sample
+    """cdc.nn.cuda_graphs on a real device: every stage up to 16 px captured (no fallback), same images."""
+    from cdc.flow.matching import Schedule
+    from cdc.flow.sampler import image_seed, sample
+    from cdc.nn.attention import xformers_available
+    from cdc.nn.cuda_graphs import GraphedNet
+    from cdc.nn.model import build_model
+    from cdc.sample.generate import velocity_fn
 
     if backend == "xformers" and not xformers_available():
         pytest.skip("xformers not installed")
@@ -166,8 +166,8 @@ def test_cdc_sample_with_cuda_graphs_writes_the_same_images(shards, tmp_path):
     """`cdc sample --cuda-graph-side`: the run's net and its autoguide both graphed, same PNGs."""
     import numpy as np
 
-    from cdc.generate import generate
-    from cdc.train import train
+    from cdc.sample.generate import generate
+    from cdc.train.loop import train
 
     train(_recipe(shards, steps=4, ckpt_every=2), tmp_path / "run", progress=False)  # keeps step 2
     kw = dict(n=6, steps=3, cfg=2.0, solver="sde", guide="step:2", guide_scale=2.0, progress=False)

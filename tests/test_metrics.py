@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdc import evalio as E
-from cdc import inception as I
-from cdc import metrics as M
-from cdc import scoring as SC
-from cdc import swd as S
 from cdc.cli import app
+from cdc.eval import evalio as E
+from cdc.eval import inception as I
+from cdc.eval import metrics as M
+from cdc.eval import scoring as SC
+from cdc.eval import swd as S
 
 
 def _images(n: int, side: int = 32, seed: int = 0) -> np.ndarray:

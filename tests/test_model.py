@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import cdc.config as C
-from cdc.model import build_model, count_params, forward_flops
-from cdc.tokens import apply_rope, grid_coords, patchify, rope_table, unpatchify
+from cdc.nn.model import build_model, count_params, forward_flops
+from cdc.nn.tokens import apply_rope, grid_coords, patchify, rope_table, unpatchify
 
 
 def _cfg(**model):
@@ -308,7 +308,7 @@ def test_paper_preset_gpu_mixed_bf16():
 
 def test_gather_rows_is_a_gather_whose_backward_sums_per_row():
     """The compiled trunk's per-token modulation: v[idx] forward, scatter-add backward, no atomics."""
-    from cdc.compiled_trunk import gather_rows
+    from cdc.nn.compiled_trunk import gather_rows
 
     g = torch.Generator().manual_seed(0)
     v = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)

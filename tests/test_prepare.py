@@ -21,8 +21,8 @@ from conftest import subprocess_env
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdc.imageproc import encode_png, top_side
-from cdc.prepare import prepare
+from cdc.data.imageproc import encode_png, top_side
+from cdc.data.prepare import prepare
 
 
 def smooth(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -169,7 +169,7 @@ def test_fashion_mnist_bundled_is_zero_padded(tmp_path, monkeypatch):
     assert (out / "manifest.json").is_file() and m["count"] == 300 and len(m["shards"]) == 3
     assert m["channels"] == 1 and m["levels"] == [32, 16, 8] and m["num_classes"] == 10
     assert m["class_names"][9] == "Ankle boot"
-    from cdc.sources import ASSETS
+    from cdc.data.sources import ASSETS
 
     with gzip.open(ASSETS / "fashion-mnist-train-images-idx3-ubyte.gz") as f:
         raw = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
@@ -223,7 +223,7 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path):
     ref = prepare(src, tmp_path / "ref", workers=2, progress=False, **kw)
     out = tmp_path / "run"
     args = f"{str(src)!r}, {str(out)!r}, workers=1, progress=False, **{kw!r}"
-    code = f"from cdc.prepare import prepare; prepare({args})"
+    code = f"from cdc.data.prepare import prepare; prepare({args})"
     env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     marker = out / ".prepare" / "train-000002.tar.json"

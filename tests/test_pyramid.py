@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cdc import pyramid as P
+from cdc.flow import pyramid as P
 
 
 def test_down_then_up_identity_and_up_then_down():

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cdc import imageproc, prepare, train
 from cdc.config import for_world, load
-from cdc.sources import Source
+from cdc.data import imageproc, prepare
+from cdc.data.sources import Source
+from cdc.train import loop as train
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_TRAIN = 1_281_167  # ILSVRC2012 training images
@@ -126,7 +127,7 @@ def _k4_step(cfg) -> dict:
     import dataclasses
     import tempfile
 
-    from cdc.prepare import prepare as prepare_shards
+    from cdc.data.prepare import prepare as prepare_shards
 
     if id(cfg) in _STEP:
         return _STEP[id(cfg)]
@@ -175,7 +176,7 @@ def _resize_filter() -> str:
 
 
 def _out_channels(cfg) -> int:
-    from cdc.model import build_model
+    from cdc.nn.model import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)
@@ -194,7 +195,7 @@ def _prepare_split() -> str:
 
 def _normalize() -> list[float]:
     """Mean/std m such that the loader's x / 127.5 - 1 equals (x / 255 - m) / m: checked on real pixels."""
-    from cdc.data import _Stream
+    from cdc.data.loader import _Stream
 
     a = np.arange(256, dtype=np.uint8).reshape(16, 16)[..., None].repeat(3, -1)  # every uint8 value
     buf = io.BytesIO()

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from cdc import flow as F
-from cdc.pyramid import down_to, up_to
-from cdc.sampler import _heun_plan, image_seed, sample
+from cdc.flow import matching as F
+from cdc.flow.pyramid import down_to, up_to
+from cdc.flow.sampler import _heun_plan, image_seed, sample
 
 SIDES = [1, 2, 4]
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import cdc.config as C
-from cdc import checkpoint
 from cdc.config import to_dict
-from cdc.model import DiT, build_model, count_params
-from cdc.stage_models import StageDiTs
+from cdc.nn.model import DiT, build_model, count_params
+from cdc.nn.stage_models import StageDiTs
+from cdc.train import checkpoint
 
 
 def _cfg(sides=(8, 16, 32), **model):

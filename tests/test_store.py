@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from cdc.config import from_dict
-from cdc.data import make_loader, read_tar
-from cdc.prepare import prepare
+from cdc.data.loader import make_loader, read_tar
+from cdc.data.prepare import prepare
 
 STORES = ("png", "webp", "jpeg", "jpeg-top")
 
@@ -107,7 +107,7 @@ def test_jpeg_shards_are_smaller_than_png(shards):
 
 
 def test_reference_images_read_every_store(shards):
-    from cdc.evalio import reference_images
+    from cdc.eval.evalio import reference_images
 
     def first(store):
         ref = reference_images(shards[store], side=32, n=5)

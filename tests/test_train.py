@@ -11,11 +11,11 @@ import yaml
 from conftest import subprocess_env
 from typer.testing import CliRunner
 
-from cdc import checkpoint as C
 from cdc.cli import app
 from cdc.config import ConfigError, from_dict
-from cdc.prepare import prepare
-from cdc.train import train
+from cdc.data.prepare import prepare
+from cdc.train import checkpoint as C
+from cdc.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ def test_torn_last_metrics_line_is_dropped_on_resume(shards, tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkeypatch):
-    import cdc.train as T
+    import cdc.train.loop as T
 
     real = T.loss
     calls = {"n": 0}
@@ -260,7 +260,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkeyp
 def test_skip_is_decided_on_device_whatever_the_check_interval(shards, tmp_path, monkeypatch):
     """The host learns of skipped steps only every check_every steps, yet the weights match a run
     that checks every step, and the stop rule still fires (a few attempts later)."""
-    import cdc.train as T
+    import cdc.train.loop as T
 
     real = T.loss
 
@@ -384,18 +384,18 @@ def test_compile_on_torch_24_is_a_one_line_error(shards, tmp_path, monkeypatch):
 def test_compile_without_a_cxx_compiler_is_a_one_line_error(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.6.0")  # on torch 2.4 the version is named first
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr("cdc.compiled_trunk.shutil.which", lambda name: None)
+    monkeypatch.setattr("cdc.nn.compiled_trunk.shutil.which", lambda name: None)
     with pytest.raises(ConfigError, match=r"train.compile: inductor needs a C\+\+ compiler on CPU"):
         train(from_dict(recipe(shards, compile=True, steps=2)), tmp_path / "run", progress=False)
 
 
 def test_why_not_compiled_names_what_is_missing(monkeypatch):
-    from cdc.compiled_trunk import why_not_compiled
+    from cdc.nn.compiled_trunk import why_not_compiled
 
     monkeypatch.setattr(torch, "__version__", "2.6.0")
-    monkeypatch.setattr("cdc.compiled_trunk.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("cdc.nn.compiled_trunk.importlib.util.find_spec", lambda name: None)
     assert why_not_compiled("cuda") == "inductor needs triton on CUDA (pip install triton)"
-    monkeypatch.setattr("cdc.compiled_trunk.shutil.which", lambda name: "/usr/bin/" + name if name == "cl++" else None)
+    monkeypatch.setattr("cdc.nn.compiled_trunk.shutil.which", lambda name: "/usr/bin/" + name if name == "cl++" else None)
     monkeypatch.delenv("CXX", raising=False)
     assert why_not_compiled("cpu") == "inductor needs a C++ compiler on CPU (e.g. apt-get install g++)"
     monkeypatch.setenv("CXX", "cl++")  # the compiler inductor is told to use, found on PATH
@@ -417,9 +417,9 @@ def test_compile_auto_trains_eager_where_it_cannot_compile(shards, tmp_path, mon
     def broken(self, *a, **k):  # what a broken toolchain looks like: the first compiled call raises
         raise RuntimeError("C++ compile error\nmore lines")
 
-    monkeypatch.setattr("cdc.model.DiT.warm_up_compiled", broken)
-    monkeypatch.setattr("cdc.compiled_trunk.why_not_compiled", lambda device: None)  # as on a machine that can
-    monkeypatch.setattr("cdc.train.why_not_compiled", lambda device: None)
+    monkeypatch.setattr("cdc.nn.model.DiT.warm_up_compiled", broken)
+    monkeypatch.setattr("cdc.nn.compiled_trunk.why_not_compiled", lambda device: None)  # as on a machine that can
+    monkeypatch.setattr("cdc.train.loop.why_not_compiled", lambda device: None)
     train(from_dict(recipe(shards, compile="auto", steps=3)), tmp_path / "broken", progress=False)
     out = capsys.readouterr().out
     assert "train.compile auto: the first compile failed, training eager (RuntimeError: C++ compile error)" in out
@@ -438,7 +438,7 @@ def test_ema_weight_left_on_the_init_is_the_product_of_decays(gamma):
     that product is (N+1)^-(g+1); the default warm-up: prod min(ema_decay, (1+n)/(10+n))."""
     import math
 
-    from cdc.train import ema_update
+    from cdc.train.loop import ema_update
 
     cfg = from_dict({"train": {"ema_gamma": gamma, "ema_decay": 0.999}})
     model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False).requires_grad_(False)

@@ -1,0 +1,1 @@
+"""`cdc ablate`: the sweep table, the runner and the report."""

@@ -1,0 +1,1 @@
+"""Sampling: `cdc sample` (generate), sampler options and figures."""
