@@ -85,6 +85,9 @@ class DataConfig:
     # each open shard costs a file handle and ~20 KB (1 = one shard after another)
     mix_shards: int = 256
     cache_mb: int = 0  # keep up to this many MB of parsed shards in RAM per worker (small datasets; 0 = off)
+    # a shard cut short or a sample that cannot be decoded: false = stop with one line naming the
+    # shard and sample; true = skip it with a one-line warning and count it (metrics: data_skipped)
+    skip_bad: bool = False
 
 
 @dataclass

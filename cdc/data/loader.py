@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from cdc.data.imageproc import LEVEL_EXTS
-from cdc.fileio import bad_file, read_json, warn
+from cdc.fileio import BadFileError, bad_file, one_line, read_json, warn
 from cdc.flow.matching import Batch, Schedule, warp_time
 
 
@@ -89,12 +89,19 @@ def read_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
     A file that is not a tar archive, or one cut short, is a one-line BadFileError naming it.
     """
+    last = None
     try:
-        yield from _read_tar(url)
+        for key, sample in _read_tar(url):
+            last = key
+            yield key, sample
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise bad_file(url, "a readable tar shard written by `cdc prepare` (re-run it to rewrite)", e) from None
+        where = f"after sample {last}" if last is not None else "at its first sample"
+        raise bad_file(
+            url, f"a readable tar shard written by `cdc prepare` (cut short or corrupt {where}; re-run it "
+            f"to rewrite, or set data.skip_bad: true to skip what cannot be read)", e
+        ) from None
 
 
 def _read_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -130,6 +137,7 @@ class _Plan:
         self.batch = cfg.train.batch_size
         self.shuffle = cfg.data.shuffle
         self.mix = cfg.data.mix_shards
+        self.skip_bad = cfg.data.skip_bad
         self.cache_bytes = cfg.data.cache_mb * 2**20
         self.random_crop, self.hflip = cfg.data.random_crop, cfg.data.hflip
         self.sched = Schedule.from_config(cfg.flow)
@@ -205,9 +213,13 @@ class _Plan:
 class _Stream(torch.utils.data.IterableDataset):
     """One rank's infinite stream of worker chunks; TrainLoader joins W consecutive chunks into a batch."""
 
-    def __init__(self, plan: _Plan, start: int):
+    def __init__(self, plan: _Plan, start: int, undecodable: list[int] | None = None):
         super().__init__()
         self.plan, self.start = plan, start  # start: batches already yielded (resume)
+        # per worker: samples dropped at decode time so far (data.skip_bad); resume skips them too
+        self.undecodable = list(undecodable or [0] * plan.workers)
+        self.skipped = 0  # samples (or rest of shards) this worker dropped before decoding
+        self._quiet = False
         self._cache: dict[int, list[tuple[str, dict[str, bytes]]]] = {}  # shard -> samples (per worker)
         self._cached_bytes = 0
 
@@ -236,55 +248,90 @@ class _Stream(torch.utils.data.IterableDataset):
             self._cache[i] = kept
             self._cached_bytes += size
 
-    def _mixed(self, shards: list[int], rng: random.Random) -> Iterator[tuple[str, dict[str, bytes]]]:
+    def _mixed(self, shards: list[int], rng: random.Random) -> Iterator[tuple[int, str, dict[str, bytes]]]:
         """The samples of `shards`, up to `plan.mix` of them open at once, interleaved at random.
 
         Each next sample comes from an open shard drawn uniformly, so equal shards are read at
         equal pace and, with all of a slot's shards open, even shards of one class each give
-        batches of many classes. A finished shard makes room for the next. The draw never looks
+        batches of many classes. A finished shard makes room for the next (yields shard index, key, sample). The draw never looks
         at manifest counts, so a directory, a brace pattern and a pipe: url give the same stream.
         """
         queue = list(reversed(shards))  # pop() from the end: next shard in epoch order
         open_: list[Iterator] = []
+        ids: list[int] = []  # shard index of each open reader
         while queue or open_:
             while queue and len(open_) < self.plan.mix:
-                open_.append(self._read(queue.pop()))
+                ids.append(queue.pop())
+                open_.append(self._read(ids[-1]))
             j = rng.randrange(len(open_)) if len(open_) > 1 else 0
-            item = next(open_[j], None)
+            try:
+                item = next(open_[j], None)
+            except BadFileError as e:  # cut short or corrupt: the error names it (skip_bad: drop the rest)
+                if not self.plan.skip_bad:
+                    raise
+                self.skipped += 1
+                if not self._quiet:
+                    warn(f"skipped the rest of {one_line(e)}")
+                item = None
             if item is None:  # shard ended
-                del open_[j]
+                del open_[j], ids[j]
                 continue
-            yield item
+            yield (ids[j], *item)
 
     def __iter__(self) -> Iterator[tuple]:
         info = torch.utils.data.get_worker_info()
         w = info.id if info is not None else 0
-        samples = self._samples(w, worker_share(self.plan, w, self.start))
+        samples = self._samples(w, worker_share(self.plan, w, self.start) + self.undecodable[w])
         n = self.start
         while True:
             take = worker_share(self.plan, w, n + 1) - worker_share(self.plan, w, n)
-            yield self._collate([next(samples) for _ in range(take)])
+            group, pixels, dropped, before = [], [], 0, self.skipped
+            while len(group) < take:
+                rec = next(samples)
+                try:
+                    pixels.append(self._pixels(rec))
+                except (OSError, ValueError, SyntaxError, EOFError) as e:  # what PIL raises on bad bytes
+                    dropped += 1
+                    self._bad(rec[8], rec[0], "an image PIL can decode", e)
+                    continue
+                group.append(rec)
+            yield (*self._collate(group, pixels), dropped, self.skipped - before)
             n += 1
+
+    def _bad(self, shard: int, key: str | None, expected: str, cause: BaseException) -> None:
+        """A sample (or a shard's rest) that cannot be read: one-line error, or with data.skip_bad a
+        one-line warning and a count that reaches metrics.jsonl; never a silently wrong batch."""
+        name = os.path.basename(self.plan.urls[shard])
+        what = f"shard {name}, sample {key}" if key is not None else f"shard {name}"
+        if not self.plan.skip_bad:
+            raise bad_file(self.plan.urls[shard], f"{expected} in {what}; re-run cdc prepare, or set "
+                           f"data.skip_bad: true to skip it", cause) from None
+        if not self._quiet:
+            warn(f"skipped {what}: not {expected} ({one_line(cause)})")
 
     def _samples(self, w: int, skip: int) -> Iterator[tuple]:
         """Worker w's output samples across epochs, the first `skip` of them dropped undecoded."""
         P = self.plan
         slot = P.rank * P.workers + w
         epoch = 0
+        self._quiet = skip > 0  # re-reading what a resumed run already trained on: count and warn nothing
         while True:
-            n = P.epoch_count(epoch, slot)
+            n = P.epoch_count(epoch, slot) if not P.skip_bad else None  # a bad shard may hold fewer
             if n == 0:
                 raise ValueError(
                     f"rank {P.rank} worker {w} has no samples: fewer samples than ranks x workers"
                 )
             if n is not None and skip >= n:  # skip whole epochs without reading them
                 skip, epoch = skip - n, epoch + 1
+                self._quiet = skip > 0
                 continue
             got = 0
             for sample in self._epoch(epoch, w, slot):
                 got += 1
                 if skip:
                     skip -= 1
+                    if not skip:  # drops met from here on happen after the resume point
+                        self._quiet, self.skipped = False, 0
                     continue
                 yield sample
             if got == 0:
@@ -304,7 +351,7 @@ class _Stream(torch.utils.data.IterableDataset):
         mix_rng = random.Random(int(np.random.SeedSequence(mix_seed).generate_state(1)[0]))
         j = -1  # position in this slot's input stream
         g = -1  # position in the shared stream (sample-level split)
-        for key, sample in self._mixed(shards, mix_rng):
+        for shard, key, sample in self._mixed(shards, mix_rng):
             g += 1
             if g % stride != phase:
                 continue
@@ -317,18 +364,25 @@ class _Stream(torch.utils.data.IterableDataset):
             k = int(P.sched.stage_of(t32)[0])
             if P.tau_dist != "uniform":  # tau moves inside stage k (flow.tau_dist); the stage stays
                 t32.fill_(warp_time(t, P.sched, P.tau_dist, P.tau_loc, P.tau_scale, k))
-            level, box = level_bytes(sample, P.need[k])  # box > 1: a level of a jpeg-top shard
-            oy, ox = P.crop_offsets(rng, level, k, box)
+            try:
+                level, box = level_bytes(sample, P.need[k])  # box > 1: a level of a jpeg-top shard
+                oy, ox = P.crop_offsets(rng, level, k, box)
+                cls = int(sample["cls"])
+            except (KeyError, OSError, ValueError, SyntaxError) as e:  # a missing level or class, a bad header
+                self.skipped += 1
+                self._bad(shard, key, f"a sample with level {P.need[k]} px and a class", e)
+                continue
             flip = bool(rng.random() < 0.5)
             rec = (
                 key,
-                int(sample["cls"]),
+                cls,
                 float(t32[0]),
                 k,
                 (level, box),
                 oy,
                 ox,
                 flip and P.hflip,
+                shard,
             )
             if P.shuffle <= 1:
                 yield rec
@@ -341,21 +395,26 @@ class _Stream(torch.utils.data.IterableDataset):
         buf_rng.shuffle(buf)
         yield from buf
 
-    def _collate(self, group: list[tuple]) -> tuple:
+    def _pixels(self, rec: tuple) -> torch.Tensor:
+        """One sample's crop of its stage's level, flipped as drawn: (C, r, r) uint8."""
         P = self.plan
+        k, (body, box), oy, ox, flip = rec[3], rec[4], rec[5], rec[6], rec[7]
+        r, scale = P.sides[k], P.T // P.need[k]  # offsets are in T pixels; this level is T/scale
+        im = Image.open(io.BytesIO(body))
+        a = np.asarray(im.reduce(box) if box > 1 else im)  # box > 1: a level of a jpeg-top shard
+        a = a[oy // scale : oy // scale + r, ox // scale : ox // scale + r]
+        if a.shape[:2] != (r, r):
+            raise ValueError(f"level is {im.size[0]}x{im.size[1]} px, too small for its crop")
+        a = a[:, ::-1] if flip else a
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (H, W, C) -> (C, r, r)
+        return torch.from_numpy(a.copy())  # copy: PIL's buffer is read-only
+
+    def _collate(self, group: list[tuple], pixels: list[torch.Tensor]) -> tuple:
         out: tuple[list, ...] = ([], [], [], [], [], [], [])  # stage, x, t, y, keys, offsets, flips
         for k in sorted({s[3] for s in group}):
-            members = [s for s in group if s[3] == k]
-            r, scale = P.sides[k], P.T // P.need[k]  # offsets are in T pixels; this level is T/scale
-            xs = []
-            for _, _, _, _, (body, box), oy, ox, flip in members:
-                im = Image.open(io.BytesIO(body))
-                a = np.asarray(im.reduce(box) if box > 1 else im)  # box > 1: a level of a jpeg-top shard
-                a = a[oy // scale : oy // scale + r, ox // scale : ox // scale + r]
-                a = a[:, ::-1] if flip else a
-                a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (H, W, C) -> (C, r, r)
-                xs.append(torch.from_numpy(a.copy()))  # copy: PIL's buffer is read-only
-            x = torch.stack(xs).float().div_(127.5).sub_(1.0)  # (B_k, C, r, r)
+            idx = [i for i, s in enumerate(group) if s[3] == k]
+            members = [group[i] for i in idx]
+            x = torch.stack([pixels[i] for i in idx]).float().div_(127.5).sub_(1.0)  # (B_k, C, r, r)
             out[0].append(k)
             out[1].append(x)
             out[2].append(torch.tensor([s[2] for s in members], dtype=torch.float32))
@@ -378,18 +437,19 @@ def worker_share(plan: _Plan, w: int, batches: int) -> int:
 
 
 def join_chunks(chunks: list[tuple]) -> tuple:
-    """One batch from the workers' chunks (each grouped by stage): groups of a stage joined in worker order."""
+    """One batch from the workers' chunks (each grouped by stage): groups of a stage joined in worker
+    order; the two drop counts (undecodable, skipped before decoding) summed."""
     stages = sorted({k for c in chunks for k in c[0]})
     out: tuple[list, ...] = ([], [], [], [], [], [], [])  # stage, x, t, y, keys, offsets, flips
     for k in stages:
-        parts = [[field[c[0].index(k)] for field in c[1:]] for c in chunks if k in c[0]]
+        parts = [[field[c[0].index(k)] for field in c[1:7]] for c in chunks if k in c[0]]
         out[0].append(k)
         out[1].append(torch.cat([p[0] for p in parts]))  # (B_k, C, r, r)
         out[2].append(torch.cat([p[1] for p in parts]))
         out[3].append(torch.cat([p[2] for p in parts]))
         for i in (4, 5, 6):
             out[i].append([v for p in parts for v in p[i - 1]])
-    return out
+    return (*out, sum(c[7] for c in chunks), sum(c[8] for c in chunks))
 
 
 def level_bytes(sample: dict[str, bytes], side: int) -> tuple[bytes, int]:
@@ -446,6 +506,8 @@ class TrainLoader:
         self.num_workers = cfg.data.workers
         self.device = torch.device(device)
         self.batches = 0  # batches yielded so far (the resume position)
+        self.undecodable = [0] * self.plan.workers  # per worker: samples dropped at decode (skip_bad)
+        self.skipped = 0  # all samples / shard rests dropped so far (data.skip_bad), for metrics
 
     @property
     def samples_per_epoch(self) -> int | None:
@@ -463,6 +525,8 @@ class TrainLoader:
             "world_size": self.world_size,
             "workers": self.num_workers,
             "batch_size": self.plan.batch,
+            "undecodable": list(self.undecodable),  # per worker, data.skip_bad's decode-time drops
+            "skipped": self.skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -477,9 +541,12 @@ class TrainLoader:
                 stacklevel=2,
             )
         self.batches = int(state["batches"])
+        drops = state.get("undecodable", [])  # absent before data.skip_bad existed: nothing dropped
+        self.undecodable = list(drops) if len(drops) == self.plan.workers else [0] * self.plan.workers
+        self.skipped = int(state.get("skipped", 0))
 
     def __iter__(self) -> Iterator[Batch]:
-        stream = _Stream(self.plan, self.batches)
+        stream = _Stream(self.plan, self.batches, self.undecodable)
         if self.num_workers == 0:
             it: Any = iter(stream)
         else:
@@ -496,13 +563,17 @@ class TrainLoader:
         W = self.plan.workers
         while True:
             chunks = [next(it) for _ in range(W)]  # DataLoader yields workers 0..W-1 in turn
-            stage, x, t, y, keys, offsets, flips = chunks[0] if W == 1 else join_chunks(chunks)
+            for w, c in enumerate(chunks):
+                self.undecodable[w] += c[7]
+                self.skipped += c[7] + c[8]
+            stage, x, t, y, keys, offsets, flips, _, _ = chunks[0] if W == 1 else join_chunks(chunks)
             b = Batch(
                 list(stage),
                 x,
                 t,
                 y,
-                {"index": self.batches, "keys": keys, "offsets": offsets, "flips": flips},
+                {"index": self.batches, "keys": keys, "offsets": offsets, "flips": flips,
+                 "skipped": self.skipped},
             )
             self.batches += 1
             yield b.to(self.device) if self.device.type != "cpu" else b
