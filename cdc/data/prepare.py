@@ -19,116 +19,28 @@ class by class would otherwise give shards of about one class each, and batches 
 (docs/design-notes.md, "Data"). `order="sorted"` keeps the class-sorted list (what cdc wrote
 before the order existed). Shard i holds items [i*N, (i+1)*N) of that ordered list (skipped
 files make it shorter), is
-streamed to `<name>.partial-<pid>`, fsynced and renamed, then recorded in `.prepare/<name>.json`.
-A re-run with the same arguments keeps recorded shards and redoes the rest, so an interrupted run
+streamed to `<name>.partial-<pid>`, fsynced and renamed, then recorded in `.prepare/<name>.json`
+(cdc.data.shard_writer). A re-run with the same arguments keeps recorded shards and redoes the rest, so an interrupted run
 ends with byte-identical shards. `manifest.json` is written atomically at the end.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import multiprocessing as mp
 import os
-import re
-import signal
 import sys
-import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cdc.data.imageproc import STORES, encode_levels, load_image, pad_idx, top_side
+from cdc.data.imageproc import STORES, top_side
+from cdc.data.shard_writer import clear_outputs, drop_partials, shard_record, write_shards
 from cdc.data.sources import Item, Source, fingerprint, open_source
 from cdc.fileio import display, is_utf8, path_record, read_json, write_json
 
 FORMAT = "cdc-shards/1"
-
-_counter: Any = None  # shared images-done counter for the progress bar
-
-
-def _init_worker(counter: Any) -> None:
-    global _counter
-    _counter = counter
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    if sys.platform.startswith("linux"):  # die with the parent (kill -9) instead of finishing orphaned
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-
-class _TarWriter:
-    """Minimal streaming tar writer: fixed metadata so equal content gives equal bytes, hashed as written.
-
-    tarfile.addfile costs ~0.1 ms per member (copies, PAX checks); building the GNU header directly
-    is ~5x cheaper, which matters at five members per image.
-    """
-
-    def __init__(self, fh: Any):
-        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
-
-    def _write(self, b: bytes) -> None:
-        self.fh.write(b)
-        self.sha.update(b)
-        self.size += len(b)
-
-    def add(self, name: str, body: bytes) -> None:
-        ti = tarfile.TarInfo(name)
-        ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(body), 0, 0o644, 0, 0, "", ""
-        self._write(ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
-        self._write(body + b"\0" * (-len(body) % tarfile.BLOCKSIZE))
-
-    def close(self) -> None:
-        self._write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
-
-
-def _do_shard(task: dict) -> dict:
-    out, name, top, levels = Path(task["out"]), task["name"], task["top"], task["levels"]
-    final = out / name
-    tmp = out / f"{name}.partial-{os.getpid()}"
-    skipped, converted, count = [], [], 0
-    squeeze = task["png"] == "huffman"
-    with open(tmp, "wb", buffering=1 << 20) as fh:
-        tar = _TarWriter(fh)
-        for key, cls, ref in task["items"]:
-            if isinstance(ref, np.ndarray):
-                img, notes, reason = pad_idx(ref, top), [], None
-            else:
-                aspect = 2 ** (levels - 1) if task.get("crop") == "full" else 0
-                img, notes, reason = load_image(os.path.join(task["root"], ref), top, aspect)
-            if img is None:
-                skipped.append({**path_record(ref), "reason": reason})
-            else:
-                if notes:
-                    converted.append({**path_record(ref), "note": "; ".join(notes)})
-                members = [("cls", str(cls).encode())]
-                members += encode_levels(img, levels, task.get("store", "png"), squeeze, task.get("quality", 95))
-                for ext, body in members:
-                    tar.add(f"{key}.{ext}", body)
-                count += 1
-            if _counter is not None:
-                with _counter.get_lock():
-                    _counter.value += 1
-        tar.close()
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    rec = {
-        "name": name,
-        "count": count,
-        "bytes": tar.size,
-        "sha256": tar.sha.hexdigest(),
-        "skipped": skipped,
-        "converted": converted,
-    }
-    write_json(out / ".prepare" / f"{name}.json", rec)
-    return rec
-
 
 # ---------------------------------------------------------------------------------------------
 # the command
@@ -183,31 +95,241 @@ def _ordered(items: list[Item], order: str, seed: int) -> list[Item]:
     return [items[i] for i in perm]
 
 
-def _clear(out: Path) -> None:
-    """`overwrite`: remove what `cdc prepare` writes in `out` (shards, manifest, state), nothing else."""
-    import shutil
+@dataclass(frozen=True)
+class Plan:
+    """What a `prepare` call writes: the resolved arguments, the source and its items in write order."""
 
-    if not out.is_dir():
+    source: Source
+    out: Path
+    split: str
+    side: int  # shorter side of the training images
+    expand: float  # top = side * expand, rounded to a multiple of 2^(levels-1)
+    top: int  # shorter side of the stored top level
+    levels: int  # pyramid levels stored (or computed by the loader, for jpeg-top)
+    shard_size: int  # items per shard
+    limit: int | None  # --limit: items evenly spaced over the sorted list, or None for all
+    png: str  # "huffman" or "store"
+    crop: str  # "full" or "center"
+    store: str  # "png", "webp", "jpeg" or "jpeg-top" ("auto" resolved)
+    jpeg_quality: int  # of the JPEG top, for the jpeg stores
+    order: str  # "shuffled" or "sorted"
+    seed: int  # of the shuffled order
+    items: list[Item]  # in the order they are written
+    fingerprint: str  # of the sorted list: the file set, whatever order it is written in
+
+    @property
+    def names(self) -> list[str]:
+        """Shard file names; shard i holds items [i*shard_size, (i+1)*shard_size)."""
+        return [f"{self.split}-{i:06d}.tar" for i in range(-(-len(self.items) // self.shard_size))]
+
+
+def _check_options(png: str, store: str, order: str, jpeg_quality: int) -> None:
+    """The choices that need no source: one-line errors before anything is opened."""
+    if png not in ("huffman", "store"):
+        raise ValueError(f"--png must be huffman or store, got {png!r}")
+    if store not in STORES + ("auto",):
+        raise ValueError(f"--store must be one of {', '.join(STORES + ('auto',))}, got {store!r}")
+    if order not in ORDERS:
+        raise ValueError(f"--order must be shuffled or sorted, got {order!r}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
+
+
+def _geometry(
+    source: Source, side: int | None, expand: float | None, levels: int | None, shard_size: int
+) -> tuple[int, float, int, int]:
+    """side, expand, levels (the source kind's defaults where None) and the top level's side, checked."""
+    side, expand, levels = _defaults(source, side, expand, levels)
+    if side < 1 or levels < 1 or expand < 1.0 or shard_size < 1:
+        raise ValueError("need --side >= 1, --levels >= 1, --expand >= 1.0 and --shard-size >= 1")
+    top = top_side(side, expand, levels)
+    if top >> (levels - 1) < 1:
+        raise ValueError(f"--levels {levels} is too many for a {top}-px top level")
+    if source.images is not None and max(source.images.shape[1:]) > top:
+        raise ValueError(
+            f"idx images are {source.images.shape[1:]} px, larger than --side {side}; use a larger --side"
+        )
+    return side, expand, levels, top
+
+
+def _plan(
+    src: str | os.PathLike, out: str | os.PathLike | None, split: str, side: int | None,
+    expand: float | None, levels: int | None, shard_size: int, limit: int | None, png: str,
+    crop: str | None, store: str, jpeg_quality: int, order: str, seed: int,
+) -> Plan:
+    """Check the arguments, open the source and put its (subset of) items in write order."""
+    _check_options(png, store, order, jpeg_quality)
+    source = open_source(src, split)
+    if store == "auto":
+        store = "png" if source.images is not None else "jpeg-top"
+    crop = _crop_mode(source, crop)
+    side, expand, levels, top = _geometry(source, side, expand, levels, shard_size)
+    out = Path(out) if out is not None else Path("data") / f"{source.name}-{side}"
+    items = _subset(source.items, limit)
+    if not items:
+        raise ValueError(f"source {src} holds no files")
+    return Plan(
+        source, out, split, side, expand, top, levels, shard_size, limit, png, crop, store,
+        jpeg_quality, order, seed, _ordered(items, order, seed), fingerprint(items),
+    )
+
+
+def _args_record(plan: Plan) -> dict[str, Any]:
+    """`.prepare/args.json`: the arguments a resumed run must repeat to keep the shards already written."""
+    args = {
+        "format": FORMAT,
+        "source": display(plan.source.ident),
+        "split": plan.split,
+        "side": plan.side,
+        "expand": plan.expand,
+        "top": plan.top,
+        "levels": plan.levels,
+        "shard_size": plan.shard_size,
+        "limit": plan.limit,
+        "png": plan.png,
+        **({"store": plan.store, "jpeg_quality": plan.jpeg_quality} if plan.store != "png" else {}),
+        "items": len(plan.items),
+        "fingerprint": plan.fingerprint,
+    }
+    if plan.crop != "center":  # only then, so centre-square dirs prepared before --crop existed still resume
+        args["crop"] = plan.crop
+    if plan.order != "sorted":  # only then, so class-sorted dirs prepared before --order existed still resume
+        args["order"], args["seed"] = plan.order, plan.seed
+    return args
+
+
+def _claim(out: Path, args: dict[str, Any]) -> None:
+    """Record `args` in out/.prepare, or check they are the ones the shards already there were written with."""
+    state = out / ".prepare"
+    state.mkdir(parents=True, exist_ok=True)
+    if not (state / "args.json").is_file():
+        write_json(state / "args.json", args)
         return
-    shards = [p for p in out.glob("*-*.tar") if re.fullmatch(r"[\w]+-\d{6}\.tar", p.name)]
-    for p in shards + list(out.glob("*.partial-*")) + [out / "manifest.json"]:
-        p.unlink(missing_ok=True)
-    shutil.rmtree(out / ".prepare", ignore_errors=True)
+    old = read_json(state / "args.json", "a `cdc prepare` state file; delete the folder's .prepare/ to start over")
+    if old != args:
+        keys = dict.fromkeys([*args, *old])  # both sides: an older state may lack a key
+        diff = {k: (old.get(k), args.get(k)) for k in keys if old.get(k) != args.get(k)}
+        hint = " (an earlier cdc wrote them in class order: add --order sorted to finish them)" if (
+            "order" not in old and set(diff) <= {"order", "seed"}
+        ) else ""
+        raise ValueError(
+            f"{out} holds shards prepared with other arguments {diff}{hint}; "
+            f"use another --out, or --overwrite to replace them"
+        )
 
 
-def _done(out: Path, name: str) -> dict | None:
-    rec_path = out / ".prepare" / f"{name}.json"
-    try:
-        rec = json.loads(rec_path.read_text())
-        return rec if (out / name).stat().st_size == rec["bytes"] else None
-    except (OSError, ValueError, KeyError):
-        return None
+def _resume(plan: Plan, overwrite: bool) -> dict[str, dict]:
+    """Set up out/.prepare and return the records of the shards an earlier run finished (by name)."""
+    if overwrite:
+        clear_outputs(plan.out)
+    _claim(plan.out, _args_record(plan))
+    drop_partials(plan.out)
+    return {n: r for n in plan.names if (r := shard_record(plan.out, n)) is not None}
 
 
-def _bar(total: int, desc: str) -> Any:
-    from tqdm import tqdm
+def _tasks(plan: Plan, records: dict[str, dict]) -> list[dict]:
+    """One task (cdc.data.shard_writer.write_shard's argument) per shard not yet in `records`."""
+    tasks = []
+    images, n = plan.source.images, plan.shard_size
+    for i, name in enumerate(plan.names):
+        if name in records:
+            continue
+        chunk = plan.items[i * n : (i + 1) * n]
+        refs = [images[it.ref] if images is not None else it.ref for it in chunk]
+        tasks.append(
+            {
+                "out": str(plan.out),
+                "root": str(plan.source.root),
+                "name": name,
+                "top": plan.top,
+                "levels": plan.levels,
+                "png": plan.png,
+                "crop": plan.crop,
+                "store": plan.store,
+                "quality": plan.jpeg_quality,
+                "items": [(it.key, it.cls, r) for it, r in zip(chunk, refs, strict=True)],
+            }
+        )
+    return tasks
 
-    return tqdm(total=total, unit="img", desc=desc, file=sys.stderr, smoothing=0.1)
+
+def _note_counts(converted_files: list[dict]) -> dict[str, int]:
+    """How many files each conversion note ("CMYK -> RGB", ...) applied to."""
+    counts: dict[str, int] = {}
+    for c in converted_files:
+        for note in c["note"].split("; "):
+            counts[note] = counts.get(note, 0) + 1
+    return counts
+
+
+def _escaped_names(items: list[Item], skipped_paths: set[str]) -> list[dict]:
+    """Names that are not UTF-8 (legal on Linux): the shard key each was written under, and its bytes."""
+    return [
+        {"key": it.key, **path_record(it.ref)}
+        for it in items
+        if isinstance(it.ref, str) and not is_utf8(it.ref) and display(it.ref) not in skipped_paths
+    ]
+
+
+def _manifest(plan: Plan, records: dict[str, dict]) -> dict[str, Any]:
+    """manifest.json from the plan and every shard's record."""
+    names, source = plan.names, plan.source
+    shards = [{k: records[n][k] for k in ("name", "count", "bytes", "sha256")} for n in names]
+    skipped = [s for n in names for s in records[n]["skipped"]]
+    converted_files = [c for n in names for c in records[n]["converted"]]
+    lv = [plan.top >> j for j in range(plan.levels)]
+    return {
+        "format": FORMAT,
+        "source": display(source.ident),
+        "source_type": source.kind,
+        "split": plan.split,
+        "side": plan.side,
+        "expand": plan.expand,
+        "top": plan.top,
+        "levels": lv,
+        "level_keys": _level_keys(lv, plan.store, source.channels),
+        "channels": source.channels,
+        "classes": [display(c) for c in source.classes],
+        "class_names": source.class_names and [display(c) for c in source.class_names],
+        "num_classes": len(source.classes),
+        "count": sum(s["count"] for s in shards),
+        "files": len(plan.items),
+        "limit": plan.limit,
+        "shard_size": plan.shard_size,
+        "png": plan.png,
+        "crop": plan.crop,
+        "store": plan.store,
+        "order": plan.order,  # "shuffled": items in a seeded permutation, so each shard mixes classes
+        "order_seed": plan.seed if plan.order == "shuffled" else None,
+        "jpeg_quality": plan.jpeg_quality if plan.store.startswith("jpeg") else None,
+        "pattern": f"{plan.split}-{{000000..{len(names) - 1:06d}}}.tar",
+        "shards": shards,
+        "skipped": skipped,
+        "converted": _note_counts(converted_files),
+        "converted_files": converted_files,
+        "escaped_names": _escaped_names(plan.items, {s["path"] for s in skipped}),
+    }
+
+
+def _require_usable(plan: Plan, manifest: dict[str, Any]) -> None:
+    """A source with no usable image is an error, and leaves no empty shard a training run could be pointed at."""
+    if manifest["count"]:
+        return
+    clear_outputs(plan.out)
+    skipped = manifest["skipped"]
+    why = f" (first: {display(skipped[0]['path'])}: {skipped[0]['reason']})" if skipped else ""
+    raise ValueError(
+        f"{display(plan.source.ident)} holds no usable image: all {len(plan.items)} files were skipped{why}; "
+        f"point --src at a folder of decodable images"
+    )
+
+
+def _report(out: Path, manifest: dict[str, Any], todo: int, elapsed: float) -> None:
+    print(
+        f"prepared {todo} files in {elapsed:.1f}s ({todo / max(elapsed, 1e-9):.0f} img/s); "
+        f"{manifest['count']} samples, {len(manifest['skipped'])} skipped -> {display(out)}",
+        file=sys.stderr,
+    )
 
 
 def prepare(
@@ -245,194 +367,19 @@ def prepare(
     overwrite: delete the shards, manifest and resume state already in `out` first (other files
     stay). A source with no usable image is a ValueError and leaves no shard behind.
     """
-    if png not in ("huffman", "store"):
-        raise ValueError(f"--png must be huffman or store, got {png!r}")
-    if store not in STORES + ("auto",):
-        raise ValueError(f"--store must be one of {', '.join(STORES + ('auto',))}, got {store!r}")
-    if order not in ORDERS:
-        raise ValueError(f"--order must be shuffled or sorted, got {order!r}")
-    if not 1 <= jpeg_quality <= 100:
-        raise ValueError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
-    source = open_source(src, split)
-    if store == "auto":
-        store = "png" if source.images is not None else "jpeg-top"
-    side, expand, levels = _defaults(source, side, expand, levels)
-    crop = _crop_mode(source, crop)
-    if side < 1 or levels < 1 or expand < 1.0 or shard_size < 1:
-        raise ValueError("need --side >= 1, --levels >= 1, --expand >= 1.0 and --shard-size >= 1")
-    top = top_side(side, expand, levels)
-    if top >> (levels - 1) < 1:
-        raise ValueError(f"--levels {levels} is too many for a {top}-px top level")
-    if source.images is not None and max(source.images.shape[1:]) > top:
-        raise ValueError(
-            f"idx images are {source.images.shape[1:]} px, larger than --side {side}; use a larger --side"
-        )
-    out = Path(out) if out is not None else Path("data") / f"{source.name}-{side}"
-    items = _subset(source.items, limit)
-    if not items:
-        raise ValueError(f"source {src} holds no files")
-    fp = fingerprint(items)  # of the sorted list: the file set, whatever order it is written in
-    items = _ordered(items, order, seed)
-    n_shards = -(-len(items) // shard_size)
-    names = [f"{split}-{i:06d}.tar" for i in range(n_shards)]
-    args = {
-        "format": FORMAT,
-        "source": display(source.ident),
-        "split": split,
-        "side": side,
-        "expand": expand,
-        "top": top,
-        "levels": levels,
-        "shard_size": shard_size,
-        "limit": limit,
-        "png": png,
-        **({"store": store, "jpeg_quality": jpeg_quality} if store != "png" else {}),
-        "items": len(items),
-        "fingerprint": fp,
-    }
-    if crop != "center":  # only then, so centre-square dirs prepared before --crop existed still resume
-        args["crop"] = crop
-    if order != "sorted":  # only then, so class-sorted dirs prepared before --order existed still resume
-        args["order"], args["seed"] = order, seed
-    if overwrite:
-        _clear(out)
-    state = out / ".prepare"
-    state.mkdir(parents=True, exist_ok=True)
-    if (state / "args.json").is_file():
-        old = read_json(state / "args.json", "a `cdc prepare` state file; delete the folder's .prepare/ to start over")
-        if old != args:
-            keys = dict.fromkeys([*args, *old])  # both sides: an older state may lack a key
-            diff = {k: (old.get(k), args.get(k)) for k in keys if old.get(k) != args.get(k)}
-            hint = " (an earlier cdc wrote them in class order: add --order sorted to finish them)" if (
-                "order" not in old and set(diff) <= {"order", "seed"}
-            ) else ""
-            raise ValueError(
-                f"{out} holds shards prepared with other arguments {diff}{hint}; "
-                f"use another --out, or --overwrite to replace them"
-            )
-    else:
-        write_json(state / "args.json", args)
-    for p in list(out.glob("*.partial-*")) + list(state.glob("*.partial-*")):
-        p.unlink(missing_ok=True)  # left by an interrupted run
-
-    records: dict[str, dict] = {n: r for n in names if (r := _done(out, n)) is not None}
-    tasks = []
-    for i, name in enumerate(names):
-        if name in records:
-            continue
-        chunk = items[i * shard_size : (i + 1) * shard_size]
-        refs = [source.images[it.ref] if source.images is not None else it.ref for it in chunk]
-        tasks.append(
-            {
-                "out": str(out),
-                "root": str(source.root),
-                "name": name,
-                "top": top,
-                "levels": levels,
-                "png": png,
-                "crop": crop,
-                "store": store,
-                "quality": jpeg_quality,
-                "items": [(it.key, it.cls, r) for it, r in zip(chunk, refs, strict=True)],
-            }
-        )
+    plan = _plan(
+        src, out, split, side, expand, levels, shard_size, limit, png, crop, store, jpeg_quality, order, seed
+    )
+    records = _resume(plan, overwrite)
+    tasks = _tasks(plan, records)
     todo = sum(len(t["items"]) for t in tasks)
     t0 = time.perf_counter()
-    parallel = workers > 1 and len(tasks) > 1
-    counter = mp.Value("q", 0) if parallel else None
-    # the pool is forked before tqdm starts its monitor thread
-    pool = mp.get_context().Pool(min(workers, len(tasks)), _init_worker, (counter,)) if parallel else None
-    bar = _bar(todo, f"prepare {display(out)}") if progress and todo else None
-    try:
-        if pool is None:
-            for t in tasks:
-                rec = _do_shard(t)
-                records[rec["name"]] = rec
-                if bar is not None:
-                    bar.update(len(t["items"]))
-        else:
-            res = pool.map_async(_do_shard, tasks, chunksize=1)
-            seen = 0
-            while not res.ready():
-                res.wait(0.25)
-                if bar is not None:
-                    bar.update(counter.value - seen)
-                    seen = counter.value
-            for rec in res.get():
-                records[rec["name"]] = rec
-            pool.close()
-            if bar is not None:
-                bar.update(todo - seen)
-    except BaseException:
-        if pool is not None:
-            pool.terminate()
-        for p in out.glob("*.partial-*"):
-            p.unlink(missing_ok=True)
-        raise
-    finally:
-        if pool is not None:
-            pool.join()
-        if bar is not None:
-            bar.close()
+    bar = f"prepare {display(plan.out)}" if progress else None
+    records.update((r["name"], r) for r in write_shards(tasks, plan.out, workers, bar))
     elapsed = time.perf_counter() - t0
-
-    shards = [{k: records[n][k] for k in ("name", "count", "bytes", "sha256")} for n in names]
-    skipped = [s for n in names for s in records[n]["skipped"]]
-    skipped_paths = {s["path"] for s in skipped}
-    converted_files = [c for n in names for c in records[n]["converted"]]
-    counts: dict[str, int] = {}
-    for c in converted_files:
-        for note in c["note"].split("; "):
-            counts[note] = counts.get(note, 0) + 1
-    lv = [top >> j for j in range(levels)]
-    manifest = {
-        "format": FORMAT,
-        "source": display(source.ident),
-        "source_type": source.kind,
-        "split": split,
-        "side": side,
-        "expand": expand,
-        "top": top,
-        "levels": lv,
-        "level_keys": _level_keys(lv, store, source.channels),
-        "channels": source.channels,
-        "classes": [display(c) for c in source.classes],
-        "class_names": source.class_names and [display(c) for c in source.class_names],
-        "num_classes": len(source.classes),
-        "count": sum(s["count"] for s in shards),
-        "files": len(items),
-        "limit": limit,
-        "shard_size": shard_size,
-        "png": png,
-        "crop": crop,
-        "store": store,
-        "order": order,  # "shuffled": items in a seeded permutation, so each shard mixes classes
-        "order_seed": seed if order == "shuffled" else None,
-        "jpeg_quality": jpeg_quality if store.startswith("jpeg") else None,
-        "pattern": f"{split}-{{000000..{n_shards - 1:06d}}}.tar",
-        "shards": shards,
-        "skipped": skipped,
-        "converted": counts,
-        "converted_files": converted_files,
-        # names that are not UTF-8 (legal on Linux): the shard key each was written under, and its bytes
-        "escaped_names": [
-            {"key": it.key, **path_record(it.ref)}
-            for it in items
-            if isinstance(it.ref, str) and not is_utf8(it.ref) and display(it.ref) not in skipped_paths
-        ],
-    }
-    if manifest["count"] == 0:
-        _clear(out)  # nothing usable: leave no empty shard a training run could be pointed at
-        why = f" (first: {display(skipped[0]['path'])}: {skipped[0]['reason']})" if skipped else ""
-        raise ValueError(
-            f"{display(source.ident)} holds no usable image: all {len(items)} files were skipped{why}; "
-            f"point --src at a folder of decodable images"
-        )
-    write_json(out / "manifest.json", manifest)
+    manifest = _manifest(plan, records)
+    _require_usable(plan, manifest)
+    write_json(plan.out / "manifest.json", manifest)
     if progress and todo:
-        print(
-            f"prepared {todo} files in {elapsed:.1f}s ({todo / max(elapsed, 1e-9):.0f} img/s); "
-            f"{manifest['count']} samples, {len(skipped)} skipped -> {display(out)}",
-            file=sys.stderr,
-        )
+        _report(plan.out, manifest, todo, elapsed)
     return manifest
