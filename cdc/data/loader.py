@@ -55,6 +55,8 @@ def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
         manifest = read_manifest(mpath)
         if not manifest.get("shards"):
             raise bad_file(mpath, "a manifest listing shards; run `cdc prepare` to completion")
+        if lacking := [k for k in _TRAIN_KEYS if manifest.get(k) is None]:
+            raise bad_file(mpath, "a complete `cdc prepare` manifest (re-run it to rewrite)", f"no {', '.join(lacking)}")
         return [str(mpath.parent / s["name"]) for s in manifest["shards"]], manifest
     from braceexpand import braceexpand
 
@@ -79,9 +81,21 @@ def read_manifest(path: Path) -> dict:
     m = read_json(path, expected)
     if not isinstance(m, dict) or not isinstance(m.get("shards", []), list):
         raise bad_file(path, expected)
-    if any(not isinstance(s, dict) or "name" not in s for s in m.get("shards", [])):
+    if any(not isinstance(s, dict) or not isinstance(s.get("name"), str) for s in m.get("shards", [])):
         raise bad_file(path, expected, "a shard entry has no name")
+    if any(not _whole(s.get("count", 0)) for s in m.get("shards", [])) or not all(_whole(m.get(k, 0)) for k in _INT_KEYS):
+        raise bad_file(path, expected, f"a count or one of {', '.join(_INT_KEYS)} is not a whole number")
+    if not isinstance(m.get("levels", []), list) or not all(_whole(v) for v in m.get("levels", [])):
+        raise bad_file(path, expected, "levels is not a list of sides")
     return m
+
+
+_INT_KEYS = ("count", "channels", "num_classes", "side", "top")  # checked when present (score ref reads a
+_TRAIN_KEYS = ("channels", "num_classes", "side", "top", "levels")  # count alone); training needs these
+
+
+def _whole(v: object) -> bool:
+    return type(v) is int and v >= 0
 
 
 def read_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -409,7 +423,9 @@ class _Stream(torch.utils.data.IterableDataset):
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (H, W, C) -> (C, r, r)
         return torch.from_numpy(a.copy())  # copy: PIL's buffer is read-only
 
-    def _collate(self, group: list[tuple], pixels: list[torch.Tensor]) -> tuple:
+    def _collate(self, group: list[tuple], pixels: list[torch.Tensor] | None = None) -> tuple:
+        if pixels is None:  # not decoded yet
+            pixels = [self._pixels(rec) for rec in group]
         out: tuple[list, ...] = ([], [], [], [], [], [], [])  # stage, x, t, y, keys, offsets, flips
         for k in sorted({s[3] for s in group}):
             idx = [i for i, s in enumerate(group) if s[3] == k]
