@@ -14,33 +14,40 @@ Layout of the output directory:
                    images) and stages.png (the first few panels together)
 
 The npz and figures are always assembled from the PNGs (lossless), so a resumed job gives exactly
-the npz an uninterrupted one would.
+the npz an uninterrupted one would. generate() runs named steps: cdc.sample.job resolves the options
+into a Job, cdc.sample.outdir owns the folder's files, and the steps below sample and finish.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from cdc import __version__
 from cdc.eval.evalio import resolve_device
-from cdc.fileio import check_out_path, read_json, write_json
-from cdc.flow.matching import Schedule, velocity_net_from_config
+from cdc.fileio import write_json
+from cdc.flow.matching import velocity_net_from_config
 from cdc.flow.sampler import image_seed, sample
-from cdc.flow.shortcut import guided_twice, guided_twice_message, shortcut_mode
-from cdc.interrupt import Interrupted, signal_name, sigterm_raises
-from cdc.sample.figures import grid, stage_figure, stages_figure, to_uint8
-from cdc.sample.options import labels_for, parse_cfg, parse_classes, parse_guide, parse_interval, parse_steps
+from cdc.interrupt import Interrupted, sigterm_raises
+from cdc.sample.figures import to_uint8
+from cdc.sample.job import Job, check_counts, resolve_job
+from cdc.sample.outdir import (
+    assemble,
+    check_out,
+    default_out,
+    done_images,
+    mark_interrupted,
+    read_record,
+    save_image,
+    start,
+)
 from cdc.train import checkpoint as ckpt_lib
 from cdc.train import distributed as dist_lib
 
@@ -50,158 +57,12 @@ __all__ = [
     "velocity_fn",
     "StageTimer",
     "assemble",
+    "default_out",
 ]
-
-OURS = ("images", "stages", "samples.npz", "stages.npz", "grid.png", "stages.png", "samples.json")
-# resume keys; guide / guide_scale are recorded only when autoguidance is on, so older records match
-MATCH = ("ckpt", "weights", "steps", "cfg", "solver", "interval", "sde_eps", "seed", "classes", "guide", "guide_scale")
-N_FIGURES = 16  # per-image Fig. 9 panels written under stages/
-N_COMBINED = 4  # images in the combined stages.png
-
-
-def _img_path(out: Path, i: int, stage: int | None = None) -> Path:
-    return (
-        out / "images" / f"{i:06d}.png"
-        if stage is None
-        else out / "stages" / f"stage{stage}" / f"{i:06d}.png"
-    )
-
-
-def _write_png(path: Path, img: np.ndarray) -> None:
-    """Write uint8 (H, W, C) as PNG via temp + rename, so a crash never leaves half a PNG under `path`."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(tmp, format="PNG", compress_level=4)
-    os.replace(tmp, path)
-
-
-def _read_png(path: Path) -> np.ndarray:
-    a = np.asarray(Image.open(path))
-    return a[..., None] if a.ndim == 2 else a  # (H, W, C)
-
-
-def _png_ok(path: Path, side: int, channels: int) -> bool:
-    """The file exists, decodes fully and has the expected size and mode."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.size == (side, side) and im.mode == ("L" if channels == 1 else "RGB")
-    except Exception:  # missing, truncated or foreign file: regenerate it
-        return False
-
-
-def _save_image(out: Path, i: int, img: np.ndarray, stages: list[np.ndarray] | None) -> None:
-    for k, s in enumerate(stages or []):
-        _write_png(_img_path(out, i, k), s)
-    _write_png(_img_path(out, i), img)  # last: its presence marks the whole image as done
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _done(out: Path, n: int, side: int, channels: int, stage_sides: list[int] | None) -> list[bool]:
-    """Which of images 0..n-1 are finished (final PNG, and every stage PNG when asked, decode)."""
-
-    def ok(i: int) -> bool:
-        if not _png_ok(_img_path(out, i), side, channels):
-            return False
-        return all(_png_ok(_img_path(out, i, k), r, channels) for k, r in enumerate(stage_sides or []))
-
-    if not (out / "images").is_dir():
-        return [False] * n
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(ok, range(n)))
-
-
-def _used(folder: Path) -> bool:
-    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
-
-
-def _finished(folder: Path) -> bool:
-    """`folder` holds a `cdc sample` output whose samples.json says it is done."""
-    try:
-        return read_json(folder / "samples.json", "a `cdc sample` record").get("status") == "done"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def default_out(base: Path, resume: bool, overwrite: bool) -> Path:
-    """The default output folder: `base`, or base-2, base-3, ... once those hold finished samples.
-
-    Sampling a checkpoint again needs no flag: finished samples are skipped up to the first folder
-    that is missing or empty. An unfinished one stops the walk (it is refused, naming --resume), and
-    --resume / --overwrite act on that one, or else on the newest finished sample.
-    """
-    k, c = 1, base
-    while _used(c) and _finished(c):
-        k += 1
-        c = base.with_name(f"{base.name}-{k}")
-    if (resume or overwrite) and not _used(c) and k > 1:
-        return base if k == 2 else base.with_name(f"{base.name}-{k - 1}")
-    return c
-
-
-def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, resume: bool) -> None:
-    """Refuse a non-empty output unless --overwrite or a --resume whose settings match (all ranks)."""
-    if overwrite and resume:
-        raise ValueError("--overwrite and --resume exclude each other; pick one")
-    if not out.is_dir() or not any(out.iterdir()) or overwrite:
-        return
-    if not resume:
-        raise ValueError(
-            f"{out} is not empty; pass --resume to continue that job or --overwrite to replace it"
-        )
-    meta = out / "samples.json"
-    if not meta.is_file():
-        raise ValueError(
-            f"--resume: {out} has no samples.json (not a `cdc sample` output); pick another --out"
-        )
-    old = read_json(meta, "a `cdc sample` record (samples.json); use --overwrite to start again")
-    for key in MATCH:
-        if old.get(key) != settings.get(key):
-            raise ValueError(
-                f"--resume: {key} was {old.get(key)!r} in {out} but is {settings.get(key)!r} now; "
-                "use the same options or --overwrite"
-            )
-
-
-def assemble(out: Path, labels: np.ndarray, channels: int, sides: list[int], stages: bool) -> None:
-    """Build samples.npz, grid.png and (with stages) stages.npz and the Fig. 9 panels from the PNGs."""
-    n = len(labels)
-    with ThreadPoolExecutor(8) as pool:
-        imgs = np.stack(list(pool.map(lambda i: _read_png(_img_path(out, i)), range(n))))  # (N, H, W, C)
-        _save_npz(out / "samples.npz", arr_0=imgs, arr_1=labels.astype(np.int64))
-        _write_png(out / "grid.png", grid(imgs, labels))
-        if not stages:
-            return
-        per_stage = {
-            f"stage{k}": np.stack(list(pool.map(lambda i, k=k: _read_png(_img_path(out, i, k)), range(n))))
-            for k in range(len(sides))
-        }
-    _save_npz(out / "stages.npz", **per_stage)
-    panels = [[per_stage[f"stage{k}"][i] for k in range(len(sides))] for i in range(min(n, N_FIGURES))]
-    for i, p in enumerate(panels):
-        _write_png(out / "stages" / f"{i:06d}.png", stage_figure(p))
-    _write_png(out / "stages.png", stages_figure(panels[:N_COMBINED]))
-
-
-def _interrupted(out: Path, n: int, settings: dict[str, Any], signum: int) -> Interrupted:
-    """Rank 0 after a signal: samples.json records how many images are done (a resume regenerates
-    only the rest); returns the exception that tells the caller."""
-    count = sum(_img_path(out, i).is_file() for i in range(n))  # final PNGs are written last, atomically
-    meta = out / "samples.json"
-    old = read_json(meta, "a `cdc sample` record (samples.json); use --overwrite to start again")
-    write_json(meta, {**old, "status": "interrupted", "signal": signal_name(signum), "images_saved": count}, indent=2)
-    return Interrupted(signum, f"{count} of {n} images saved in {out}", out=str(out), ckpt=settings["ckpt"], main=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# the job
+# the sampler's net and its timer
 
 
 def _sync(device: torch.device) -> None:
@@ -288,201 +149,178 @@ def generate(
     Ctrl-C or SIGTERM: finished images stay, samples.json says "interrupted" with `images_saved`,
     and cdc.interrupt.Interrupted is raised (`resume=True` then continues).
     """
-    if n < 1:
-        raise ValueError(f"-n/--num-images must be >= 1, got {n}")
-    if sde_eps is not None and sde_eps < 0:  # before any output (the sampler checks it too)
-        raise ValueError(f"sde_eps (--sde-eps) must be >= 0, got {sde_eps}")
-    if batch is not None and batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    own_pg = world > 1 and not torch.distributed.is_initialized()
-    if world > 1:
-        d = dist_lib.init()
-        rank, dev = d.rank, d.device
-    else:
-        rank = 0
-        dev = resolve_device(device)
-    main = rank == 0
+    check_counts(n, sde_eps, batch)
+    rank, world, dev, own_pg = _join_ranks(device)
     restore_sigterm = sigterm_raises()  # SIGTERM unwinds like Ctrl-C: samples.json then says what is done
-    started, bar = False, None  # started: rank 0 has marked samples.json "running"
+    job: Job | None = None
     try:
         model, mcfg, info = ckpt_lib.load_for_inference(ckpt, ema=ema, device=dev, runs_dir=runs_dir)
-        sched = Schedule.from_config(mcfg.flow)
-        path = Path(info["path"]).resolve()
-        note = None
-        if out is None:
-            base = Path("samples") / f"{path.parent.parent.name}-step{info['step']}"
-            out = default_out(base, resume, overwrite)
-            if out != base and not (resume or overwrite):
-                note = f"note: {base} holds a finished sample; writing to {out} (--out picks the folder)"
-        out = Path(out)
-        check_out_path(out, "--out")
-        sc, C, side = mcfg.sample, mcfg.model.in_channels, sched.sides[-1]
-        cls = parse_classes(classes, mcfg.model.num_classes)
-        settings = {
-            "ckpt": str(path),
-            "step": info["step"],
-            "weights": info["weights"],
-            "steps": parse_steps(steps, sc.steps, sched.K),
-            "cfg": parse_cfg(cfg, sc.cfg, sched.K),
-            "solver": solver or sc.solver,
-            "interval": parse_interval(interval, sc.interval),
-            "sde_eps": float(sc.sde_eps if sde_eps is None else sde_eps),
-            "seed": int(sc.seed if seed is None else seed),
-            "classes": "all" if cls == list(range(mcfg.model.num_classes)) else cls,
-            "n": int(n),
-        }
-        g_spec, g_scale = parse_guide(guide, guide_scale, (sc.guide, sc.guide_scale), sched.K)
-        wanted = ckpt_lib.step_guide(g_spec, path) if guide is None else None  # the checkpoint's own choice
-        if wanted is not None and not wanted.is_file():
-            # a run shorter than the recipe's guide step still samples with its own defaults
-            if main:
-                print(
-                    f"note: this checkpoint's sampler autoguides with {g_spec} ({wanted}), which does not "
-                    "exist yet; sampling with CFG alone (--guide none silences this note)",
-                    file=sys.stderr,
-                )
-            g_spec, g_scale = "", 1.0
-        if twice := guided_twice(mcfg.model.step_cond, mcfg.fewstep, settings["cfg"], g_spec, g_scale):
-            where = {"cfg": "--cfg" if cfg is not None else "the checkpoint's sample.cfg",
-                     "guide": "--guide" if guide is not None else "the checkpoint's sample.guide"}
-            asked = {"cfg": f"{where['cfg']} {settings['cfg']}", "guide": f"{where['guide']} {g_spec} (weight {g_scale})"}
-            raise ValueError(guided_twice_message(twice, mcfg.fewstep, asked))
-        if g_spec:
-            settings["guide"] = str(ckpt_lib.guide_path(g_spec, path, runs_dir))
-            settings["guide_scale"] = g_scale
-            gmodel = ckpt_lib.load_guide(Path(settings["guide"]), mcfg, ema, dev)  # before any output
-        if settings["solver"] not in ("euler", "heun", "sde"):
-            raise ValueError(f"--solver: {settings['solver']!r} is not one of euler, heun, sde")
-        few = shortcut_mode(mcfg.model.step_cond, mcfg.fewstep.levels, settings["steps"])
-        if few:
-            settings["solver"] = "shortcut"  # Euler steps of size 1/steps, the net told the size
-        batch = int(batch or sc.batch)
-        if batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {batch}")
-        use_bf16 = dev.type == "cuda" if bf16 is None else bool(bf16 and dev.type == "cuda")
-        graph_side = int(sc.cuda_graph_side if cuda_graph_side is None else cuda_graph_side)
-        if graph_side < 0:
-            raise ValueError(f"--cuda-graph-side must be >= 0 (0 = off), got {graph_side}")
-        graph_side = graph_side if dev.type == "cuda" else 0
-        labels = labels_for(n, cls)
-        stage_sides = list(sched.sides) if stages else None
-
-        _prepare_out(out, settings, overwrite, resume)
-        if note and main:  # only once the folder is accepted: a refusal stays one line
-            print(note, file=sys.stderr)
-        dist_lib.barrier()  # every rank has checked the directory before rank 0 changes it
-        if main:
-            if progress:
-                print(
-                    f"checkpoint: {settings['ckpt']} (step {info['step']}, {info['weights']})",
-                    file=sys.stderr,
-                )
-            if overwrite and out.is_dir():
-                for name in OURS:
-                    p = out / name
-                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-            (out / "images").mkdir(parents=True, exist_ok=True)
-            for k in range(sched.K if stages else 0):
-                (out / "stages" / f"stage{k}").mkdir(parents=True, exist_ok=True)
-            meta = out / "samples.json"
-            old = read_json(meta, "a `cdc sample` record (samples.json); use --overwrite to start again") if resume and meta.is_file() else {}  # keeps timings on resume
-            write_json(meta, {**old, **settings, "status": "running", "cdc_version": __version__}, indent=2)
-            started = True
-            done = _done(out, n, side, C, stage_sides)
-        else:
-            done = None
-        done = dist_lib.all_gather_objects(done)[0]  # rank 0's view, so every rank splits the same list
-        todo = [i for i in range(n) if not done[i]]
-        mine = todo[rank::world]
-
-        opts = dict(
-            steps=settings["steps"],
-            cfg=settings["cfg"],
-            null_class=mcfg.model.num_classes,
-            solver="euler" if few else settings["solver"],
-            interval=tuple(settings["interval"]),
-            sde_eps=settings["sde_eps"],
-            interpolant=mcfg.flow.interpolant,
-            return_stages=stages,
-            step_cond=few,
+        job = resolve_job(
+            mcfg, info, dev, rank, world, out=out, n=n, classes=classes, steps=steps, cfg=cfg, solver=solver,
+            seed=seed, batch=batch, stages=stages, interval=interval, sde_eps=sde_eps, overwrite=overwrite,
+            resume=resume, runs_dir=runs_dir, bf16=bf16, guide=guide, guide_scale=guide_scale,
+            cuda_graph_side=cuda_graph_side,
         )
-        net = sampler_net(model, mcfg, use_bf16, graph_side)
-        if g_spec:
-            opts.update(guide=sampler_net(gmodel, mcfg, use_bf16, graph_side), guide_scale=g_scale)
-        timer = StageTimer(sched.K, dev)
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), unit="img", disable=not (progress and main), desc="sampling")
-        gen_sec, nfe, pending = 0.0, None, []
-        wall0 = time.perf_counter()
-        with ThreadPoolExecutor(4) as writer, torch.inference_mode():
-            for b0 in range(0, len(mine), batch):
-                idx = mine[b0 : b0 + batch]
-                y = torch.as_tensor(labels[idx], device=dev)
-                seeds = [image_seed(settings["seed"], i) for i in idx]
-                timer.start()
-                res = sample(net, sched, y, seeds, C, on_stage=timer, **opts)
-                gen_sec += timer.stop()
-                nfe = res.nfe
-                imgs = to_uint8(res.x)
-                st = [to_uint8(s) for s in res.stages] if stages else None
-                for j, i in enumerate(idx):
-                    pending.append(
-                        writer.submit(_save_image, out, i, imgs[j], [s[j] for s in st] if st else None)
-                    )
-                while len(pending) > 4 * batch:  # bound memory held by queued writes
-                    pending.pop(0).result()
-                bar.update(min(len(idx) * world, bar.total - bar.n))
-            for f in pending:
-                f.result()  # surface write errors
-        bar.close()
-        stats = dist_lib.all_gather_objects((len(mine), gen_sec, timer.stage_sec, nfe))
-        wall = time.perf_counter() - wall0
-        if not main:
-            # wait for rank 0's files before tearing the group down: with torch 2.4's gloo a rank
-            # that destroys its group while rank 0 still works could hang there and never exit
-            dist_lib.barrier()
-            return {}
-        count = sum(s[0] for s in stats)
-        secs = sum(s[1] for s in stats)
-        nfes = [s[3] for s in stats if s[3] is not None]
-        old = read_json(out / "samples.json", "a `cdc sample` record (samples.json); use --overwrite to start again")
-        assemble(out, labels, C, list(sched.sides), stages)
-        summary = {
-            **settings,
-            "status": "done",
-            "nfe": nfes[0] if nfes else old.get("nfe"),
-            "generated": count,
-            "resumed": n - len(todo),
-            "sec_per_image": secs / count if count else old.get("sec_per_image"),
-            "sec_per_image_stage": (
-                [sum(s[2][k] for s in stats) / count for k in range(sched.K)]
-                if count
-                else old.get("sec_per_image_stage")
-            ),
-            "images_per_s": count / wall if count else None,
-            "sides": list(sched.sides),
-            "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-            "bf16": use_bf16,
-            "cuda_graph_side": graph_side,
-            "batch": batch,
-            "world_size": world,
-            "stages": bool(stages),
-            "out": str(out),
-            "cdc_version": __version__,
-        }
-        write_json(out / "samples.json", summary, indent=2)
-        dist_lib.barrier()  # the other ranks wait for this (see above)
-        return summary
+        gmodel = _load_guide(job, ema)  # before any output
+        todo = _open_out(job, overwrite, resume, progress)
+        stats, wall = _sample_missing(job, *_sampler(job, model, gmodel), todo, progress)
+        return _finish(job, stats, wall, resumed=n - len(todo))
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (above): finished PNGs stay, the caller reports
-        if bar is not None:
-            bar.close()
         signum = getattr(e, "signum", signal.SIGINT)
-        if not started:
-            raise Interrupted(signum, "no new image saved", main=main) from None
-        raise _interrupted(out, n, settings, signum) from None
+        if job is None or not job.started:
+            raise Interrupted(signum, "no new image saved", main=rank == 0) from None
+        raise mark_interrupted(job.out, job.n, job.settings, signum) from None
     finally:
         restore_sigterm()
         if own_pg:
             dist_lib.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps of generate(), in order
+
+
+def _join_ranks(device: str | torch.device | None) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we started the process group): torchrun's, or one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device), False
+    own_pg = not torch.distributed.is_initialized()
+    d = dist_lib.init()
+    return d.rank, world, d.device, own_pg
+
+
+def _load_guide(job: Job, ema: bool) -> torch.nn.Module | None:
+    """The autoguidance model (cdc.flow.sampler.autoguided), or None without --guide."""
+    return ckpt_lib.load_guide(Path(job.settings["guide"]), job.mcfg, ema, job.dev) if job.guide else None
+
+
+def _open_out(job: Job, overwrite: bool, resume: bool, progress: bool) -> list[int]:
+    """Every rank checks the folder, then rank 0 prepares it and finds the images already done;
+    returns the indices still to do (rank 0's view, so every rank splits the same list)."""
+    check_out(job.out, job.settings, overwrite, resume)
+    if job.note and job.main:  # only once the folder is accepted: a refusal stays one line
+        print(job.note, file=sys.stderr)
+    dist_lib.barrier()  # every rank has checked the directory before rank 0 changes it
+    done = None
+    if job.main:
+        if progress:
+            s = job.settings
+            print(f"checkpoint: {s['ckpt']} (step {s['step']}, {s['weights']})", file=sys.stderr)
+        start(job.out, job.settings, job.sched.K if job.stages else 0, overwrite, resume)
+        job.started = True
+        stage_sides = list(job.sched.sides) if job.stages else None
+        done = done_images(job.out, job.n, job.sched.sides[-1], job.mcfg.model.in_channels, stage_sides)
+    done = dist_lib.all_gather_objects(done)[0]
+    return [i for i in range(job.n) if not done[i]]
+
+
+def _sampler(job: Job, model: torch.nn.Module, gmodel: torch.nn.Module | None) -> tuple[Any, dict[str, Any]]:
+    """The velocity field and the keyword options of cdc.flow.sampler.sample for this job."""
+    s = job.settings
+    opts = dict(
+        steps=s["steps"],
+        cfg=s["cfg"],
+        null_class=job.mcfg.model.num_classes,
+        solver="euler" if job.few else s["solver"],
+        interval=tuple(s["interval"]),
+        sde_eps=s["sde_eps"],
+        interpolant=job.mcfg.flow.interpolant,
+        return_stages=job.stages,
+        step_cond=job.few,
+    )
+    net = sampler_net(model, job.mcfg, job.bf16, job.graph_side)
+    if job.guide:
+        opts.update(guide=sampler_net(gmodel, job.mcfg, job.bf16, job.graph_side), guide_scale=job.guide_scale)
+    return net, opts
+
+
+def _sample_missing(job: Job, net, opts: dict[str, Any], todo: list[int], progress: bool) -> tuple[list, float]:
+    """This rank's share of `todo`, batch by batch, PNGs written in the background; returns every
+    rank's (images, seconds, seconds per stage, NFE) and the wall time."""
+    mine = todo[job.rank :: job.world]
+    timer = StageTimer(job.sched.K, job.dev)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="img", disable=not (progress and job.main), desc="sampling")
+    gen_sec, nfe, pending = 0.0, None, []
+    wall0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(4) as writer, torch.inference_mode():
+            for b0 in range(0, len(mine), job.batch):
+                idx = mine[b0 : b0 + job.batch]
+                res, sec = _sample_batch(job, net, opts, idx, timer)
+                gen_sec, nfe = gen_sec + sec, res.nfe
+                pending += _write_batch(writer, job, idx, res)
+                while len(pending) > 4 * job.batch:  # bound memory held by queued writes
+                    pending.pop(0).result()
+                bar.update(min(len(idx) * job.world, bar.total - bar.n))
+            for f in pending:
+                f.result()  # surface write errors
+    finally:
+        bar.close()
+    stats = dist_lib.all_gather_objects((len(mine), gen_sec, timer.stage_sec, nfe))
+    return stats, time.perf_counter() - wall0
+
+
+def _sample_batch(job: Job, net, opts: dict[str, Any], idx: list[int], timer: StageTimer) -> tuple[Any, float]:
+    """Images `idx`: image i's label and noise depend on i alone (per-image seeds); (result, seconds)."""
+    y = torch.as_tensor(job.labels[idx], device=job.dev)
+    seeds = [image_seed(job.settings["seed"], i) for i in idx]
+    timer.start()
+    res = sample(net, job.sched, y, seeds, job.mcfg.model.in_channels, on_stage=timer, **opts)
+    return res, timer.stop()
+
+
+def _write_batch(writer: ThreadPoolExecutor, job: Job, idx: list[int], res) -> list[Future]:
+    """Queue one PNG per image (and per stage with --stages)."""
+    imgs = to_uint8(res.x)
+    st = [to_uint8(s) for s in res.stages] if job.stages else None
+    return [
+        writer.submit(save_image, job.out, i, imgs[j], [s[j] for s in st] if st else None)
+        for j, i in enumerate(idx)
+    ]
+
+
+def _finish(job: Job, stats: list, wall: float, resumed: int) -> dict[str, Any]:
+    """Rank 0 assembles the npz and figures and writes the summary; the others return {}."""
+    if not job.main:
+        # wait for rank 0's files before tearing the group down: with torch 2.4's gloo a rank
+        # that destroys its group while rank 0 still works could hang there and never exit
+        dist_lib.barrier()
+        return {}
+    old = read_record(job.out)
+    assemble(job.out, job.labels, job.mcfg.model.in_channels, list(job.sched.sides), job.stages)
+    summary = _summary(job, old, stats, wall, resumed)
+    write_json(job.out / "samples.json", summary, indent=2)
+    dist_lib.barrier()  # the other ranks wait for this (see above)
+    return summary
+
+
+def _summary(job: Job, old: dict[str, Any], stats: list, wall: float, resumed: int) -> dict[str, Any]:
+    """samples.json once done: settings, NFE and timings (a resume with nothing left keeps the old ones)."""
+    count = sum(s[0] for s in stats)
+    secs = sum(s[1] for s in stats)
+    nfes = [s[3] for s in stats if s[3] is not None]
+    K, dev = job.sched.K, job.dev
+    return {
+        **job.settings,
+        "status": "done",
+        "nfe": nfes[0] if nfes else old.get("nfe"),
+        "generated": count,
+        "resumed": resumed,
+        "sec_per_image": secs / count if count else old.get("sec_per_image"),
+        "sec_per_image_stage": (
+            [sum(s[2][k] for s in stats) / count for k in range(K)] if count else old.get("sec_per_image_stage")
+        ),
+        "images_per_s": count / wall if count else None,
+        "sides": list(job.sched.sides),
+        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "bf16": job.bf16,
+        "cuda_graph_side": job.graph_side,
+        "batch": job.batch,
+        "world_size": job.world,
+        "stages": job.stages,
+        "out": str(job.out),
+        "cdc_version": __version__,
+    }

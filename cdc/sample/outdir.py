@@ -1,0 +1,187 @@
+"""The `cdc sample` output folder: PNGs written atomically, which images are done, the resume check,
+the default folder name, the interrupted record, and the npz / figures assembled from the PNGs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cdc import __version__
+from cdc.fileio import read_json, read_json_object, write_json
+from cdc.interrupt import Interrupted, signal_name
+from cdc.sample.figures import grid, stage_figure, stages_figure
+
+OURS = ("images", "stages", "samples.npz", "stages.npz", "grid.png", "stages.png", "samples.json")
+# resume keys; guide / guide_scale are recorded only when autoguidance is on, so older records match
+MATCH = ("ckpt", "weights", "steps", "cfg", "solver", "interval", "sde_eps", "seed", "classes", "guide", "guide_scale")
+N_FIGURES = 16  # per-image Fig. 9 panels written under stages/
+N_COMBINED = 4  # images in the combined stages.png
+RECORD = "a `cdc sample` record (samples.json); use --overwrite to start again"  # names a bad file
+
+
+def img_path(out: Path, i: int, stage: int | None = None) -> Path:
+    return (
+        out / "images" / f"{i:06d}.png"
+        if stage is None
+        else out / "stages" / f"stage{stage}" / f"{i:06d}.png"
+    )
+
+
+def write_png(path: Path, img: np.ndarray) -> None:
+    """Write uint8 (H, W, C) as PNG via temp + rename, so a crash never leaves half a PNG under `path`."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(tmp, format="PNG", compress_level=4)
+    os.replace(tmp, path)
+
+
+def read_png(path: Path) -> np.ndarray:
+    a = np.asarray(Image.open(path))
+    return a[..., None] if a.ndim == 2 else a  # (H, W, C)
+
+
+def png_ok(path: Path, side: int, channels: int) -> bool:
+    """The file exists, decodes fully and has the expected size and mode."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size == (side, side) and im.mode == ("L" if channels == 1 else "RGB")
+    except Exception:  # missing, truncated or foreign file: regenerate it
+        return False
+
+
+def save_image(out: Path, i: int, img: np.ndarray, stages: list[np.ndarray] | None) -> None:
+    for k, s in enumerate(stages or []):
+        write_png(img_path(out, i, k), s)
+    write_png(img_path(out, i), img)  # last: its presence marks the whole image as done
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def done_images(out: Path, n: int, side: int, channels: int, stage_sides: list[int] | None) -> list[bool]:
+    """Which of images 0..n-1 are finished (final PNG, and every stage PNG when asked, decode)."""
+
+    def ok(i: int) -> bool:
+        if not png_ok(img_path(out, i), side, channels):
+            return False
+        return all(png_ok(img_path(out, i, k), r, channels) for k, r in enumerate(stage_sides or []))
+
+    if not (out / "images").is_dir():
+        return [False] * n
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(ok, range(n)))
+
+
+def _used(folder: Path) -> bool:
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+
+
+def _finished(folder: Path) -> bool:
+    """`folder` holds a `cdc sample` output whose samples.json says it is done."""
+    try:
+        return read_json(folder / "samples.json", "a `cdc sample` record").get("status") == "done"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def default_out(base: Path, resume: bool, overwrite: bool) -> Path:
+    """The default output folder: `base`, or base-2, base-3, ... once those hold finished samples.
+
+    Sampling a checkpoint again needs no flag: finished samples are skipped up to the first folder
+    that is missing or empty. An unfinished one stops the walk (it is refused, naming --resume), and
+    --resume / --overwrite act on that one, or else on the newest finished sample.
+    """
+    k, c = 1, base
+    while _used(c) and _finished(c):
+        k += 1
+        c = base.with_name(f"{base.name}-{k}")
+    if (resume or overwrite) and not _used(c) and k > 1:
+        return base if k == 2 else base.with_name(f"{base.name}-{k - 1}")
+    return c
+
+
+def check_out(out: Path, settings: dict[str, Any], overwrite: bool, resume: bool) -> None:
+    """Refuse a non-empty output unless --overwrite or a --resume whose settings match (all ranks)."""
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other; pick one")
+    if not out.is_dir() or not any(out.iterdir()) or overwrite:
+        return
+    if not resume:
+        raise ValueError(
+            f"{out} is not empty; pass --resume to continue that job or --overwrite to replace it"
+        )
+    meta = out / "samples.json"
+    if not meta.is_file():
+        raise ValueError(
+            f"--resume: {out} has no samples.json (not a `cdc sample` output); pick another --out"
+        )
+    old = read_record(out)
+    for key in MATCH:
+        if old.get(key) != settings.get(key):
+            raise ValueError(
+                f"--resume: {key} was {old.get(key)!r} in {out} but is {settings.get(key)!r} now; "
+                "use the same options or --overwrite"
+            )
+
+
+def read_record(out: Path) -> dict[str, Any]:
+    """The folder's samples.json; an unreadable one is a one-line error naming --overwrite."""
+    return read_json_object(out / "samples.json", RECORD)
+
+
+def start(out: Path, settings: dict[str, Any], n_stages: int, overwrite: bool, resume: bool) -> None:
+    """Rank 0, once check_out accepted the folder: clear our files on --overwrite, make the image
+    folders and mark samples.json "running" (a resume keeps the old record's timings)."""
+    if overwrite and out.is_dir():
+        for name in OURS:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for k in range(n_stages):
+        (out / "stages" / f"stage{k}").mkdir(parents=True, exist_ok=True)
+    meta = out / "samples.json"
+    old = read_record(out) if resume and meta.is_file() else {}
+    write_json(meta, {**old, **settings, "status": "running", "cdc_version": __version__}, indent=2)
+
+
+def assemble(out: Path, labels: np.ndarray, channels: int, sides: list[int], stages: bool) -> None:
+    """Build samples.npz, grid.png and (with stages) stages.npz and the Fig. 9 panels from the PNGs."""
+    n = len(labels)
+    with ThreadPoolExecutor(8) as pool:
+        imgs = np.stack(list(pool.map(lambda i: read_png(img_path(out, i)), range(n))))  # (N, H, W, C)
+        save_npz(out / "samples.npz", arr_0=imgs, arr_1=labels.astype(np.int64))
+        write_png(out / "grid.png", grid(imgs, labels))
+        if not stages:
+            return
+        per_stage = {
+            f"stage{k}": np.stack(list(pool.map(lambda i, k=k: read_png(img_path(out, i, k)), range(n))))
+            for k in range(len(sides))
+        }
+    save_npz(out / "stages.npz", **per_stage)
+    panels = [[per_stage[f"stage{k}"][i] for k in range(len(sides))] for i in range(min(n, N_FIGURES))]
+    for i, p in enumerate(panels):
+        write_png(out / "stages" / f"{i:06d}.png", stage_figure(p))
+    write_png(out / "stages.png", stages_figure(panels[:N_COMBINED]))
+
+
+def mark_interrupted(out: Path, n: int, settings: dict[str, Any], signum: int) -> Interrupted:
+    """Rank 0 after a signal: samples.json records how many images are done (a resume regenerates
+    only the rest); returns the exception that tells the caller."""
+    count = sum(img_path(out, i).is_file() for i in range(n))  # final PNGs are written last, atomically
+    meta = out / "samples.json"
+    old = read_record(out)
+    write_json(meta, {**old, "status": "interrupted", "signal": signal_name(signum), "images_saved": count}, indent=2)
+    return Interrupted(signum, f"{count} of {n} images saved in {out}", out=str(out), ckpt=settings["ckpt"], main=True)
+
