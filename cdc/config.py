@@ -244,20 +244,25 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"bad override '{text}': use section.key=value, e.g. train.lr=3e-4")
     lhs, rhs = text.split("=", 1)
     section, key = lhs.split(".", 1)
-    return section.strip(), key.strip(), yaml.safe_load(rhs) if rhs.strip() else ""
+    try:
+        return section.strip(), key.strip(), yaml.safe_load(rhs) if rhs.strip() else ""
+    except yaml.YAMLError as e:  # e.g. `train.lr=[1`: the value, not the whole command, is wrong
+        raise ConfigError(f"--set {lhs}: {rhs!r} is not a YAML value ({str(e).splitlines()[0]})") from None
 
 
 def from_dict(raw: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated Config from nested dicts (recipe) plus `section.key=value` overrides."""
     raw = dict(raw or {})
+    sections = [f.name for f in dataclasses.fields(Config)]
     for text in overrides:
         section, key, value = _parse_override(text)
+        if section not in sections:
+            raise ConfigError(f"--set {text}: unknown section '{section}'; valid sections: {', '.join(sections)}")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"section '{section}' must be a mapping")
         raw[section] = {**raw[section], key: value}
     cfg = Config()
-    sections = [f.name for f in dataclasses.fields(cfg)]
     for section, values in raw.items():
         if section not in sections:
             raise ConfigError(f"unknown section '{section}'; valid sections: {', '.join(sections)}")
@@ -266,7 +271,7 @@ def from_dict(raw: dict[str, Any] | None, overrides: list[str] | tuple[str, ...]
         values = dict(values)
         if section == "model" and "preset" in values:
             preset = values["preset"]
-            if preset not in PRESETS:
+            if not isinstance(preset, str) or preset not in PRESETS:  # a list or mapping is unhashable
                 raise ConfigError(f"model.preset: unknown preset {preset!r}; choose one of {list(PRESETS)}")
             # the preset sets the size; keys given explicitly in the same section still win
             values = {**PRESETS[preset], **values}
@@ -446,7 +451,16 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
             raise ConfigError(
                 f"{p}: a recipe must be a mapping of sections (model, flow, data, train, sample)"
             )
-    return from_dict(raw, overrides)
+    try:
+        return from_dict(raw, overrides)
+    except ConfigError as e:
+        # name the recipe, unless the message is about a --set value (it starts with that key)
+        keys = tuple(o.split("=", 1)[0].strip() for o in overrides)
+        msg = str(e)
+        ours = ("bad override", "--set ", *keys, *(f"unknown key '{k}'" for k in keys))
+        if path is None or msg.startswith(ours):
+            raise
+        raise ConfigError(f"{path}: {msg}") from None
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -8,9 +8,13 @@ bytes) is shown and recorded losslessly.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,14 @@ def read_json(path: str | os.PathLike, expected: str) -> Any:
         raise bad_file(path, expected, e) from None
 
 
+def read_json_object(path: str | os.PathLike, expected: str) -> dict[str, Any]:
+    """read_json for a file that must hold a JSON object (a list or a number there is as bad as noise)."""
+    obj = read_json(path, expected)
+    if not isinstance(obj, dict):
+        raise bad_file(path, expected, f"a JSON {type(obj).__name__.replace('NoneType', 'null')}, not an object")
+    return obj
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -57,21 +69,126 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file + fsync + rename: readers see old or new, never half."""
+# ---------------------------------------------------------------------------------------------
+# a write that fails part-way (disk full, quota, I/O error) leaves the previous file untouched, no
+# temp file behind, and one line naming what failed and which folder needs room: the raw error names
+# a hidden temp file, and torch.save hides ENOSPC behind "enforce fail at inline_container.cc".
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+DISK_ERRNOS = (*NO_SPACE, errno.EIO)
+
+
+class WriteFailedError(OSError):
+    """A file could not be written (errno kept); str() is the one-line message, nothing else."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover - unreachable
+
+
+def disk_errno(e: BaseException) -> int | None:
+    """ENOSPC / EDQUOT / EIO if `e` or an exception it was raised from is one, else None."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in DISK_ERRNOS:
+            return cur.errno
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def write_failed(
+    path: str | os.PathLike, what: str, code: int, need: int | None, written: int = 0, then: str = "run again"
+) -> WriteFailedError:
+    """The one-line error for `what` (e.g. "checkpoint") at `path` failing with errno `code`.
+
+    need: roughly how many bytes the file takes (None: unknown, then `written`, the bytes that fit
+    before the failure, is given as a lower bound). then: what to do once the disk is fixed.
+    """
+    folder = Path(path).parent
+    shown = f"{what} {display(path)}"
+    if code not in NO_SPACE:
+        return WriteFailedError(
+            code,
+            f"I/O error writing {shown} ({os.strerror(code)}); the disk holding {display(folder)} may be "
+            f"failing or gone; nothing was replaced; check the disk and {then}",
+        )
+    try:
+        free = f", {human_bytes(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = ""
+    size = f"about {human_bytes(need)}" if need else f"more than {human_bytes(written)}"
+    word = "disk quota exceeded" if code == errno.EDQUOT else "no space left on device"
+    return WriteFailedError(
+        code,
+        f"{word} writing {shown} (needs {size}{free}); nothing was replaced; "
+        f"free space in {display(folder)} (or write elsewhere) and {then}",
+    )
+
+
+def temp_name(path: Path) -> Path:
+    """The hidden temp file an atomic writer fills before renaming it to `path`."""
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
+@contextlib.contextmanager
+def cleaned_on_failure(
+    path: Path, tmp: Path, what: str, need: int | Callable[[int], int | None] | None = None, then: str = "run again"
+) -> Iterator[Path]:
+    """Yield `tmp`; if the body fails, delete `tmp` and turn a disk error into a `write_failed` line.
+
+    need: the file's rough size in bytes, or a function of the bytes written when it failed (a
+    streamed file whose size is known only as it goes), or None.
+    """
+    try:
+        yield tmp
+    except BaseException as e:
+        try:
+            written = tmp.stat().st_size
+            tmp.unlink()
+        except OSError:
+            written = 0
+        code = disk_errno(e)
+        if code is None or isinstance(e, WriteFailedError):
+            raise
+        size = need(written) if callable(need) else need
+        raise write_failed(path, what, code, size, written, then) from e
+
+
+@contextlib.contextmanager
+def atomic_temp(
+    path: str | os.PathLike, what: str, need: int | None = None, then: str = "run again"
+) -> Iterator[Path]:
+    """Yield a temp path for the caller to write `path`'s new content to; on success it is renamed
+    over `path` (readers see old or new, never half). On failure `path` is untouched, the temp file
+    is deleted, and a disk error (ENOSPC, EDQUOT, EIO) leaves as a one-line WriteFailedError."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with cleaned_on_failure(path, temp_name(path), what, need, then) as tmp:
+        yield tmp
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
-def write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> None:
+def atomic_write_bytes(path: Path, data: bytes, what: str = "file") -> None:
+    """Write `data` to `path` via a temp file + fsync + rename: readers see old or new, never half;
+    a failed write leaves the old file and no temp file (see atomic_temp)."""
+    with atomic_temp(path, what, len(data)) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 1, what: str = "file") -> None:
     """Write JSON atomically (temp file + fsync + rename): readers see the old file or the new one."""
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=indent) + "\n").encode())
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=indent) + "\n").encode(), what)
 
 
 def read_yaml(path: str | os.PathLike, expected: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from cdc.data.loader import read_manifest, read_tar
+from cdc.fileio import bad_file, one_line
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -43,15 +45,22 @@ def greyscale(images: Images, k: int = 64) -> bool:
     return True
 
 
+# what a damaged zip member raises while it is read (bad CRC, bad deflate data, cut short)
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
+
+
 def _npz_header(zf: zipfile.ZipFile, key: str, path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and header length of `key` inside an .npz without reading the array."""
     if f"{key}.npy" not in zf.namelist():
         raise ValueError(f"{path} has no '{key}' array (ADM sample format: arr_0 uint8 NHWC, arr_1 labels)")
     with zf.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        fmt = np.lib.format
-        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-        shape, fortran, dtype = read(f)
+        try:
+            version = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ZIP_ERRORS as e:
+            raise ValueError(f"{path}:{key} is not a readable .npy array ({one_line(e)})") from None
         if fortran:
             raise ValueError(f"{path}:{key} is Fortran-ordered; save it with np.savez from a C-ordered array")
         return shape, dtype, f.tell()
@@ -61,8 +70,8 @@ def npz_images(path: Path, key: str = "arr_0") -> Images:
     """Stream `key` (uint8 (N, S, S, 1|3)) out of an .npz in row batches (works for savez_compressed too)."""
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path} is not a readable .npz file ({e})") from None
+    except ZIP_ERRORS as e:
+        raise ValueError(f"{path} is not a readable .npz file ({one_line(e)})") from None
     with zf:
         shape, dtype, offset = _npz_header(zf, key, path)
     if len(shape) != 4 or shape[-1] not in (1, 3) or shape[1] != shape[2]:
@@ -71,22 +80,36 @@ def npz_images(path: Path, key: str = "arr_0") -> Images:
         )
     if dtype != np.uint8:
         raise ValueError(f"{path}:{key} has dtype {dtype}; expected uint8 pixels in [0, 255]")
+    if shape[0] < 1:
+        raise ValueError(f"{path}:{key} holds no images")
     row = int(np.prod(shape[1:]))
+
+    def read(f, m: int) -> bytes:
+        try:
+            buf = f.read(m * row)
+        except ZIP_ERRORS as e:  # a member damaged past its header: found while streaming
+            raise ValueError(f"{path}:{key} is damaged ({one_line(e)}); not a readable .npz file") from None
+        if len(buf) != m * row:
+            raise ValueError(f"{path}:{key} is cut short; not a readable .npz file")
+        return buf
 
     def gen(batch: int) -> Iterator[np.ndarray]:
         with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
             f.read(offset)
             for i in range(0, shape[0], batch):
                 m = min(batch, shape[0] - i)
-                buf = f.read(m * row)
-                yield np.frombuffer(bytearray(buf), np.uint8).reshape(m, *shape[1:])  # writable copy
+                yield np.frombuffer(bytearray(read(f, m)), np.uint8).reshape(m, *shape[1:])  # writable copy
 
     return Images(shape[0], shape[1], gen, str(path))
 
 
 def _load_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, zlib.error) as e:
+        # PIL says "broken PNG file" (SyntaxError) or "image file is truncated" without the name
+        raise bad_file(path, "a readable image", e) from None
 
 
 def folder_images(path: Path) -> Images:

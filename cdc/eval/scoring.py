@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cdc.eval.evalio import greyscale, npz_images, open_samples, reference_images, resolve_device, to_float
+from cdc.eval.evalio import (
+    ZIP_ERRORS,
+    greyscale,
+    npz_images,
+    open_samples,
+    reference_images,
+    resolve_device,
+    to_float,
+)
 from cdc.eval.metrics import (
     ALL_METRICS,
     VERSIONS,
@@ -32,6 +40,7 @@ from cdc.eval.metrics import (
     precision_recall,
 )
 from cdc.eval.swd import collect_descriptors, swd_levels
+from cdc.fileio import one_line
 from cdc.flow.pyramid import down_to
 
 
@@ -156,13 +165,53 @@ def load_reference(path: str | Path) -> tuple[dict, dict]:
             f"reference not found: {p} (build one with `cdc score ref --src ... --out {p}`)"
         )
     try:
-        with np.load(p, allow_pickle=False) as z:
+        z = np.load(p, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy (or its magic and noise)
+            raise ValueError("a single array, not an .npz archive")
+        with z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{p} is not a readable reference .npz ({e})") from None
+    except (*ZIP_ERRORS, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not a readable reference .npz ({one_line(e)})") from None
     if "meta" not in arrays:
         raise ValueError(f"{p} has no 'meta' entry; it is not a cdc reference (rebuild with `cdc score ref`)")
-    return arrays, json.loads(str(arrays.pop("meta")))
+    desc = _reference_meta(p, arrays.pop("meta"))
+    _check_reference_arrays(p, arrays, desc)
+    return arrays, desc
+
+
+def _reference_meta(p: Path, meta: np.ndarray) -> dict:
+    """The description stored in a reference's `meta` entry, its fields checked for their types."""
+    fix = "rebuild it with `cdc score ref`"
+    try:
+        desc = json.loads(str(meta)) if meta.ndim == 0 and meta.dtype.kind == "U" else None
+    except ValueError:
+        desc = None
+    if not isinstance(desc, dict):
+        raise ValueError(f"{p}: 'meta' is not a JSON description (not a cdc reference); {fix}")
+    for key, tp in (("metrics", str), ("sides", int)):
+        v = desc.get(key, [])
+        if not isinstance(v, list) or not all(type(x) is tp for x in v):
+            raise ValueError(f"{p}: meta.{key} is {v!r}, expected a list of {tp.__name__}; {fix}")
+    ints = ["side", "count"] + (["swd_images", "swd_per_image", "swd_seed"] if "swd" in desc.get("metrics", []) else [])
+    for key in ints:
+        if type(desc.get(key)) is not int or desc[key] < 0:
+            raise ValueError(f"{p}: meta.{key} is {desc.get(key)!r}, expected a whole number; {fix}")
+    return desc
+
+
+def _check_reference_arrays(p: Path, arrays: dict, desc: dict) -> None:
+    """Every statistic a score reads has the rank and kind it was written with."""
+    fix = "rebuild it with `cdc score ref`"
+    swd = sorted(k for k in arrays if k.startswith("swd_"))
+    if "swd" in desc["metrics"] and not swd:
+        raise ValueError(f"{p} lists swd but holds no swd_<level> descriptors; {fix}")
+    for k, a in arrays.items():
+        rank = {"mu": 1, "sigma": 2, "feats": 2, "swd": 2}.get(k.split("_")[0])
+        if rank is not None and (a.ndim != rank or a.dtype.kind != "f" or 0 in a.shape):
+            raise ValueError(f"{p}: {k} is a {a.dtype} array of shape {a.shape}, not {rank}-D float statistics; {fix}")
+    dims = {arrays[k].shape[1] for k in swd}
+    if dims - {3 * 7 * 7}:  # RGB 7x7 patches (cdc.eval.swd.swd_descriptors)
+        raise ValueError(f"{p}: swd descriptors of width {sorted(dims)}, not 147 (RGB 7x7 patches); {fix}")
 
 
 def is_adm_reference(path: str | Path) -> bool:
