@@ -13,26 +13,27 @@ EMA, optimizer, step, every rank's RNG and data position) goes into each checkpo
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cdc.config import Config, ConfigError, dump, for_world, to_dict
-from cdc.flow.matching import Interpolant, Schedule, loss, velocity_net_from_config
+from cdc.config import Config, ConfigError, dump, for_world
+from cdc.flow.matching import loss
 from cdc.flow.shortcut import shortcut_loss
-from cdc.nn.compiled_trunk import compile_for_training, why_not_compiled
+from cdc.nn.compiled_trunk import why_not_compiled
 from cdc.nn.model import build_model, count_params, forward_flops
 from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
-from cdc.train.init_from import resolve_init, start_from_init
-from cdc.train.run_files import check_compatible, log_window, resume_other_world, save_grid, truncate_metrics
+from cdc.train.parts import Parts, build, open_run_dir, resume, save, unwrap, wrap_for_training
+from cdc.train.run_files import log_window, save_grid
 
 
 class NonFiniteError(RuntimeError):
@@ -74,11 +75,6 @@ def ema_update(
         pe.lerp_(pm.detach().float(), w)
 
 
-def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
-    m = m.module if isinstance(m, DDP) else m
-    return getattr(m, "_orig_mod", m)
-
-
 def describe(cfg: Config, world: int | None = None) -> dict[str, Any]:
     """Resolved config (grad_accum for `world` ranks, default $WORLD_SIZE or 1) and parameter count
     without allocating weights (for --dry-run)."""
@@ -112,271 +108,262 @@ class _Stop:
             signal.signal(s, h)
 
 
-def _say(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns a summary of the last logged metrics and how
     the run ended, the same on every rank: `status` "done", "time_limit" (train.max_minutes) or
     "interrupted" (`signal` SIGINT / SIGTERM; `stopped` True), `step` of `steps`, `minutes` trained
     by this process, the `checkpoint` saved last."""
-    from cdc.data.loader import make_loader
-
     dist = D.init()
     cfg = for_world(cfg, dist.world)  # grad_accum from train.global_batch, recorded in config.yaml
     run_dir = Path(run_dir)
-    t = cfg.train
-    if t.compile is True and (why := why_not_compiled(dist.device)):
+    if cfg.train.compile is True and (why := why_not_compiled(dist.device)):
         raise ConfigError(f"train.compile: {why}; fix that, or set train.compile: auto (eager where it cannot) or false")
-    init = resolve_init(cfg, run_dir)  # loaded and checked before anything is written
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        check_compatible(run_dir, cfg)
-        ckpt.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
-    D.barrier()
-    dev = dist.device
-    cuda = dev.type == "cuda"
-    if cuda and t.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(t.seed)  # identical init on every rank
-    model = build_model(cfg).to(dev)
-    model.grad_checkpointing = t.grad_checkpointing
-    # few-step fine-tune: init weights (a resume below overwrites them) and the frozen teacher's
-    # guided d = 0 field as anchor; None without train.init
-    anchor = start_from_init(model, cfg, dev, init) if t.init else None
-    del init  # the init weights now live in the model (and teacher): no second copy in RAM
-    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
-    # fused AdamW (CUDA and CPU) takes a device-side found_inf flag: a non-finite step is skipped
-    # without the host ever reading the flag
-    opt_kwargs = {"fused": True}
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=t.lr,
-        betas=tuple(t.betas),
-        eps=t.eps,
-        weight_decay=t.weight_decay,
-        **opt_kwargs,
-    )
-    gen = torch.Generator(dev).manual_seed(t.seed * 100_003 + dist.rank)  # noise and label dropout
-    # told its device, the loader pins host memory on CUDA so the copies are truly asynchronous
-    loader = make_loader(cfg, rank=dist.rank, world_size=dist.world, seed=t.seed, device=dev)
-    sched, interp = Schedule.from_config(cfg.flow), Interpolant(cfg.flow.interpolant)
-    null = cfg.model.num_classes
+    p = build(cfg, run_dir, dist, open_run_dir(cfg, run_dir, dist))  # init checked before anything is written
+    step, nonfinite_total = resume(p)
+    wrap_for_training(p)  # after the resume: compiled, DDP-wrapped, with its autocast
+    r = _start(p, step, nonfinite_total, progress)
+    with _Stop() as stop, r.bar if r.bar is not None else contextlib.nullcontext():  # bar ends before errors print
+        while r.step < cfg.train.steps:
+            _step(p, r)
+            if _is_check_step(p, r, stop) and _check(p, r, stop):
+                break
+    _finish(p, r)
+    return _summary(p, r)
 
-    step, nonfinite_total = 0, 0
-    found = ckpt.load_latest(run_dir / "checkpoints", need=ckpt.RESUME_KEYS)
-    if found is None and ckpt.list_checkpoints(run_dir / "checkpoints"):
-        # starting over here would let pruning delete the new checkpoints in favour of the bad ones
-        raise ValueError(
-            f"{run_dir}/checkpoints holds checkpoints but none verifies and loads; restore one, "
-            "or move them away to start a fresh run"
-        )
-    if found is not None:
-        state, path = found
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        nonfinite_total = int(state.get("nonfinite_total", 0))
-        ranks = state.get("ranks", [])
-        if len(ranks) != dist.world:
-            resume_other_world(state, cfg, dist, loader, gen, step)
-        else:
-            r = ranks[dist.rank]
-            gen.set_state(r["gen"])
-            torch.set_rng_state(r["torch_cpu"])
-            loader.load_state_dict(r["data"])
-        del state
-        if dist.main:
-            truncate_metrics(run_dir, step)
-            for bad in ckpt.set_aside_newer(run_dir / "checkpoints", step):
-                _say(f"moved the corrupt newer checkpoint aside: {bad}")
-            _say(f"resumed from {path} at step {step}")
 
-    net = model
-    # the packed trunk only: one graph for every stage mix (cdc.nn.compiled_trunk)
-    compile_for_training(model, t.compile, list(cfg.flow.sides), t.batch_size, dev, log=_say if dist.main else lambda m: None)
-    if dist.world > 1:
-        # stage-specific DiTs: a step's batch may hold no sample of some stage
-        net = DDP(
-            net, device_ids=[dev.index] if cuda else None, find_unused_parameters=cfg.model.stage_models
-        )
-    field = velocity_net_from_config(net, cfg.flow)
-    amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if cuda and t.precision == "bf16"
-        else contextlib.nullcontext()
-    )
+@dataclass
+class _Progress:
+    """Where the loop stands between steps, and (after the last check) how it ended."""
 
-    def save(step_: int, reason: str) -> None:
-        per_rank = {
-            "gen": gen.get_state(),
-            "torch_cpu": torch.get_rng_state(),
-            "data": loader.state_dict(),
-            # lets anyone check that DDP ranks hold identical weights
-            "param_checksum": float(sum(p.detach().double().sum() for p in model.parameters())),
-        }
-        ranks = D.all_gather_objects(per_rank)
-        if dist.main:
-            state = {
-                "model": _unwrap(model).state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step_,
-                "config": to_dict(cfg),
-                "ranks": ranks,
-                "nonfinite_total": nonfinite_total,
-                "reason": reason,
-            }
-            ckpt.save(run_dir / "checkpoints" / ckpt.ckpt_name(step_), state)
-            ckpt.prune(run_dir / "checkpoints", t.keep_last, t.milestone_every)
-        D.barrier()
+    step: int  # provisional between checks: the next check takes back the skipped steps
+    nonfinite_total: int  # skipped steps over the whole run, as of the last check
+    it: Iterator[Any]  # this rank's batches
+    bar: Any  # tqdm on rank 0 with `progress`, else None
+    flops_side: dict[int, float]  # training FLOPs (fwd + bwd) per sample of each side
+    acc: torch.Tensor  # device-side window: [loss, grad norm, good steps, stage MSE sums (K), counts (K)]
+    nf: torch.Tensor  # [consecutive skips, total skips, skips since the last check], also on the device
+    done: int  # the last step whose logging / checkpointing / sampling has run
+    t_start: float  # perf_counter at the loop's start (train.max_minutes, `minutes`)
+    t_win: float  # perf_counter at the logging window's start
+    win: dict[str, Any] = field(default_factory=lambda: {"flops": 0.0, "images": 0})  # host-side window
+    lr: float = 0.0  # the last step's learning rate
+    last: dict[str, Any] = field(default_factory=dict)  # the last metrics line
+    signum: int = 0  # how the loop ended, agreed by all ranks: the signal, or 0
+    timed_out: float = 0.0  # ranks over train.max_minutes at the last check
+    elapsed_min: float = 0.0  # loop minutes at the last check
 
-    flops_side = {s: 3 * forward_flops(cfg, s) for s in cfg.flow.sides}  # fwd + bwd per sample
-    it = iter(loader)
+    def stopped_early(self, steps: int) -> str | None:
+        """The signal's name, "time_limit" when the time cap ended it before `steps`, else None."""
+        if self.signum:
+            return signal.Signals(self.signum).name
+        return "time_limit" if self.timed_out and self.step < steps else None
+
+
+def _start(p: Parts, step: int, nonfinite_total: int, progress: bool) -> _Progress:
+    """The loop's state at `step` (after a resume), the device's peak-memory counter reset."""
+    t, dev, K = p.cfg.train, p.dev, len(p.cfg.flow.sides)
+    flops_side = {s: 3 * forward_flops(p.cfg, s) for s in p.cfg.flow.sides}
+    it = iter(p.loader)
     bar = None
-    if progress and dist.main:
+    if progress and p.dist.main:
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    K = len(cfg.flow.sides)
-    # window statistics on the device: [loss, grad norm, good steps, stage MSE sums (K), counts (K)]
     acc = torch.zeros(3 + 2 * K, dtype=torch.float64, device=dev)
-    # [consecutive skips, total skips, skips since the last check], also on the device
     nf = torch.tensor([0.0, float(nonfinite_total), 0.0], dtype=torch.float64, device=dev)
-    win = {"flops": 0.0, "images": 0}
-    t_start = t_win = time.perf_counter()
-    last: dict[str, Any] = {}
-    done = step  # the last step whose logging / checkpointing / sampling has run
-    signum, timed_out, elapsed_min = 0, 0.0, 0.0  # how the loop ended, agreed by all ranks
-    if cuda:
+    now = time.perf_counter()
+    r = _Progress(step, nonfinite_total, it, bar, flops_side, acc, nf, done=step, t_start=now, t_win=now)
+    if p.cuda:
         torch.cuda.reset_peak_memory_stats(dev)
-    with _Stop() as stop, bar if bar is not None else contextlib.nullcontext():  # bar ends before errors print
-        while step < t.steps:
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            step_loss = torch.zeros((), device=dev)
-            stage_sum = torch.zeros(K, dtype=torch.float64, device=dev)
-            stage_n = [0] * K
-            for micro in range(t.grad_accum):
-                batch = next(it).to(dev)
-                sync = micro == t.grad_accum - 1 or dist.world == 1
-                ctx = net.no_sync() if isinstance(net, DDP) and not sync else contextlib.nullcontext()
-                with ctx, amp:
-                    if cfg.model.step_cond:  # few-step: flow matching + shortcut self-consistency
-                        fs = cfg.fewstep
-                        out = shortcut_loss(
-                            net, batch, sched, interp, gen, cfg.flow.loss_weight, null,
-                            t.label_dropout, fs.fraction, fs.levels, anchor,
-                        )
-                    else:
-                        out = loss(field, batch, sched, interp, gen, cfg.flow.loss_weight, null, t.label_dropout)
-                (out.loss / t.grad_accum).backward()
-                step_loss += out.loss.detach() / t.grad_accum
-                for k, (s_k, n_k) in out.per_stage.items():
-                    stage_sum[k] += s_k.double()
-                    stage_n[k] += n_k
-                win["flops"] += sum(
-                    flops_side[cfg.flow.sides[k]] * len(y) for k, y in zip(batch.stage, batch.y)
-                )
-                win["images"] += batch.size
-            clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            bad = (~(torch.isfinite(step_loss) & torch.isfinite(gn))).float().reshape(1)
-            keep = D.all_reduce_sum(bad)[0] == 0  # every rank skips together; no host read
-            opt.grad_scale, opt.found_inf = None, (~keep).float()  # AdamW skips when found_inf = 1
-            opt.step()
-            del opt.grad_scale, opt.found_inf
-            opt.zero_grad(set_to_none=True)
-            step += 1  # provisional: the next check takes back the skipped steps
-            ema_update(ema, _unwrap(model), step, cfg, keep)
-            zero = torch.zeros((), dtype=torch.float64, device=dev)
-            acc[0] += torch.where(keep, step_loss.double(), zero)
-            acc[1] += torch.where(keep, gn.double(), zero)
-            acc[2] += keep.double()
-            acc[3 : 3 + K] += torch.where(keep, stage_sum, zero)
-            for k in range(K):
-                if stage_n[k]:
-                    acc[3 + K + k] += keep.double() * stage_n[k]
-            nf[0] = (nf[0] + 1) * (~keep).double()
-            nf[1:] += (~keep).double()
-            if bar is not None:
-                bar.update(1)
-            event = (
-                step >= t.steps
-                or step % t.log_every == 0
-                or step % t.check_every == 0
-                or (t.ckpt_every and step % t.ckpt_every == 0)
-                or (t.sample_every and step % t.sample_every == 0)
-                or (dist.world == 1 and stop.flag)  # ranks must agree on when they all-reduce
-            )
-            if not event:
-                continue
-            # the check: one host read of skip counters and (all-reduced) stop flags
-            elapsed_min = (time.perf_counter() - t_start) / 60
-            over = t.max_minutes > 0 and elapsed_min >= t.max_minutes
-            got = stop.signum  # read once: the handler may run between the two comparisons
-            flags = [float(got == signal.SIGINT), float(got == signal.SIGTERM), float(over)]
-            flags = D.all_reduce_sum(torch.tensor(flags, device=dev))
-            consecutive, nonfinite, skipped, n_int, n_term, timed_out = torch.cat([nf, flags.double()]).tolist()
-            signalled = n_int + n_term
-            # every rank takes the same signal (SIGINT if any rank got one), so all exit alike
-            signum = signal.SIGINT if n_int else signal.SIGTERM if n_term else 0
-            nf[2] = 0.0
-            step -= int(skipped)
-            nonfinite_total = int(nonfinite)
-            if bar is not None and skipped:
-                bar.n = step
-            if consecutive >= t.max_nonfinite:
-                save(step, "nonfinite")
-                raise NonFiniteError(
-                    f"{int(consecutive)} consecutive non-finite steps at step {step}; saved the "
-                    f"last good state in {run_dir}/checkpoints (lower train.lr or check data)"
-                )
-            finish = step >= t.steps or timed_out > 0
-            if step > done:
-                done = step
-                if step % t.log_every == 0 or finish or signalled > 0:
-                    # an early stop is recorded on the run's last metrics line
-                    why = signal.Signals(signum).name if signum else "time_limit" if timed_out and step < t.steps else None
-                    extra = {"stop": why, "minutes": elapsed_min, "steps": t.steps} if why else None
-                    last = log_window(
-                        run_dir, dist, acc, win, step, lr, t_win, cfg, cuda, dev, nonfinite_total, extra
-                    )
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
-                    acc.zero_()
-                    win = {"flops": 0.0, "images": 0}
-                    t_win = time.perf_counter()
-                if t.sample_every and step % t.sample_every == 0 and dist.main:
-                    save_grid(ema, cfg, run_dir / "samples" / f"step_{step:07d}.png", dev)
-                if t.ckpt_every and step % t.ckpt_every == 0 and not (finish or signalled > 0):
-                    save(step, "periodic")
-            if signalled > 0:
-                save(step, "signal")  # the caller reports it (the CLI: one line, exit 128 + signal)
-                break
-            if finish:
-                break
-    status = "interrupted" if signum else "time_limit" if timed_out and step < t.steps else "done"
-    if not signum:  # the agreed signal, not this rank's flag: every rank must take part in save()
-        save(step, "time_limit" if status == "time_limit" else "end")
-        if dist.main and t.sample_every:
-            save_grid(ema, cfg, run_dir / "samples" / f"step_{step:07d}.png", dev)
-    if bar is not None:
-        bar.close()
+    return r
+
+
+def _step(p: Parts, r: _Progress) -> None:
+    """One optimizer step over train.grad_accum micro-batches, its statistics added to the window."""
+    r.lr = lr_at(r.step, p.cfg)
+    for g in p.opt.param_groups:
+        g["lr"] = r.lr
+    step_loss, stage_sum, stage_n = _forward_backward(p, r)
+    keep, gn = _update(p, step_loss)
+    r.step += 1  # provisional: the next check takes back the skipped steps
+    ema_update(p.ema, unwrap(p.model), r.step, p.cfg, keep)
+    _add_to_window(r, keep, step_loss, gn, stage_sum, stage_n)
+    if r.bar is not None:
+        r.bar.update(1)
+
+
+def _forward_backward(p: Parts, r: _Progress) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Accumulate the gradients of train.grad_accum micro-batches (DDP syncs on the last one);
+    returns the step's mean loss and per-stage MSE sums (on the device) and sample counts."""
+    t, K = p.cfg.train, len(p.cfg.flow.sides)
+    step_loss = torch.zeros((), device=p.dev)
+    stage_sum = torch.zeros(K, dtype=torch.float64, device=p.dev)
+    stage_n = [0] * K
+    for micro in range(t.grad_accum):
+        batch = next(r.it).to(p.dev)
+        sync = micro == t.grad_accum - 1 or p.dist.world == 1
+        ctx = p.net.no_sync() if isinstance(p.net, DDP) and not sync else contextlib.nullcontext()
+        with ctx, p.amp:
+            out = _loss(p, batch)
+        (out.loss / t.grad_accum).backward()
+        step_loss += out.loss.detach() / t.grad_accum
+        for k, (s_k, n_k) in out.per_stage.items():
+            stage_sum[k] += s_k.double()
+            stage_n[k] += n_k
+        r.win["flops"] += sum(r.flops_side[p.cfg.flow.sides[k]] * len(y) for k, y in zip(batch.stage, batch.y))
+        r.win["images"] += batch.size
+    return step_loss, stage_sum, stage_n
+
+
+def _loss(p: Parts, batch: Any) -> Any:
+    """One micro-batch's objective: the flow loss, plus shortcut self-consistency for few-step models."""
+    cfg, t, null = p.cfg, p.cfg.train, p.cfg.model.num_classes
+    if cfg.model.step_cond:
+        fs = cfg.fewstep
+        return shortcut_loss(
+            p.net, batch, p.sched, p.interp, p.gen, cfg.flow.loss_weight, null,
+            t.label_dropout, fs.fraction, fs.levels, p.anchor,
+        )
+    return loss(p.velocity, batch, p.sched, p.interp, p.gen, cfg.flow.loss_weight, null, t.label_dropout)
+
+
+def _update(p: Parts, step_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip and apply the gradients, or skip the step where any rank's loss or gradient is not
+    finite (decided on the device); returns (`keep`, the gradient norm)."""
+    t = p.cfg.train
+    clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+    gn = torch.nn.utils.clip_grad_norm_(p.model.parameters(), clip)
+    bad = (~(torch.isfinite(step_loss) & torch.isfinite(gn))).float().reshape(1)
+    keep = D.all_reduce_sum(bad)[0] == 0  # every rank skips together; no host read
+    p.opt.grad_scale, p.opt.found_inf = None, (~keep).float()  # AdamW skips when found_inf = 1
+    p.opt.step()
+    del p.opt.grad_scale, p.opt.found_inf
+    p.opt.zero_grad(set_to_none=True)
+    return keep, gn
+
+
+def _add_to_window(r: _Progress, keep: torch.Tensor, step_loss: torch.Tensor, gn: torch.Tensor,
+                   stage_sum: torch.Tensor, stage_n: list[int]) -> None:
+    """Add a kept step to the device-side window and count a skipped one, without a host read."""
+    K = len(stage_n)
+    zero = torch.zeros((), dtype=torch.float64, device=r.acc.device)
+    r.acc[0] += torch.where(keep, step_loss.double(), zero)
+    r.acc[1] += torch.where(keep, gn.double(), zero)
+    r.acc[2] += keep.double()
+    r.acc[3 : 3 + K] += torch.where(keep, stage_sum, zero)
+    for k in range(K):
+        if stage_n[k]:
+            r.acc[3 + K + k] += keep.double() * stage_n[k]
+    r.nf[0] = (r.nf[0] + 1) * (~keep).double()
+    r.nf[1:] += (~keep).double()
+
+
+def _is_check_step(p: Parts, r: _Progress, stop: _Stop) -> bool:
+    """Whether the host looks at the device counters after this step (the same on every rank)."""
+    t, step = p.cfg.train, r.step
+    return bool(
+        step >= t.steps
+        or step % t.log_every == 0
+        or step % t.check_every == 0
+        or (t.ckpt_every and step % t.ckpt_every == 0)
+        or (t.sample_every and step % t.sample_every == 0)
+        or (p.dist.world == 1 and stop.flag)  # ranks must agree on when they all-reduce
+    )
+
+
+def _check(p: Parts, r: _Progress, stop: _Stop) -> bool:
+    """Read the counters and stop flags, stop on too many non-finite steps, log / sample / save
+    what this step is due; returns True when the loop ends here."""
+    t = p.cfg.train
+    consecutive, signalled = _read_counters(p, r, stop)
+    if consecutive >= t.max_nonfinite:
+        save(p, r.step, r.nonfinite_total, "nonfinite")
+        raise NonFiniteError(
+            f"{int(consecutive)} consecutive non-finite steps at step {r.step}; saved the "
+            f"last good state in {p.run_dir}/checkpoints (lower train.lr or check data)"
+        )
+    finish = r.step >= t.steps or r.timed_out > 0
+    if r.step > r.done:
+        r.done = r.step
+        _log_sample_save(p, r, last=finish or signalled)
+    if signalled:
+        save(p, r.step, r.nonfinite_total, "signal")  # the caller reports it (the CLI: one line, exit 128 + signal)
+        return True
+    return finish
+
+
+def _read_counters(p: Parts, r: _Progress, stop: _Stop) -> tuple[float, bool]:
+    """The check's one host read: skip counters and stop flags, all-reduced so every rank takes the
+    same decision; takes back the skipped steps. Returns (consecutive skips, signalled)."""
+    t = p.cfg.train
+    r.elapsed_min = (time.perf_counter() - r.t_start) / 60
+    over = t.max_minutes > 0 and r.elapsed_min >= t.max_minutes
+    got = stop.signum  # read once: the handler may run between the two comparisons
+    flags = [float(got == signal.SIGINT), float(got == signal.SIGTERM), float(over)]
+    flags = D.all_reduce_sum(torch.tensor(flags, device=p.dev))
+    consecutive, nonfinite, skipped, n_int, n_term, r.timed_out = torch.cat([r.nf, flags.double()]).tolist()
+    # every rank takes the same signal (SIGINT if any rank got one), so all exit alike
+    r.signum = signal.SIGINT if n_int else signal.SIGTERM if n_term else 0
+    r.nf[2] = 0.0
+    r.step -= int(skipped)
+    r.nonfinite_total = int(nonfinite)
+    if r.bar is not None and skipped:
+        r.bar.n = r.step
+    return consecutive, n_int + n_term > 0
+
+
+def _log_sample_save(p: Parts, r: _Progress, last: bool) -> None:
+    """What a new step is due: a metrics line (always on the `last` one), an EMA preview grid, a
+    periodic checkpoint (not on the last one: the loop's end saves it)."""
+    t = p.cfg.train
+    if r.step % t.log_every == 0 or last:
+        _log(p, r)
+    if t.sample_every and r.step % t.sample_every == 0 and p.dist.main:
+        save_grid(p.ema, p.cfg, p.run_dir / "samples" / f"step_{r.step:07d}.png", p.dev)
+    if t.ckpt_every and r.step % t.ckpt_every == 0 and not last:
+        save(p, r.step, r.nonfinite_total, "periodic")
+
+
+def _log(p: Parts, r: _Progress) -> None:
+    """Append the window's metrics line (an early stop is recorded on it) and start a new window."""
+    t = p.cfg.train
+    why = r.stopped_early(t.steps)
+    extra = {"stop": why, "minutes": r.elapsed_min, "steps": t.steps} if why else None
+    r.last = log_window(
+        p.run_dir, p.dist, r.acc, r.win, r.step, r.lr, r.t_win, p.cfg, p.cuda, p.dev, r.nonfinite_total, extra
+    )
+    if r.bar is not None:
+        r.bar.set_postfix(loss=f"{r.last['loss']:.4f}", img_s=f"{r.last['images_per_s']:.0f}")
+    r.acc.zero_()
+    r.win = {"flops": 0.0, "images": 0}
+    r.t_win = time.perf_counter()
+
+
+def _status(p: Parts, r: _Progress) -> str:
+    return "interrupted" if r.signum else "time_limit" if r.timed_out and r.step < p.cfg.train.steps else "done"
+
+
+def _finish(p: Parts, r: _Progress) -> None:
+    """Save the final checkpoint and preview grid (a signal's were saved at the check)."""
+    if not r.signum:  # the agreed signal, not this rank's flag: every rank must take part in save()
+        save(p, r.step, r.nonfinite_total, "time_limit" if _status(p, r) == "time_limit" else "end")
+        if p.dist.main and p.cfg.train.sample_every:
+            save_grid(p.ema, p.cfg, p.run_dir / "samples" / f"step_{r.step:07d}.png", p.dev)
+    if r.bar is not None:
+        r.bar.close()
     D.barrier()
+
+
+def _summary(p: Parts, r: _Progress) -> dict[str, Any]:
     return {
-        "run_dir": str(run_dir),
-        **last,
-        "step": step,
-        "steps": t.steps,
-        "status": status,
-        "signal": signal.Signals(signum).name if signum else None,
-        "stopped": bool(signum),
-        "minutes": elapsed_min,
-        "checkpoint": str(run_dir / "checkpoints" / ckpt.ckpt_name(step)),
-        "rank": dist.rank,
+        "run_dir": str(p.run_dir),
+        **r.last,
+        "step": r.step,
+        "steps": p.cfg.train.steps,
+        "status": _status(p, r),
+        "signal": signal.Signals(r.signum).name if r.signum else None,
+        "stopped": bool(r.signum),
+        "minutes": r.elapsed_min,
+        "checkpoint": str(p.run_dir / "checkpoints" / ckpt.ckpt_name(r.step)),
+        "rank": p.dist.rank,
     }
