@@ -104,25 +104,40 @@ def test_skip_bad_skips_counts_and_resumes_exactly(good, tmp_path, how, workers,
     assert rest[-1].meta["skipped"] == skipped
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_cdc_train_on_a_garbled_shard_is_one_line_and_exit_2(good, tmp_path, workers):
-    """Through the CLI, also when the error is raised inside a DataLoader worker process."""
+def train_cli(shards: Path, tmp_path: Path, workers: int, **data):
     import yaml
     from typer.testing import CliRunner
 
     from cdc.cli import app
 
-    bad, key = copy_with(good, tmp_path, "train-000002.tar", "garble")
     raw = {
         "model": {"preset": "tiny", "in_channels": 3, "num_classes": 3, "patch": 4},
         "flow": {"sides": [8, 16]},
-        "data": {"shards": str(bad), "workers": workers, "shuffle": 4},
+        "data": {"shards": str(shards), "workers": workers, "shuffle": 4, **data},
         "train": {"batch_size": 4, "steps": 12, "log_every": 1, "ckpt_every": 0, "sample_every": 0,
                   "milestone_every": 0, "precision": "fp32"},
     }
     rec = tmp_path / "r.yaml"
     rec.write_text(yaml.safe_dump(raw))
-    r = CliRunner().invoke(app, ["train", str(rec), "--run-dir", str(tmp_path / "run")])
+    return CliRunner().invoke(app, ["train", str(rec), "--run-dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cdc_train_on_a_garbled_shard_is_one_line_and_exit_2(good, tmp_path, workers):
+    """Through the CLI, also when the error is raised inside a DataLoader worker process."""
+    bad, key = copy_with(good, tmp_path, "train-000002.tar", "garble")
+    r = train_cli(bad, tmp_path, workers)
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert r.exit_code == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output
     assert "train-000002.tar" in errors[0] and f"sample {key}" in errors[0]
+
+
+def test_skipped_samples_reach_metrics(good, tmp_path):
+    import json
+
+    bad, key = copy_with(good, tmp_path, "train-000002.tar", "garble")
+    r = train_cli(bad, tmp_path, 0, skip_bad=True)
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    counts = [x["data_skipped"] for x in lines]
+    assert counts == sorted(counts) and counts[-1] == 2  # 12 steps x 4 = two epochs of 24, one bad each

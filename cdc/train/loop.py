@@ -329,6 +329,9 @@ def _log(p: Parts, r: _Progress) -> None:
     t = p.cfg.train
     why = r.stopped_early(t.steps)
     extra = {"stop": why, "minutes": r.elapsed_min, "steps": t.steps} if why else None
+    if p.cfg.data.skip_bad:  # samples or shard rests the loaders dropped so far, all ranks together
+        dropped = D.all_reduce_sum(torch.tensor([float(p.loader.skipped)], device=p.dev))
+        extra = {**(extra or {}), "data_skipped": int(dropped.item())}
     r.last = log_window(
         p.run_dir, p.dist, r.acc, r.win, r.step, r.lr, r.t_win, p.cfg, p.cuda, p.dev, r.nonfinite_total, extra
     )
