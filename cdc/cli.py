@@ -386,6 +386,32 @@ def sample_cmd(
         )
 
 
+# --- export ---
+@app.command(
+    "export",
+    cls=_Command,
+    epilog="""Examples:
+cdc export runs/quickstart --out exports/quickstart
+cdc export runs/k4/checkpoints/step_0400000.pt --out exports/k4 --dtype bf16
+cdc sample --ckpt exports/quickstart -n 16
+
+The folder holds model.safetensors (EMA weights), config.json (the resolved config and sampler
+defaults) and README.md (a model card); cdc sample, cdc.load and the judge read it like a run.""",
+)
+@friendly
+def export_cmd(
+    src: str = typer.Argument(..., metavar="RUN_OR_CKPT", help="Run dir or checkpoint file."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (made; replaced only with --overwrite)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (samples equal the run's) or bf16 (half the size)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous export in --out."),
+) -> None:
+    """Export a run's EMA weights to share: model.safetensors, config.json, README.md."""
+    from cdc.train.export import export
+
+    meta = export(src, out, dtype, overwrite)
+    typer.echo(f"wrote {out} (step {meta['step']}, {meta['export']['weights']} weights, {dtype})")
+
+
 # --- score ---
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "cdc"
 
 # rank of each part: a module may import its own part or a part of lower rank
+# cdc/__init__.py is the package's face: its lazy `load` reaches cdc.sample.api, so it ranks at the
+# top; modules import only __version__ from it, an edge to "cdc" that the walk leaves out
 RANK = {
-    "config": 0, "fileio": 0, "interrupt": 0, "__init__": 0,
+    "config": 0, "fileio": 0, "interrupt": 0, "__init__": 9,
     "flow": 1, "nn": 1,
     "data": 2, "train": 3, "eval": 4, "sample": 5, "ablate": 6,
     "rerun": 7, "cli": 8, "__main__": 9,

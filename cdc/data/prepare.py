@@ -379,7 +379,7 @@ def prepare(
     elapsed = time.perf_counter() - t0
     manifest = _manifest(plan, records)
     _require_usable(plan, manifest)
-    write_json(plan.out / "manifest.json", manifest)
+    write_json(plan.out / "manifest.json", manifest, what="manifest")
     if progress and todo:
         _report(plan.out, manifest, todo, elapsed)
     return manifest

@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from cdc.data.imageproc import encode_levels, load_image, pad_idx
-from cdc.fileio import path_record, write_json
+from cdc.fileio import cleaned_on_failure, path_record, write_json
 
 _counter: Any = None  # shared images-done counter for the progress bar
 
 
-def _init_worker(counter: Any) -> None:
+def _init_worker(counter: Any, parent: int | None) -> None:
+    """parent: the pid that forked this worker (None when the pool does not fork)."""
     global _counter
     _counter = counter
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -39,6 +40,10 @@ def _init_worker(counter: Any) -> None:
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
+    if parent is not None and os.getppid() != parent:
+        # the parent was killed between the fork and the prctl: no signal will come, and an orphan
+        # would write shards behind the re-run's back, then block on the task queue for ever
+        os._exit(1)
 
 
 class _TarWriter:
@@ -71,9 +76,14 @@ def write_shard(task: dict) -> dict:
     out, name, top, levels = Path(task["out"]), task["name"], task["top"], task["levels"]
     final = out / name
     tmp = out / f"{name}.partial-{os.getpid()}"
-    skipped, converted, count = [], [], 0
+    skipped, converted, count, done = [], [], 0, 0
     squeeze = task["png"] == "huffman"
-    with open(tmp, "wb", buffering=1 << 20) as fh:
+
+    def need(written: int) -> int | None:  # the whole shard, from the share of its images written
+        return written * len(task["items"]) // done if done else None
+
+    # a full disk: the partial shard goes, a good one of the same name stays, one line names `out`
+    with cleaned_on_failure(final, tmp, "shard", need), open(tmp, "wb", buffering=1 << 20) as fh:
         tar = _TarWriter(fh)
         for key, cls, ref in task["items"]:
             if isinstance(ref, np.ndarray):
@@ -91,13 +101,14 @@ def write_shard(task: dict) -> dict:
                 for ext, body in members:
                     tar.add(f"{key}.{ext}", body)
                 count += 1
+            done += 1
             if _counter is not None:
                 with _counter.get_lock():
                     _counter.value += 1
         tar.close()
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, final)
+        os.replace(tmp, final)
     rec = {
         "name": name,
         "count": count,
@@ -106,7 +117,7 @@ def write_shard(task: dict) -> dict:
         "skipped": skipped,
         "converted": converted,
     }
-    write_json(out / ".prepare" / f"{name}.json", rec)
+    write_json(out / ".prepare" / f"{name}.json", rec, what="shard record")
     return rec
 
 
@@ -125,14 +136,23 @@ def clear_outputs(out: Path) -> None:
     if not out.is_dir():
         return
     shards = [p for p in out.glob("*-*.tar") if re.fullmatch(r"[\w]+-\d{6}\.tar", p.name)]
-    for p in shards + list(out.glob("*.partial-*")) + [out / "manifest.json"]:
+    for p in shards + _leftovers(out) + [out / "manifest.json"]:
         p.unlink(missing_ok=True)
     shutil.rmtree(out / ".prepare", ignore_errors=True)
 
 
+def _leftovers(out: Path) -> list[Path]:
+    """What a killed run leaves: half-written shards, and the atomic writer's temps
+    (`.<name>.tmp.<pid>`, cdc.fileio) of a record or the manifest cut off before their rename."""
+    state = out / ".prepare"
+    return [
+        *out.glob("*.partial-*"), *state.glob("*.partial-*"), *state.glob(".*.tmp.*"), *out.glob(".manifest.json.tmp.*")
+    ]  # fmt: skip
+
+
 def drop_partials(out: Path) -> None:
-    """Delete the half-written shards and records an interrupted run left in `out`."""
-    for p in list(out.glob("*.partial-*")) + list((out / ".prepare").glob("*.partial-*")):
+    """Delete the half-written shards, records and manifest an interrupted run left in `out`."""
+    for p in _leftovers(out):
         p.unlink(missing_ok=True)
 
 
@@ -176,7 +196,9 @@ def write_shards(tasks: list[dict], out: Path, workers: int, bar_desc: str | Non
     parallel = workers > 1 and len(tasks) > 1
     counter = mp.Value("q", 0) if parallel else None
     # the pool is forked before tqdm starts its monitor thread
-    pool = mp.get_context().Pool(min(workers, len(tasks)), _init_worker, (counter,)) if parallel else None
+    ctx = mp.get_context()
+    parent = os.getpid() if ctx.get_start_method() == "fork" else None
+    pool = ctx.Pool(min(workers, len(tasks)), _init_worker, (counter, parent)) if parallel else None
     bar = _bar(todo, bar_desc) if bar_desc is not None and todo else None
     try:
         if pool is None:

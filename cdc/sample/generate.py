@@ -56,6 +56,9 @@ __all__ = [
     "to_uint8",
     "velocity_fn",
     "StageTimer",
+    "job_guide",
+    "job_sampler",
+    "sample_batch",
     "assemble",
     "default_out",
 ]
@@ -161,9 +164,9 @@ def generate(
             resume=resume, runs_dir=runs_dir, bf16=bf16, guide=guide, guide_scale=guide_scale,
             cuda_graph_side=cuda_graph_side,
         )
-        gmodel = _load_guide(job, ema)  # before any output
+        gmodel = job_guide(job, ema)  # before any output
         todo = _open_out(job, overwrite, resume, progress)
-        stats, wall = _sample_missing(job, *_sampler(job, model, gmodel), todo, progress)
+        stats, wall = _sample_missing(job, *job_sampler(job, model, gmodel), todo, progress)
         return _finish(job, stats, wall, resumed=n - len(todo))
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (above): finished PNGs stay, the caller reports
         signum = getattr(e, "signum", signal.SIGINT)
@@ -190,7 +193,7 @@ def _join_ranks(device: str | torch.device | None) -> tuple[int, int, torch.devi
     return d.rank, world, d.device, own_pg
 
 
-def _load_guide(job: Job, ema: bool) -> torch.nn.Module | None:
+def job_guide(job: Job, ema: bool) -> torch.nn.Module | None:
     """The autoguidance model (cdc.flow.sampler.autoguided), or None without --guide."""
     return ckpt_lib.load_guide(Path(job.settings["guide"]), job.mcfg, ema, job.dev) if job.guide else None
 
@@ -215,7 +218,7 @@ def _open_out(job: Job, overwrite: bool, resume: bool, progress: bool) -> list[i
     return [i for i in range(job.n) if not done[i]]
 
 
-def _sampler(job: Job, model: torch.nn.Module, gmodel: torch.nn.Module | None) -> tuple[Any, dict[str, Any]]:
+def job_sampler(job: Job, model: torch.nn.Module, gmodel: torch.nn.Module | None) -> tuple[Any, dict[str, Any]]:
     """The velocity field and the keyword options of cdc.flow.sampler.sample for this job."""
     s = job.settings
     opts = dict(
@@ -249,7 +252,7 @@ def _sample_missing(job: Job, net, opts: dict[str, Any], todo: list[int], progre
         with ThreadPoolExecutor(4) as writer, torch.inference_mode():
             for b0 in range(0, len(mine), job.batch):
                 idx = mine[b0 : b0 + job.batch]
-                res, sec = _sample_batch(job, net, opts, idx, timer)
+                res, sec = sample_batch(job, net, opts, idx, timer)
                 gen_sec, nfe = gen_sec + sec, res.nfe
                 pending += _write_batch(writer, job, idx, res)
                 while len(pending) > 4 * job.batch:  # bound memory held by queued writes
@@ -263,8 +266,9 @@ def _sample_missing(job: Job, net, opts: dict[str, Any], todo: list[int], progre
     return stats, time.perf_counter() - wall0
 
 
-def _sample_batch(job: Job, net, opts: dict[str, Any], idx: list[int], timer: StageTimer) -> tuple[Any, float]:
-    """Images `idx`: image i's label and noise depend on i alone (per-image seeds); (result, seconds)."""
+def sample_batch(job: Job, net, opts: dict[str, Any], idx: list[int], timer: StageTimer) -> tuple[Any, float]:
+    """Images `idx`: image i's label and noise depend on i alone (per-image seeds); (result, seconds).
+    The one sampling step of both `cdc sample` and cdc.load(...).sample (cdc.sample.api)."""
     y = torch.as_tensor(job.labels[idx], device=job.dev)
     seeds = [image_seed(job.settings["seed"], i) for i in idx]
     timer.start()

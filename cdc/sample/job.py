@@ -25,7 +25,7 @@ class Job:
     """One resolved `cdc sample` job: what the steps of generate() share (all but `rank` and
     `started` are the same on every rank)."""
 
-    out: Path
+    out: Path | None  # None: images kept in memory (cdc.sample.api), no folder
     settings: dict[str, Any]  # what samples.json records and a --resume must match
     labels: np.ndarray  # (n,) int64, image i's class
     mcfg: Any  # the checkpoint's config (cdc.config.Config)
@@ -62,11 +62,16 @@ def check_counts(n: int, sde_eps: float | None, batch: int | None) -> None:
         raise ValueError(f"--batch must be >= 1, got {batch}")
 
 
-def resolve_job(mcfg, info: dict[str, Any], dev: torch.device, rank: int, world: int, **asked: Any) -> Job:
+def resolve_job(
+    mcfg, info: dict[str, Any], dev: torch.device, rank: int, world: int, to_folder: bool = True, **asked: Any
+) -> Job:
     """The job the options ask for, each option left as None taken from the checkpoint's `sample`
-    config; every refusal comes here, before any output. `asked`: generate()'s own options."""
+    config; every refusal comes here, before any output. `asked`: generate()'s own options;
+    to_folder=False (cdc.sample.api) resolves no output folder."""
     sched, path = Schedule.from_config(mcfg.flow), Path(info["path"]).resolve()
-    out, note = _out_folder(asked["out"], path, info["step"], asked["resume"], asked["overwrite"])
+    out, note = None, None
+    if to_folder:
+        out, note = _out_folder(asked["out"], path, info["step"], asked["resume"], asked["overwrite"])
     settings, labels = _settings(mcfg, sched, path, info, asked)
     g_spec, g_scale = _resolve_guide(settings, mcfg, sched, path, asked, main=rank == 0)
     few = _solver(settings, mcfg)
@@ -84,7 +89,8 @@ def _out_folder(
     """--out, or samples/<run>-step<step> (-2, -3, ... once finished); the note saying so."""
     note = None
     if out is None:
-        base = Path("samples") / f"{path.parent.parent.name}-step{step}"
+        run = path.parent if path.suffix == ".safetensors" else path.parent.parent  # export folder, or run
+        base = Path("samples") / f"{run.name}-step{step}"
         out = default_out(base, resume, overwrite)
         if out != base and not (resume or overwrite):
             note = f"note: {base} holds a finished sample; writing to {out} (--out picks the folder)"

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from cdc import __version__
-from cdc.fileio import read_json, read_json_object, write_json
+from cdc.fileio import atomic_temp, read_json, read_json_object, write_json
 from cdc.interrupt import Interrupted, signal_name
 from cdc.sample.figures import grid, stage_figure, stages_figure
 
@@ -33,11 +33,15 @@ def img_path(out: Path, i: int, stage: int | None = None) -> Path:
     )
 
 
+# a full disk while writing: the temp file goes, an earlier good file stays, and the one-line error
+# names the folder to free; finished images are kept, so --resume continues where it stopped
+THEN = "run again with --resume (finished images are kept)"
+
+
 def write_png(path: Path, img: np.ndarray) -> None:
     """Write uint8 (H, W, C) as PNG via temp + rename, so a crash never leaves half a PNG under `path`."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(tmp, format="PNG", compress_level=4)
-    os.replace(tmp, path)
+    with atomic_temp(path, "image", img.nbytes, THEN) as tmp:  # raw size: a PNG's upper bound, roughly
+        Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(tmp, format="PNG", compress_level=4)
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -62,12 +66,11 @@ def save_image(out: Path, i: int, img: np.ndarray, stages: list[np.ndarray] | No
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
+    need = sum(a.nbytes for a in arrays.values())
+    with atomic_temp(path, "npz", need, THEN) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def done_images(out: Path, n: int, side: int, channels: int, stage_sides: list[int] | None) -> list[bool]:

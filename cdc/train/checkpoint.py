@@ -25,7 +25,17 @@ from typing import Any
 
 import torch
 
-from cdc.fileio import BadFileError, _fsync_dir, atomic_write_bytes, display, one_line, warn  # noqa: F401 (re-exported)
+from cdc.fileio import (  # noqa: F401 (re-exported)
+    BadFileError,
+    _fsync_dir,
+    atomic_write_bytes,
+    cleaned_on_failure,
+    display,
+    one_line,
+    temp_name,
+    warn,
+)
+from cdc.train import exported
 
 CKPT_RE = re.compile(r"^step_(\d{7,})\.pt$")
 
@@ -38,22 +48,38 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in `obj` (nested dicts, lists): about the size of its checkpoint file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def save(path: Path, state: dict[str, Any]) -> Path:
     """Save `state` (tensors, dicts, lists, numbers, strings only) atomically with a sha256 sidecar."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = sha256_file(tmp)
     sidecar = path.with_name(path.name + ".sha256")
-    if sidecar.exists():  # an older file of the same name is about to be replaced: invalidate first
-        sidecar.unlink()
-    os.replace(tmp, path)
+    # a full disk: the temp file goes, the previous checkpoints stay, one line names the folder
+    with cleaned_on_failure(path, temp_name(path), "checkpoint", _nbytes(state)) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        if sidecar.exists():  # an older file of the same name is about to be replaced: invalidate first
+            sidecar.unlink()
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
-    atomic_write_bytes(sidecar, f"{digest}  {path.name}\n".encode())
+    try:
+        atomic_write_bytes(sidecar, f"{digest}  {path.name}\n".encode(), "checkpoint sidecar")
+    except BaseException:
+        path.unlink(missing_ok=True)  # unverifiable without its sidecar: resume would only skip it
+        raise
     return path
 
 
@@ -235,6 +261,8 @@ def resolve(ckpt: str | Path | None, runs_dir: str | Path = "runs") -> Path:
             )
         ckpt = max(cands, key=lambda d: list_checkpoints(d / "checkpoints")[0][1].stat().st_mtime)
     p = Path(ckpt)
+    if exported.is_export(p):  # a `cdc export` folder: its weights file stands for it
+        return exported.folder_of(p) / exported.WEIGHTS
     if p.is_dir():
         d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         for _, f in list_checkpoints(d):
@@ -253,11 +281,14 @@ def load_for_inference(
     device: str | torch.device = "cpu",
     runs_dir: str | Path = "runs",
 ):
-    """(model in eval mode, Config, info) from a checkpoint file, a run dir, or the newest run."""
+    """(model in eval mode, Config, info) from a checkpoint file, a run dir, an exported folder
+    (`cdc export`: safetensors + JSON), or the newest run."""
     from cdc.config import ConfigError, from_dict
     from cdc.nn.model import build_model
 
     path = resolve(ckpt, runs_dir)
+    if exported.is_export(path):
+        return exported.load_export(path, ema=ema, device=device)
     state = load(path)
     with reading(path):  # the stored config and weights are the file's content too
         try:

@@ -65,6 +65,9 @@ def open_run_dir(cfg: Config, run_dir: Path, dist: D.Dist) -> Any:
     """Load and check train.init before anything is written, then (rank 0) check the run dir's
     config against this one and record config.yaml; returns the loaded init (None without one)."""
     init = resolve_init(cfg, run_dir)
+    from cdc.data.loader import resolve_shards
+
+    resolve_shards(cfg.data.shards)  # missing data or a bad manifest: refused before the run dir exists
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         check_compatible(run_dir, cfg)
