@@ -94,6 +94,7 @@ def _worker(rank: int, world: int, port: int, raw: dict, run: str, synthetic: bo
 
         T.loss = loss
         cdc.data.loader.make_loader = lambda cfg, rank=0, world_size=1, **k: _Synthetic(cfg, rank, world_size)
+        cdc.data.loader.resolve_shards = lambda spec: ([], None)  # the synthetic batches read no shards
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         T.train(from_dict(raw), run, progress=False)
@@ -174,6 +175,7 @@ def test_train_tells_the_loader_its_device(tmp_path, monkeypatch):
         raise _Built(kw)
 
     monkeypatch.setattr(cdc.data.loader, "make_loader", record)
+    monkeypatch.setattr(cdc.data.loader, "resolve_shards", lambda spec: ([], None))  # no shards needed
     with pytest.raises(_Built) as e:
         train(from_dict(_cfg("unused")), tmp_path / "run", progress=False)
     assert e.value.args[0]["device"] == torch.device("cpu")
