@@ -144,6 +144,16 @@ def read_record(out: Path) -> dict[str, Any]:
     return read_json_object(out / "samples.json", RECORD)
 
 
+def _drop_temps(out: Path) -> None:
+    """Delete the temp files (cdc.fileio.temp_name) of writes a killed run cut short: nothing else
+    removes them, and the one of a 50k-image samples.npz holds gigabytes."""
+    stage_dirs = list((out / "stages").glob("stage*"))
+    temps = [p for name in OURS for p in out.glob(f".{name}.tmp.*")]
+    temps += [p for d in (out / "images", out / "stages", *stage_dirs) for p in d.glob(".*.png.tmp.*")]
+    for p in temps:
+        p.unlink(missing_ok=True)
+
+
 def start(out: Path, settings: dict[str, Any], n_stages: int, overwrite: bool, resume: bool) -> None:
     """Rank 0, once check_out accepted the folder: clear our files on --overwrite, make the image
     folders and mark samples.json "running" (a resume keeps the old record's timings)."""
@@ -151,6 +161,8 @@ def start(out: Path, settings: dict[str, Any], n_stages: int, overwrite: bool, r
         for name in OURS:
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if resume or overwrite:
+        _drop_temps(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     for k in range(n_stages):
         (out / "stages" / f"stage{k}").mkdir(parents=True, exist_ok=True)
