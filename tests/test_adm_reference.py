@@ -120,3 +120,37 @@ def test_reference_of_the_old_inception_input_must_be_rebuilt(tmp_path):
     np.savez(tmp_path / "samples.npz", arr_0=imgs)
     with pytest.raises(ValueError, match="cdc-fid-1.*rebuild"):
         S.score(tmp_path / "samples.npz", old, "fid", model=net, progress=False)
+
+
+def test_adm_512_reference_batch_reads_like_the_256_one(tmp_path):
+    """VIRTUAL_imagenet512.npz (recipes/k4-512.yaml's reference): ADM's unlabeled 512 px layout, arr_0
+    uint8 NHWC plus float64 mu/sigma and the spatial mu_s/sigma_s, no arr_1. Nothing is sized for 256:
+    FID is taken against the stored statistics, P/R and SWD from arr_0 at 512 px, as with 256."""
+    net = (TinyNet(), "tiny")
+    imgs = _images(4, side=512, seed=3)
+    samples = _images(4, side=512, seed=5)
+    feats = net[0](torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255)[0].numpy().astype(np.float64)
+    mu, sigma = feats.mean(0) + 0.25, np.cov(feats, rowvar=False) + np.eye(16)  # "its whole dataset"
+    adm = tmp_path / "VIRTUAL_imagenet512.npz"
+    rng = np.random.default_rng(0)
+    np.savez(adm, arr_0=imgs, mu=mu, sigma=sigma, mu_s=rng.normal(size=8), sigma_s=np.eye(8))
+    np.savez(tmp_path / "images.npz", arr_0=imgs)
+    cdc_ref = tmp_path / "ref.npz"
+    S.build_reference(tmp_path / "images.npz", cdc_ref, metrics="pr,swd", model=net, progress=False)
+    np.savez(tmp_path / "s.npz", arr_0=samples)
+    assert S.is_adm_reference(adm)
+    b = S.score(tmp_path / "s.npz", adm, "fid,pr,swd", model=net, progress=False, out=tmp_path / "b.json")
+    a = S.score(tmp_path / "s.npz", cdc_ref, "pr,swd", model=net, progress=False, out=tmp_path / "a.json")
+    pool = net[0](torch.from_numpy(samples).permute(0, 3, 1, 2).float() / 255)[0].numpy()
+    want = M.frechet_distance(*M.gaussian_stats(pool), mu, sigma)
+    mb, ma = b["metrics"], a["metrics"]
+    assert mb["fid"] == pytest.approx(want, rel=1e-6) and want > 0.1
+    assert (mb["precision"], mb["recall"]) == (ma["precision"], ma["recall"])
+    assert mb["swd"]["levels"] == pytest.approx(ma["swd"]["levels"], rel=1e-6)
+    assert len(mb["swd"]["levels"]) == len(ma["swd"]["levels"]) == 6  # 512 .. 16 px Laplacian levels
+    assert b["reference"]["kind"] == "adm" and "VIRTUAL_imagenet512.npz" in b["reference"]["used"]
+    r = CliRunner().invoke(app, ["score", str(tmp_path / "s.npz"), "--ref", str(adm), "--metrics", "swd"])
+    assert r.exit_code == 0 and "ADM reference batch; SWD vs 4 of its images" in r.output, r.output
+    np.savez(tmp_path / "s256.npz", arr_0=samples[:, ::2, ::2])
+    with pytest.raises(ValueError, match="samples are 256px but the reference .* is 512px"):
+        S.score(tmp_path / "s256.npz", adm, "fid,pr", model=net, progress=False)

@@ -370,3 +370,40 @@ def test_overwrite_clears_only_what_prepare_wrote(tmp_path):
     m = prepare(tmp_path / "src", out, side=16, levels=2, shard_size=3, progress=False, overwrite=True)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar"] and m["order"] == "shuffled"
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_ilsvrc_layout_at_512_for_the_k4_512_recipe(tmp_path, monkeypatch):
+    """`cdc prepare --src ILSVRC2012 --side 512` (recipes/k4-512.yaml) on a tiny ILSVRC tree of
+    photos larger than 512 px: default folder, top 576 = 512 x 1.125, four exact box-average levels
+    that cover the recipe's sides 64..512, and the top is the LANCZOS short-side resize."""
+    from cdc.cli import app
+    from cdc.config import load
+    from cdc.data.imageproc import resize_short_side
+
+    root = tmp_path / "ILSVRC2012"
+    shapes = {"n01": [(600, 800), (700, 640)], "n02": [(640, 960), (1000, 600)]}  # (h, w), all > 576
+    src = {}
+    for w, hw in shapes.items():
+        (root / "train" / w).mkdir(parents=True)
+        for i, (h, wd) in enumerate(hw):
+            src[f"{w}_{i}"] = smooth(h, wd, 100 + i + 10 * len(src))
+            Image.fromarray(src[f"{w}_{i}"]).save(root / "train" / w / f"{w}_{i}.png")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["prepare", "--src", "ILSVRC2012", "--side", "512", "--store", "png"])
+    assert r.exit_code == 0, r.output
+    recipe = load(Path(__file__).resolve().parents[1] / "recipes" / "k4-512.yaml")
+    out = tmp_path / recipe.data.shards  # data/ILSVRC2012-512: the recipe reads prepare's default folder
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["count"] == 4 and m["classes"] == ["n01", "n02"] and m["top"] == 576
+    samples = read_shards(out)
+    assert len(samples) == 4
+    for key, a in src.items():
+        lv = {int(ext.split(".")[0]): np.asarray(Image.open(io.BytesIO(b))) for ext, b in samples[key].items()
+              if ext.endswith("png")}
+        assert sorted(lv) == [72, 144, 288, 576]
+        for s, stage in zip([72, 144, 288, 576], recipe.flow.sides, strict=True):
+            assert min(lv[s].shape[:2]) == s >= stage  # shorter side s = stage side x 1.125
+        want = np.asarray(resize_short_side(Image.fromarray(a), 576, 8))
+        assert np.array_equal(lv[576], want)
+        for s in (288, 144, 72):  # each level the exact (576 / s)^2 box mean of the top
+            assert np.array_equal(lv[s], np.asarray(Image.fromarray(lv[576]).reduce(576 // s)))

@@ -233,3 +233,34 @@ def test_k4_readme_launch_line_trains_the_paper_schedule():
     readme = (ROOT / "README.md").read_text()
     line = next(ln for ln in readme.splitlines() if "cdc train recipes/k4.yaml" in ln)
     assert "torchrun" in line and "global batch 256" in line
+
+
+# recipes/k4-512.yaml: Table 2's ImageNet-512 system (684M parameters); docs/design-notes.md "ImageNet-512"
+def test_k4_512_dry_run_parameter_count_is_table2_within_1pct():
+    from typer.testing import CliRunner
+
+    from cdc.cli import app
+
+    r = CliRunner().invoke(app, ["train", str(ROOT / "recipes" / "k4-512.yaml"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    n = int(r.output.rsplit("# parameters:", 1)[1].strip().replace(",", ""))
+    # k4's 676,846,128 plus the patch-8 embedding and output layer: (8^2 - 4^2) x 3 px values, in and out
+    assert n == 676_846_128 + 2 * 48 * 3 * 1152 + 48 * 3 == 677_178_048
+    assert abs(n - 684e6) / 684e6 < 0.01
+    assert not (ROOT / "runs" / "k4-512").exists()  # a dry run writes no run folder
+
+
+def test_k4_512_is_k4_with_patch_8_and_sides_64_to_512(k4):
+    from cdc.config import to_dict
+
+    k512 = load(ROOT / "recipes" / "k4-512.yaml")
+    assert k512.flow.sides == [64, 128, 256, 512] and k512.model.patch == 8
+    # per stage the same token grids as the 256 system, so the same compute and memory per sample
+    assert [s // k512.model.patch for s in k512.flow.sides] == [s // k4.model.patch for s in k4.flow.sides]
+    assert k512.data.shards == "data/ILSVRC2012-512"  # `cdc prepare --src ILSVRC2012 --side 512` writes it
+    a, b = to_dict(k4), to_dict(k512)
+    for d in (a, b):
+        del d["model"]["patch"], d["flow"]["sides"], d["data"]["shards"]
+    assert a == b  # every other Table 7 value (optimiser, batch, steps, gamma, CFG, ...) is k4's
+    cfg = for_world(k512, 8)
+    assert cfg.train.batch_size * cfg.train.grad_accum * 8 == 256
