@@ -131,6 +131,9 @@ class TrainConfig:
     peak_tflops: float = 800.0
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
     init: str = ""  # checkpoint file or run dir whose EMA weights start a fresh run (fine-tune); "" = random
+    # where metrics, preview grids and the config go: jsonl (metrics.jsonl, always written) plus
+    # tensorboard (RUN/tensorboard) and/or wandb; pip install 'cdc[tensorboard]' / 'cdc[wandb]'
+    log: list[str] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
@@ -389,6 +392,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.compile: {t.compile!r} is not one of true, false, auto")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas: need two values, got {t.betas}")
+    for b in t.log:
+        if b not in ("jsonl", "tensorboard", "wandb"):
+            raise ConfigError(f"train.log: {b!r} is not one of ['jsonl', 'tensorboard', 'wandb']")
     if t.global_batch < 0 or t.global_batch % t.batch_size:
         raise ConfigError(
             f"train.global_batch ({t.global_batch}) must be 0 (off) or a multiple of "

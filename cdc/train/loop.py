@@ -32,6 +32,7 @@ from cdc.nn.compiled_trunk import why_not_compiled
 from cdc.nn.model import build_model, count_params, forward_flops
 from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
+from cdc.train.loggers import GRID, Loggers, check_backends, open_loggers
 from cdc.train.parts import Parts, build, open_run_dir, resume, save, unwrap, wrap_for_training
 from cdc.train.run_files import log_window, save_grid
 
@@ -118,16 +119,18 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     run_dir = Path(run_dir)
     if cfg.train.compile is True and (why := why_not_compiled(dist.device)):
         raise ConfigError(f"train.compile: {why}; fix that, or set train.compile: auto (eager where it cannot) or false")
+    check_backends(cfg.train.log)  # a missing TensorBoard / W&B package: refused before any work
     p = build(cfg, run_dir, dist, open_run_dir(cfg, run_dir, dist))  # init checked before anything is written
     step, nonfinite_total = resume(p)
     wrap_for_training(p)  # after the resume: compiled, DDP-wrapped, with its autocast
-    r = _start(p, step, nonfinite_total, progress)
-    with _Stop() as stop, r.bar if r.bar is not None else contextlib.nullcontext():  # bar ends before errors print
-        while r.step < cfg.train.steps:
-            _step(p, r)
-            if _is_check_step(p, r, stop) and _check(p, r, stop):
-                break
-    _finish(p, r)
+    with open_loggers(cfg, run_dir, dist.main, step) as log:  # train.log's backends, closed however it ends
+        r = _start(p, step, nonfinite_total, progress, log)
+        with _Stop() as stop, r.bar if r.bar is not None else contextlib.nullcontext():  # bar ends before errors print
+            while r.step < cfg.train.steps:
+                _step(p, r)
+                if _is_check_step(p, r, stop) and _check(p, r, stop):
+                    break
+        _finish(p, r)
     return _summary(p, r)
 
 
@@ -139,6 +142,7 @@ class _Progress:
     nonfinite_total: int  # skipped steps over the whole run, as of the last check
     it: Iterator[Any]  # this rank's batches
     bar: Any  # tqdm on rank 0 with `progress`, else None
+    log: Loggers  # TensorBoard / W&B (train.log); no backends off rank 0
     flops_side: dict[int, float]  # training FLOPs (fwd + bwd) per sample of each side
     acc: torch.Tensor  # device-side window: [loss, grad norm, good steps, stage MSE sums (K), counts (K)]
     nf: torch.Tensor  # [consecutive skips, total skips, skips since the last check], also on the device
@@ -159,7 +163,7 @@ class _Progress:
         return "time_limit" if self.timed_out and self.step < steps else None
 
 
-def _start(p: Parts, step: int, nonfinite_total: int, progress: bool) -> _Progress:
+def _start(p: Parts, step: int, nonfinite_total: int, progress: bool, log: Loggers) -> _Progress:
     """The loop's state at `step` (after a resume), the device's peak-memory counter reset."""
     t, dev, K = p.cfg.train, p.dev, len(p.cfg.flow.sides)
     flops_side = {s: 3 * forward_flops(p.cfg, s) for s in p.cfg.flow.sides}
@@ -172,7 +176,7 @@ def _start(p: Parts, step: int, nonfinite_total: int, progress: bool) -> _Progre
     acc = torch.zeros(3 + 2 * K, dtype=torch.float64, device=dev)
     nf = torch.tensor([0.0, float(nonfinite_total), 0.0], dtype=torch.float64, device=dev)
     now = time.perf_counter()
-    r = _Progress(step, nonfinite_total, it, bar, flops_side, acc, nf, done=step, t_start=now, t_win=now)
+    r = _Progress(step, nonfinite_total, it, bar, log, flops_side, acc, nf, done=step, t_start=now, t_win=now)
     if p.cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     return r
@@ -319,7 +323,8 @@ def _log_sample_save(p: Parts, r: _Progress, last: bool) -> None:
     if r.step % t.log_every == 0 or last:
         _log(p, r)
     if t.sample_every and r.step % t.sample_every == 0 and p.dist.main:
-        save_grid(p.ema, p.cfg, p.run_dir / "samples" / f"step_{r.step:07d}.png", p.dev)
+        grid = save_grid(p.ema, p.cfg, p.run_dir / "samples" / f"step_{r.step:07d}.png", p.dev)
+        r.log.log_image(r.step, GRID, grid)
     if t.ckpt_every and r.step % t.ckpt_every == 0 and not last:
         save(p, r.step, r.nonfinite_total, "periodic")
 
@@ -335,6 +340,7 @@ def _log(p: Parts, r: _Progress) -> None:
     r.last = log_window(
         p.run_dir, p.dist, r.acc, r.win, r.step, r.lr, r.t_win, p.cfg, p.cuda, p.dev, r.nonfinite_total, extra
     )
+    r.log.log_metrics(r.last)  # the same line's values to TensorBoard / W&B (rank 0)
     if r.bar is not None:
         r.bar.set_postfix(loss=f"{r.last['loss']:.4f}", img_s=f"{r.last['images_per_s']:.0f}")
     r.acc.zero_()
@@ -351,7 +357,8 @@ def _finish(p: Parts, r: _Progress) -> None:
     if not r.signum:  # the agreed signal, not this rank's flag: every rank must take part in save()
         save(p, r.step, r.nonfinite_total, "time_limit" if _status(p, r) == "time_limit" else "end")
         if p.dist.main and p.cfg.train.sample_every:
-            save_grid(p.ema, p.cfg, p.run_dir / "samples" / f"step_{r.step:07d}.png", p.dev)
+            grid = save_grid(p.ema, p.cfg, p.run_dir / "samples" / f"step_{r.step:07d}.png", p.dev)
+            r.log.log_image(r.step, GRID, grid)
     if r.bar is not None:
         r.bar.close()
     D.barrier()

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cdc.config import Config, ConfigError, from_dict, to_dict
@@ -178,9 +179,11 @@ def log_window(
 
 
 @torch.no_grad()
-def save_grid(ema: torch.nn.Module, cfg: Config, path: Path, dev: torch.device, per_class: int = 8) -> None:
-    """A labelled EMA sample grid: one row per class (first 10 classes), fixed seeds."""
-    from torchvision.utils import save_image
+def save_grid(ema: torch.nn.Module, cfg: Config, path: Path, dev: torch.device, per_class: int = 8) -> np.ndarray:
+    """A labelled EMA sample grid: one row per class (first 10 classes), fixed seeds; returns the
+    PNG's pixels (uint8 HWC) for the logging backends."""
+    from PIL import Image
+    from torchvision.utils import make_grid
 
     from cdc.flow.sampler import image_seed, sample
 
@@ -205,5 +208,9 @@ def save_grid(ema: torch.nn.Module, cfg: Config, path: Path, dev: torch.device, 
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    save_image((out.x.float().clamp(-1, 1) + 1) / 2, tmp, nrow=per_class, padding=1)
+    # torchvision's save_image, with the pixels kept: the same PNG
+    grid = make_grid((out.x.float().clamp(-1, 1) + 1) / 2, nrow=per_class, padding=1)
+    img = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+    Image.fromarray(img).save(tmp, format="PNG")
     tmp.replace(path)
+    return img
