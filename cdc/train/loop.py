@@ -35,6 +35,7 @@ from cdc.train import distributed as D
 from cdc.train.loggers import GRID, Loggers, check_backends, open_loggers
 from cdc.train.parts import Parts, build, open_run_dir, resume, save, unwrap, wrap_for_training
 from cdc.train.run_files import log_window, save_grid
+from cdc.train.run_lock import RunLock
 
 
 class NonFiniteError(RuntimeError):
@@ -113,14 +114,19 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     """Train (or resume) the run in `run_dir`; returns a summary of the last logged metrics and how
     the run ended, the same on every rank: `status` "done", "time_limit" (train.max_minutes) or
     "interrupted" (`signal` SIGINT / SIGTERM; `stopped` True), `step` of `steps`, `minutes` trained
-    by this process, the `checkpoint` saved last."""
+    by this process, the `checkpoint` saved last. Another run holding `run_dir` refuses it
+    (cdc.train.run_lock.RunDirBusy, a ValueError)."""
+    with RunLock() as lock:  # rank 0 holds the run dir's lock from open_run_dir to the run's end
+        return _train(cfg, Path(run_dir), progress, lock)
+
+
+def _train(cfg: Config, run_dir: Path, progress: bool, lock: RunLock) -> dict[str, Any]:
     dist = D.init()
     cfg = for_world(cfg, dist.world)  # grad_accum from train.global_batch, recorded in config.yaml
-    run_dir = Path(run_dir)
     if cfg.train.compile is True and (why := why_not_compiled(dist.device)):
         raise ConfigError(f"train.compile: {why}; fix that, or set train.compile: auto (eager where it cannot) or false")
     check_backends(cfg.train.log)  # a missing TensorBoard / W&B package: refused before any work
-    p = build(cfg, run_dir, dist, open_run_dir(cfg, run_dir, dist))  # init checked before anything is written
+    p = build(cfg, run_dir, dist, open_run_dir(cfg, run_dir, dist, lock))  # init checked before anything is written
     step, nonfinite_total = resume(p)
     wrap_for_training(p)  # after the resume: compiled, DDP-wrapped, with its autocast
     with open_loggers(cfg, run_dir, dist.main, step) as log:  # train.log's backends, closed however it ends

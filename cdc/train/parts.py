@@ -21,6 +21,7 @@ from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
 from cdc.train.init_from import resolve_init, start_from_init
 from cdc.train.run_files import check_compatible, resume_other_world, truncate_metrics
+from cdc.train.run_lock import RunDirBusy, RunLock
 
 
 def say(msg: str) -> None:
@@ -61,17 +62,23 @@ class Parts:
         return self.dev.type == "cuda"
 
 
-def open_run_dir(cfg: Config, run_dir: Path, dist: D.Dist) -> Any:
-    """Load and check train.init before anything is written, then (rank 0) check the run dir's
-    config against this one and record config.yaml; returns the loaded init (None without one)."""
+def open_run_dir(cfg: Config, run_dir: Path, dist: D.Dist, lock: RunLock | None = None) -> Any:
+    """Load and check train.init before anything is written, then (rank 0) take the run dir's
+    `lock` (every rank refuses alike when another run holds it), check the run dir's config against
+    this one and record config.yaml; returns the loaded init (None without one)."""
     init = resolve_init(cfg, run_dir)
     from cdc.data.loader import resolve_shards
 
     resolve_shards(cfg.data.shards)  # missing data or a bad manifest: refused before the run dir exists
+    busy = None
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        check_compatible(run_dir, cfg)
-        ckpt.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
+        busy = lock.acquire(run_dir) if lock is not None else None
+        if busy is None:  # a refused run writes nothing
+            check_compatible(run_dir, cfg)
+            ckpt.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
+    if (busy := D.all_gather_objects(busy)[0]) is not None:  # rank 0's outcome, seen by every rank
+        raise RunDirBusy(busy)
     D.barrier()
     return init
 
