@@ -38,8 +38,18 @@ def init(timeout_minutes: float = 30.0) -> Dist:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
         kwargs = {"device_id": device} if cuda else {}
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **kwargs)
+        timeout = timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend, store=_attempt_store(timeout), rank=rank, world_size=world, timeout=timeout, **kwargs)
     return Dist(rank, world, local, device)
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store:
+    """The env:// store (MASTER_ADDR/PORT), its keys under this torchrun attempt's prefix.
+
+    torchrun's elastic agent keeps one store across restarts (--max-restarts); without the prefix a
+    restarted group reads the dead group's gloo addresses and fails with "connection refused"."""
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"cdc/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier() -> None:
