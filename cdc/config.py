@@ -45,6 +45,10 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / width
     pos: str = "rope"  # 2-D positions: "rope" (rotary on q,k) or "sincos" (added to tokens)
     pos_units: str = "final"  # "final": coordinates in final-grid units; "native": per-stage grid
+    # side whose token grid the "final" units refer to; 0 = flow.sides[-1]. A run grown by a stage
+    # (train.init with one more side) keeps its init's final side, so the old stages see the
+    # positions they were trained with and the new stage interpolates between them
+    pos_side: int = 0
     res_fusion: str = "xattn"  # resolution-embedding fusion: "xattn" (App. F eq. 41-44) or "add"
     attn_bias: bool = True  # bias in the qkv projection (Table 7)
     qk_norm: bool = False  # RMS-normalise q and k per head (stabilises bf16 at scale)
@@ -71,6 +75,9 @@ class FlowConfig:
     tau_dist: str = "uniform"
     tau_loc: float = 0.0  # logit_normal: mean of z (> 0 favours tau near 1, the data end)
     tau_scale: float = 1.0  # logit_normal: std of z (> 0; large -> mass at both ends)
+    # relative probability of drawing each stage's time window in training (one weight >= 0 per
+    # side, e.g. [1, 1, 8] to train mostly a newly grown stage); None = by the bounds (the paper)
+    stage_weights: list[float] | None = None
 
 
 @dataclass
@@ -131,6 +138,9 @@ class TrainConfig:
     peak_tflops: float = 800.0
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
     init: str = ""  # checkpoint file or run dir whose EMA weights start a fresh run (fine-tune); "" = random
+    # with train.init: learning-rate multiplier of the transformer blocks that came from the init
+    # (the shared trunk); 0 freezes them, 1 trains them like the rest (grow a stage: docs/grow.md)
+    init_trunk_lr: float = 1.0
     # where metrics, preview grids and the config go: jsonl (metrics.jsonl, always written) plus
     # tensorboard (RUN/tensorboard) and/or wandb; pip install 'cdc[tensorboard]' / 'cdc[wandb]'
     log: list[str] = field(default_factory=lambda: ["jsonl"])
@@ -374,6 +384,18 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"flow.bounds: need {len(f.sides) + 1} increasing values from 0 to 1, got {b}")
     if f.sigma <= 0 or f.gamma <= 0:
         raise ConfigError("flow.sigma and flow.gamma must be > 0")
+    if f.stage_weights is not None and (
+        len(f.stage_weights) != len(f.sides) or min(f.stage_weights) < 0 or sum(f.stage_weights) <= 0
+    ):
+        raise ConfigError(
+            f"flow.stage_weights: need one weight >= 0 per side ({len(f.sides)}), not all 0, got {f.stage_weights}"
+        )
+    if t.init_trunk_lr < 0:
+        raise ConfigError(f"train.init_trunk_lr must be >= 0 (0 freezes the trunk), got {t.init_trunk_lr}")
+    if m.pos_side and (m.pos_side % m.patch or m.pos_side > f.sides[-1]):
+        raise ConfigError(
+            f"model.pos_side: {m.pos_side} must be a multiple of model.patch={m.patch} and <= flow.sides[-1]; 0 = sides[-1]"
+        )
     if f.tau_scale <= 0:
         raise ConfigError(f"flow.tau_scale must be > 0, got {f.tau_scale}")
     if len(s.steps) not in (1, len(f.sides)) or min(s.steps) < 1:

@@ -40,7 +40,7 @@ from PIL import Image
 
 from cdc.data.imageproc import LEVEL_EXTS
 from cdc.fileio import BadFileError, bad_file, one_line, read_json, warn
-from cdc.flow.matching import Batch, Schedule, warp_time
+from cdc.flow.matching import Batch, Schedule, warp_time, weight_stages
 
 
 def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
@@ -156,6 +156,7 @@ class _Plan:
         self.random_crop, self.hflip = cfg.data.random_crop, cfg.data.hflip
         self.sched = Schedule.from_config(cfg.flow)
         self.tau_dist, self.tau_loc, self.tau_scale = cfg.flow.tau_dist, cfg.flow.tau_loc, cfg.flow.tau_scale
+        self.stage_weights = cfg.flow.stage_weights
         self.sides = list(cfg.flow.sides)
         counts = {s["name"]: s["count"] for s in manifest["shards"]} if manifest else {}
         self.counts = [counts.get(os.path.basename(u)) for u in urls]
@@ -373,7 +374,7 @@ class _Stream(torch.utils.data.IterableDataset):
             if not hasattr(P, "T"):  # no manifest: levels from the first sample's keys
                 P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(LEVEL_EXTS)))
             rng = np.random.default_rng([P.seed, P.rank, w, epoch, j])
-            t = float(rng.random())
+            t = weight_stages(float(rng.random()), P.sched, P.stage_weights)  # flow.stage_weights
             t32 = torch.tensor([t], dtype=torch.float32)
             k = int(P.sched.stage_of(t32)[0])
             if P.tau_dist != "uniform":  # tau moves inside stage k (flow.tau_dist); the stage stays

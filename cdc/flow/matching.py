@@ -82,6 +82,28 @@ class Schedule:
 _STD_NORMAL = NormalDist()
 
 
+def weight_stages(t: float, sched: Schedule, weights: Sequence[float] | None) -> float:
+    """A uniform draw `t` in [0, 1) moved so stage k's window is hit with probability w_k / sum(w).
+
+    `flow.stage_weights` (e.g. train mostly a newly grown stage): [0, 1) is cut into pieces of
+    length w_k / sum(w) and piece k is mapped linearly onto [t0_k, t1_k), so t stays uniform inside
+    its stage. One number in, one out: the loader's random streams, and so exact resume, do not
+    change; None returns t itself, bit for bit the paper's draw.
+    """
+    if weights is None:
+        return t
+    total, lo = float(sum(weights)), 0.0
+    last = max(k for k, w in enumerate(weights) if w > 0)
+    for k, w in enumerate(weights):
+        hi = lo + w / total
+        if w > 0 and (t < hi or k == last):
+            u = min(max((t - lo) / (hi - lo), 0.0), 1 - 1e-6)  # the margin keeps float32(t) in [t0, t1)
+            t0, t1 = sched.bounds[k], sched.bounds[k + 1]
+            return t0 + u * (t1 - t0)
+        lo = hi
+    raise AssertionError("unreachable: the last weighted stage takes every t")
+
+
 def warp_time(
     t: float, sched: Schedule, dist: str = "uniform", loc: float = 0.0, scale: float = 1.0, k: int | None = None
 ) -> float:

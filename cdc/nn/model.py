@@ -66,6 +66,7 @@ class DiT(CompiledTrunk, nn.Module):
         head: str = "linear",
         head_channels: int = 16,
         step_cond: bool = False,
+        pos_side: int = 0,
     ):
         super().__init__()
         if width % heads or (pos == "rope" and (width // heads) % 4) or (pos == "sincos" and width % 4):
@@ -82,7 +83,8 @@ class DiT(CompiledTrunk, nn.Module):
         self.patch, self.in_channels, self.num_classes = patch, in_channels, num_classes
         self.width, self.heads, self.head_dim = width, heads, width // heads
         self.pos, self.pos_units, self.timesteps = pos, pos_units, timesteps
-        self.final_grid = final_side // patch  # G: token grid side at the final stage
+        # G: token grid side at the final stage, or at pos_side (a grown run keeps its init's units)
+        self.final_grid = (pos_side or final_side) // patch
         self.grad_checkpointing = False  # recompute each block in backward (torch.utils.checkpoint)
 
         self.x_embed = nn.Linear(patch * patch * in_channels, width)  # == Conv2d(k=p, stride=p)
@@ -276,6 +278,7 @@ def _build_dit(cfg: Config) -> DiT:
         head=m.head,
         head_channels=m.head_channels,
         step_cond=m.step_cond,
+        pos_side=m.pos_side,
     )
 
 

@@ -192,7 +192,7 @@ def _step(p: Parts, r: _Progress) -> None:
     """One optimizer step over train.grad_accum micro-batches, its statistics added to the window."""
     r.lr = lr_at(r.step, p.cfg)
     for g in p.opt.param_groups:
-        g["lr"] = r.lr
+        g["lr"] = r.lr * g.get("lr_scale", 1.0)  # train.init_trunk_lr's trunk group (init_from.param_groups)
     step_loss, stage_sum, stage_n = _forward_backward(p, r)
     keep, gn = _update(p, step_loss)
     r.step += 1  # provisional: the next check takes back the skipped steps

@@ -19,7 +19,7 @@ from cdc.nn.compiled_trunk import compile_for_training
 from cdc.nn.model import build_model
 from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
-from cdc.train.init_from import resolve_init, start_from_init
+from cdc.train.init_from import param_groups, resolve_init, start_from_init
 from cdc.train.run_files import check_compatible, resume_other_world, truncate_metrics
 from cdc.train.run_lock import RunDirBusy, RunLock
 
@@ -98,12 +98,13 @@ def build(cfg: Config, run_dir: Path, dist: D.Dist, init: Any) -> Parts:
     # few-step fine-tune: init weights (a resume overwrites them) and the frozen teacher's
     # guided d = 0 field as anchor; None without train.init
     anchor = start_from_init(model, cfg, dev, init) if t.init else None
+    params = param_groups(model, cfg, init)  # train.init_trunk_lr: the trunk's lr scale, or frozen
     del init  # the init weights now live in the model (and teacher): no second copy in RAM
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
     # fused AdamW (CUDA and CPU) takes a device-side found_inf flag: a non-finite step is skipped
     # without the host ever reading the flag
     opt = torch.optim.AdamW(
-        model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, fused=True
+        params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, fused=True
     )
     gen = torch.Generator(dev).manual_seed(t.seed * 100_003 + dist.rank)  # noise and label dropout
     # told its device, the loader pins host memory on CUDA so the copies are truly asynchronous
