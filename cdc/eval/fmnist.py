@@ -73,9 +73,12 @@ def to_float(u8: Tensor | np.ndarray) -> Tensor:
 
 
 class Classifier(nn.Module):
-    """Three conv blocks (32 -> 16 -> 8 -> 4 px) and a 256-d penultimate layer; ~0.35M parameters."""
+    """Three conv blocks (32 -> 16 -> 8 -> 4 px) and a 256-d penultimate layer; ~0.35M parameters.
 
-    def __init__(self, width: int = 16, num_classes: int = 10):
+    `channels`, `num_classes` and `side` let the same judge serve other small datasets (the
+    imagenet-mini judge of bin/grow-judge: RGB, 200 classes, 64 px)."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10, channels: int = 1, side: int = 32):
         super().__init__()
         w = width
 
@@ -90,8 +93,8 @@ class Classifier(nn.Module):
                 nn.MaxPool2d(2),
             )
 
-        self.body = nn.Sequential(block(1, w), block(w, 2 * w), block(2 * w, 4 * w))
-        self.feat = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, FEAT_DIM), nn.ReLU(inplace=True))
+        self.body = nn.Sequential(block(channels, w), block(w, 2 * w), block(2 * w, 4 * w))
+        self.feat = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * (side // 8) ** 2, FEAT_DIM), nn.ReLU(inplace=True))
         self.head = nn.Linear(FEAT_DIM, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
@@ -108,7 +111,7 @@ def _batched(fn, x: Tensor, batch: int = 500) -> Tensor:
 
 def train_classifier(
     x: Tensor, y: Tensor, epochs: int = 2, batch: int = 128, lr: float = 2e-3, seed: int = 0, width: int = 16,
-    progress: bool = False,
+    progress: bool = False, num_classes: int = 10,
 ) -> Classifier:  # fmt: skip
     """Adam with a one-cycle-like cosine lr; random 1-px shifts so it tolerates slight misplacement.
 
@@ -117,7 +120,7 @@ def train_classifier(
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = Classifier(width)
+    model = Classifier(width, num_classes, x.shape[1], x.shape[-1])
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * ((len(x) + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
