@@ -30,6 +30,11 @@ def test_gpu_check_cpu_mode_writes_every_figure(tmp_path):
     assert res["sample"]["2x4x2"]["nfe_per_image"] == 2 * res["sample"]["1x4x2"]["nfe_per_image"]
     assert all(r["sec_per_image"] > 0 for r in res["sample"].values())
     assert res["loader"]["loader_images_per_s"] > 0 and res["loader"]["prepare_images_per_s"] > 0
+    # Fig. 2: the recipe's chain stopped at 64..512 px, 1 step per stage, CFG x2 -> 2 NFE per stage
+    rows = res["resolution"]["curves"]["prefix"]
+    assert [c["side"] for c in rows] == [64, 128, 256, 512] and [c["nfe"] for c in rows] == [2, 4, 6, 8]
+    assert rows[-1]["stage_sides"] == [64, 128, 256, 512] and all(c["sec_per_image"] > 0 for c in rows)
+    assert all(c["us_per_pixel"] == c["sec_per_image"] / c["side"] ** 2 * 1e6 for c in rows)
     # every gpu-marked test is named with its outcome (a timeout keeps the finished ones)
     assert res["tests"]["passed"] == 0 and "test_exact_resume_on_cuda[False]" in res["tests"]["skipped"]
 
