@@ -26,8 +26,8 @@ def _flags_show_no_value(params: list[Any]) -> None:
             p.metavar = ""
 
 
-class _Command(TyperCommand):
-    """A command whose flags show no value in --help (see _flags_show_no_value)."""
+class _FlagsShowNoValue:
+    """Mixed into the command and group classes: flags show no value in --help (_flags_show_no_value)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -39,17 +39,12 @@ class _Command(TyperCommand):
         return opt
 
 
-class _Group(TyperGroup):
-    """The `cdc` group, its flags shown like the commands' (see _flags_show_no_value)."""
+class _Command(_FlagsShowNoValue, TyperCommand):
+    """A `cdc` command."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _flags_show_no_value(self.params)
 
-    def get_help_option(self, ctx: Any) -> Any:
-        opt = super().get_help_option(ctx)
-        _flags_show_no_value([opt] if opt is not None else [])
-        return opt
+class _Group(_FlagsShowNoValue, TyperGroup):
+    """The `cdc` group."""
 
 
 app = typer.Typer(

@@ -76,3 +76,13 @@ def take(loader, n: int) -> list:
         if len(out) == n:
             return out
     raise AssertionError("loader ended")
+
+
+@pytest.fixture
+def one_thread():
+    """In-process torch on one thread, like the subprocesses (OMP_NUM_THREADS=1): on a busy 2-core
+    machine two threads make these tiny models ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

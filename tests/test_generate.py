@@ -463,15 +463,6 @@ def test_torchrun_two_ranks_equal_one(run_dir, tmp_path):
     assert meta["world_size"] == 2 and meta["generated"] == 5
 
 
-@pytest.fixture
-def one_thread():
-    """In-process torch on one thread, like the subprocesses (OMP_NUM_THREADS=1): on a busy 2-core
-    machine two threads make these tiny models ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_cli_sample_with_a_record_and_a_resume_command(run_dir, tmp_path, sig, one_thread):

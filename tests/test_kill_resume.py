@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from conftest import smooth_image_tree, subprocess_env
 from typer.testing import CliRunner
@@ -113,15 +112,6 @@ def _tiny_run(root: Path) -> Path:
     ckpt_lib.save(root / "checkpoints" / "step_0000010.pt", state)
     return root
 
-
-@pytest.fixture
-def one_thread():
-    """In-process torch on one thread, like the children (OMP_NUM_THREADS=1): on a busy 2-core
-    machine two threads make these tiny models ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_sample_killed_twice_then_resumed_equals_uninterrupted(tmp_path, one_thread):

@@ -162,15 +162,6 @@ def test_ctrl_c_saves_exits_130_and_its_command_continues(shards, tmp_path):
     assert "stopped" not in r.stderr and "stop" not in metrics(run)[-1]
 
 
-@pytest.fixture
-def one_thread():
-    """In-process torch on one thread, like the subprocesses (OMP_NUM_THREADS=1): on a busy 2-core
-    machine two threads make these tiny models ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_time_limit_stop_exits_0_and_says_so(shards, tmp_path, one_thread):
     rec = write_recipe(tmp_path, recipe(shards, steps=12))
