@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 import cdc.config as config
@@ -205,11 +206,18 @@ def test_api_defaults_come_from_the_checkpoint(run_dir, tmp_path):
     assert torch.equal(images, torch.from_numpy(_npz(tmp_path / "s")).permute(0, 3, 1, 2))
 
 
-def test_readme_python_example(exported):
-    """The README's snippet (DIR: an exported folder)."""
-    from cdc import load
+def test_readme_python_example(exported, tmp_path, monkeypatch, one_thread):
+    """The README's own "From Python" code block, run as written against the tiny test model
+    (its `runs/quickstart` pointed at this module's exported folder)."""
+    import re
 
-    g = load(str(exported), device="cpu")
-    images = g.sample(classes=[3, 7], n=8, steps=2, seed=0)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### From Python\s+```python\n(.*?)```", readme, re.S).group(1)
+    assert 'load("runs/quickstart")' in block and ".save(" in block
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(block.replace('"runs/quickstart"', repr(str(exported))), scope)
+    images = scope["images"]
     assert images.shape == (8, 1, 32, 32) and images.dtype == torch.uint8
-    assert [im.size for im in g.to_pil(images)] == [(32, 32)] * 8
+    assert Image.open(tmp_path / "first.png").size == (32, 32)
+    assert torch.equal(images, scope["g"].sample(classes=[3, 7], n=8, seed=0))  # per-image seeds
