@@ -100,10 +100,14 @@ def _guided(
             return net([x], [tt], [y_null], *extra)[0]
         nfe[0] += 2 * cost
         both = net([torch.cat([x, x])], [torch.cat([tt, tt])], [torch.cat([y, y_null])], *extra2)[0]  # (2B, C, r, r)
-        v_c, v_u = both[:B], both[B:]
-        return v_u + scale * (v_c - v_u)
+        return _cfg_combine(both[:B], both[B:], scale)
 
     return v, nfe
+
+
+def _cfg_combine(v_c: Tensor, v_u: Tensor, scale: float) -> Tensor:
+    """Eq. 77: the unconditional velocity moved `scale` times the way to the conditional one."""
+    return v_u + scale * (v_c - v_u)
 
 
 def _per_stage(value, conv, K: int) -> list:
@@ -122,37 +126,57 @@ def _integrate(
     v, x: Tensor, steps: int, solver: str, m: Tensor, sigma_k: float, noise: ImageNoise, sde_eps: float,
     step_cond: bool = False,
 ):
-    if step_cond:  # shortcut: Euler steps whose size the net is told
-        dt = 1.0 / steps
-        for i in range(steps):
-            x = x + dt * v(x, i * dt, dt)
-        return x
+    """One stage's path from tau = 0 to 1 in `steps` model evaluations (the module doc's solvers)."""
+    if step_cond:
+        return _shortcut_steps(v, x, steps)
     if solver == "heun":
-        plan = _heun_plan(steps)
-        n = len(plan)
-        for i, heun in enumerate(plan):
-            tau, dt = i / n, 1.0 / n
-            d = v(x, tau)
-            if heun:
-                x_e = x + dt * d
-                x = x + dt * 0.5 * (d + v(x_e, tau + dt))
-            else:
-                x = x + dt * d
-        return x
+        return _heun_steps(v, x, steps)
     dt = 1.0 / steps
     for i in range(steps):
         tau = i * dt
         b = v(x, tau)
         if solver == "euler" or i == steps - 1:
             x = x + dt * b  # the last SDE step is deterministic so no noise is left in the output
-            continue
-        # SDE of App. D (eq. 34) for the linear interpolant with x0 ~ N(m, sigma_k^2 I):
-        # score s = -(x - m - tau b) / ((1 - tau) sigma_k^2); with eps_tau = eps (1 - tau) sigma_k^2 the
-        # drift correction eps_tau * s = -eps (x - m - tau b) stays bounded and the noise vanishes at tau=1.
-        drift = b - sde_eps * (x - m - tau * b)
-        dw = noise(tuple(x.shape[1:]), x.dtype)
-        x = x + dt * drift + sigma_k * (2 * sde_eps * (1 - tau) * dt) ** 0.5 * dw
+        else:
+            x = _sde_step(x, b, tau, dt, m, sigma_k, noise, sde_eps)
     return x
+
+
+def _shortcut_steps(v, x: Tensor, steps: int) -> Tensor:
+    """Few-step models: Euler steps whose size the net is told (its output is the average velocity)."""
+    dt = 1.0 / steps
+    for i in range(steps):
+        x = x + dt * v(x, i * dt, dt)
+    return x
+
+
+def _heun_steps(v, x: Tensor, steps: int) -> Tensor:
+    """Heun's method over ceil(steps/2) intervals, the last one Euler when `steps` is odd."""
+    plan = _heun_plan(steps)
+    n = len(plan)
+    for i, heun in enumerate(plan):
+        tau, dt = i / n, 1.0 / n
+        d = v(x, tau)
+        if heun:
+            x_e = x + dt * d
+            x = x + dt * 0.5 * (d + v(x_e, tau + dt))
+        else:
+            x = x + dt * d
+    return x
+
+
+def _sde_step(
+    x: Tensor, b: Tensor, tau: float, dt: float, m: Tensor, sigma_k: float, noise: ImageNoise, sde_eps: float
+) -> Tensor:
+    """One Euler-Maruyama step of the SDE of App. D (eq. 34), given the velocity b at (x, tau).
+
+    For the linear interpolant with x0 ~ N(m, sigma_k^2 I) the score is
+    s = -(x - m - tau b) / ((1 - tau) sigma_k^2); with eps_tau = eps (1 - tau) sigma_k^2 the drift
+    correction eps_tau * s = -eps (x - m - tau b) stays bounded and the noise vanishes at tau=1.
+    """
+    drift = b - sde_eps * (x - m - tau * b)
+    dw = noise(tuple(x.shape[1:]), x.dtype)
+    return x + dt * drift + sigma_k * (2 * sde_eps * (1 - tau) * dt) ** 0.5 * dw
 
 
 @torch.no_grad()
@@ -185,6 +209,35 @@ def sample(
     stage k on (super-resolution of an existing image; probing one stage on real coarse data).
     The noise streams are drawn as if the skipped stages had run, so image i is unchanged.
     """
+    steps_k, cfg_k, ag_k = _check_options(
+        sched, y, seeds, steps, cfg, null_class, solver, sde_eps, interpolant, step_cond, guide, guide_scale
+    )
+    noise = ImageNoise(seeds, y.device)
+    fields = _stage_fields(net, guide, y, null_class, cfg_k, ag_k, interval)
+    k0, x = _start_stage(start, sched, y.shape[0], channels)
+    nfe = 0
+    stages: list[Tensor] = []
+    for k, side in enumerate(sched.sides):
+        shape = (channels, side, side)
+        if k < k0:
+            _skip_stage_noise(noise, shape, solver, steps_k[k])
+            continue
+        m, x0 = _stage_prior(x, k, sched, noise, shape, y)
+        v, nfe_k = fields[k]
+        x = _integrate(v, x0, steps_k[k], solver, m, sched.sigma_k(k), noise, sde_eps, step_cond)
+        nfe += nfe_k[0]
+        if on_stage is not None:
+            on_stage(k, x)
+        if return_stages:
+            stages.append(x)
+    return SampleOut(x, stages if return_stages else None, nfe)
+
+
+def _check_options(
+    sched: Schedule, y: Tensor, seeds: Sequence[int], steps, cfg, null_class: int | None, solver: str,
+    sde_eps: float, interpolant: str, step_cond: bool, guide: VelocityNet | None, guide_scale,
+) -> tuple[list[int], list[float], list[float]]:
+    """`sample`'s arguments checked, one line per mistake; the per-stage steps, CFG and guide weights."""
     B = y.shape[0]
     if len(seeds) != B:
         raise ValueError(f"need one seed per image: {len(seeds)} seeds for {B} labels")
@@ -210,45 +263,48 @@ def sample(
         raise ValueError("guide_scale != 1 needs a guide net (autoguidance)")
     if any(c != 1.0 for c in cfg_k) and null_class is None:
         raise ValueError("CFG needs the null class index (model.num_classes)")
-    device = y.device
-    noise = ImageNoise(seeds, device)
+    return steps_k, cfg_k, ag_k
+
+
+def _stage_fields(
+    net: VelocityNet, guide: VelocityNet | None, y: Tensor, null_class: int | None,
+    cfg_k: list[float], ag_k: list[float], interval: tuple[float, float],
+) -> list:
+    """Each stage's guided velocity field and its evaluation counter (`_guided`)."""
     null = null_class if null_class is not None else -1
-    guided = [
+    return [
         _guided(net, y, null, c, tuple(interval))
         if w == 1.0
         else _guided(autoguided(net, guide, w), y, null, c, tuple(interval), cost=2)
         for c, w in zip(cfg_k, ag_k, strict=True)
     ]
-    nfe = 0
-    stages: list[Tensor] = []
-    x = None
-    k0 = 0
-    if start is not None:
-        k0, x = int(start[0]), start[1]
-        if not 1 <= k0 < sched.K or tuple(x.shape) != (B, channels, sched.sides[k0 - 1], sched.sides[k0 - 1]):
-            raise ValueError(
-                f"start=(k, images) needs 1 <= k < {sched.K} and images of shape "
-                f"({B}, {channels}, r, r) at the side of stage k-1, got k={k0}, {tuple(x.shape)}"
-            )
-    for k, side in enumerate(sched.sides):
-        shape = (channels, side, side)
-        if k < k0:  # keep every image's noise stream where a full run would have it
+
+
+def _start_stage(start: tuple[int, Tensor] | None, sched: Schedule, B: int, channels: int):
+    """(first stage to run, its coarse input): (0, None) for a full run, else `start` checked."""
+    if start is None:
+        return 0, None
+    k0, x = int(start[0]), start[1]
+    if not 1 <= k0 < sched.K or tuple(x.shape) != (B, channels, sched.sides[k0 - 1], sched.sides[k0 - 1]):
+        raise ValueError(
+            f"start=(k, images) needs 1 <= k < {sched.K} and images of shape "
+            f"({B}, {channels}, r, r) at the side of stage k-1, got k={k0}, {tuple(x.shape)}"
+        )
+    return k0, x
+
+
+def _skip_stage_noise(noise: ImageNoise, shape: tuple[int, ...], solver: str, steps: int) -> None:
+    """Draw what a skipped stage would have drawn, so every image's noise stream stays in step."""
+    noise(shape)
+    if solver == "sde":
+        for _ in range(steps - 1):
             noise(shape)
-            if solver == "sde":
-                for _ in range(steps_k[k] - 1):
-                    noise(shape)
-            continue
-        if k == 0:
-            m = torch.zeros((B, *shape), device=device)
-            x0 = sched.sigma * noise(shape)
-        else:
-            m = up_to(x, side)
-            x0 = inference_prior(x, k, sched, noise(shape))
-        v, nfe_k = guided[k]
-        x = _integrate(v, x0, steps_k[k], solver, m, sched.sigma_k(k), noise, sde_eps, step_cond)
-        nfe += nfe_k[0]
-        if on_stage is not None:
-            on_stage(k, x)
-        if return_stages:
-            stages.append(x)
-    return SampleOut(x, stages if return_stages else None, nfe)
+
+
+def _stage_prior(
+    x: Tensor | None, k: int, sched: Schedule, noise: ImageNoise, shape: tuple[int, ...], y: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Stage k's source mean m and start X_0: N(0, sigma^2) at k = 0, else U(x) + sigma_k zeta (eq. 17)."""
+    if k == 0:
+        return torch.zeros((y.shape[0], *shape), device=y.device), sched.sigma * noise(shape)
+    return up_to(x, shape[-1]), inference_prior(x, k, sched, noise(shape))
