@@ -345,13 +345,38 @@ def _check_ranges(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks; each failure is one line naming the key."""
-    m, f, t, s = cfg.model, cfg.flow, cfg.train, cfg.sample
+    """Cross-field checks; each failure is one line naming the key (checked in this order)."""
+    m, f, t = cfg.model, cfg.flow, cfg.train
     _check_ranges(cfg)
+    _check_heads(m)
+    _check_choices(cfg)
+    _check_stage_path(f, m)
+    if t.init_trunk_lr < 0:
+        raise ConfigError(f"train.init_trunk_lr must be >= 0 (0 freezes the trunk), got {t.init_trunk_lr}")
+    if m.pos_side and (m.pos_side % m.patch or m.pos_side > f.sides[-1]):
+        raise ConfigError(
+            f"model.pos_side: {m.pos_side} must be a multiple of model.patch={m.patch} and <= flow.sides[-1]; 0 = sides[-1]"
+        )
+    if f.tau_scale <= 0:
+        raise ConfigError(f"flow.tau_scale must be > 0, got {f.tau_scale}")
+    _check_sample(cfg.sample, f)
+    _check_train(t)
+    _check_fewstep(cfg)
+    if not 0.0 <= t.label_dropout < 1.0:
+        raise ConfigError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
+
+
+def _check_heads(m: ModelConfig) -> None:
+    """The width splits into heads, and a RoPE head dim into 4 parts (2 axes x cos/sin)."""
     if m.width % m.heads:
         raise ConfigError(f"model.width ({m.width}) must be divisible by model.heads ({m.heads})")
     if m.pos == "rope" and (m.width // m.heads) % 4:
         raise ConfigError(f"model.pos=rope needs a head dim divisible by 4, got {m.width // m.heads}")
+
+
+def _check_choices(cfg: Config) -> None:
+    """Every option that takes one of a few names."""
+    m, f, t, s = cfg.model, cfg.flow, cfg.train, cfg.sample
     for key, val, ok in [
         ("model.pos", m.pos, ("rope", "sincos")),
         ("model.pos_units", m.pos_units, ("final", "native")),
@@ -367,6 +392,10 @@ def validate(cfg: Config) -> None:
     ]:
         if val not in ok:
             raise ConfigError(f"{key}: {val!r} is not one of {list(ok)}")
+
+
+def _check_stage_path(f: FlowConfig, m: ModelConfig) -> None:
+    """The sides (powers of two apart, the first a multiple of the patch), bounds, noise and weights."""
     if not 0.0 < f.alpha_min < 1.0:
         raise ConfigError(f"flow.alpha_min must be in (0, 1), got {f.alpha_min}")
     if not f.sides:
@@ -390,14 +419,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"flow.stage_weights: need one weight >= 0 per side ({len(f.sides)}), not all 0, got {f.stage_weights}"
         )
-    if t.init_trunk_lr < 0:
-        raise ConfigError(f"train.init_trunk_lr must be >= 0 (0 freezes the trunk), got {t.init_trunk_lr}")
-    if m.pos_side and (m.pos_side % m.patch or m.pos_side > f.sides[-1]):
-        raise ConfigError(
-            f"model.pos_side: {m.pos_side} must be a multiple of model.patch={m.patch} and <= flow.sides[-1]; 0 = sides[-1]"
-        )
-    if f.tau_scale <= 0:
-        raise ConfigError(f"flow.tau_scale must be > 0, got {f.tau_scale}")
+
+
+def _check_sample(s: SampleConfig, f: FlowConfig) -> None:
+    """sample.steps / cfg / guide per stage, a solver the interpolant allows, the CFG interval."""
     if len(s.steps) not in (1, len(f.sides)) or min(s.steps) < 1:
         raise ConfigError(
             f"sample.steps: give one count >= 1 or one per stage ({len(f.sides)}), got {s.steps}"
@@ -410,6 +435,10 @@ def validate(cfg: Config) -> None:
         )
     if len(s.interval) != 2 or not 0.0 <= s.interval[0] <= s.interval[1] <= 1.0:
         raise ConfigError(f"sample.interval: need [lo, hi] with 0 <= lo <= hi <= 1, got {s.interval}")
+
+
+def _check_train(t: TrainConfig) -> None:
+    """train.compile, betas, log backends and the global batch."""
     if t.compile not in (True, False, "auto"):
         raise ConfigError(f"train.compile: {t.compile!r} is not one of true, false, auto")
     if len(t.betas) != 2:
@@ -422,7 +451,11 @@ def validate(cfg: Config) -> None:
             f"train.global_batch ({t.global_batch}) must be 0 (off) or a multiple of "
             f"train.batch_size ({t.batch_size})"
         )
-    fs = cfg.fewstep
+
+
+def _check_fewstep(cfg: Config) -> None:
+    """The few-step objective's teacher and guidance, and what a step-conditioned model needs of flow."""
+    m, f, fs = cfg.model, cfg.flow, cfg.fewstep
     if fs.teacher not in ("none", "init"):
         raise ConfigError(f"fewstep.teacher: {fs.teacher!r} is not one of ['none', 'init']")
     _check_guidance("fewstep", fs.cfg, fs.guide, fs.guide_scale, len(f.sides), "the teacher's run")
@@ -438,8 +471,6 @@ def validate(cfg: Config) -> None:
             "where the shortcut sampler's first and last step of every size d < 1 start (tau = 0, 1 - d); "
             "use flow.tau_dist: uniform for a few-step model (or model.step_cond: false)"
         )
-    if not 0.0 <= t.label_dropout < 1.0:
-        raise ConfigError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
 
 
 def for_world(cfg: Config, world: int) -> Config:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cdc.data.loader import read_manifest, read_tar
+from cdc.data.loader import level_bytes, read_manifest, read_tar
 from cdc.fileio import bad_file, one_line
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -173,52 +173,72 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
     if not d.is_dir():
         raise FileNotFoundError(f"reference data folder not found: {d}")
     if (d / "manifest.json").is_file():
-        manifest = read_manifest(d / "manifest.json")
-        listed = [d / sh["name"] for sh in manifest.get("shards", []) if "name" in sh]
-        tars = [t for t in listed if t.is_file()] if listed else sorted(d.glob("*.tar"))
-        if not tars or len(tars) < len(listed):
-            raise ValueError(
-                f"{d}: shards listed in manifest.json are missing; run `cdc prepare` to completion"
-            )
-        count = int(manifest.get("count", 0)) or sum(
-            int(v) for v in manifest.get("shard_counts", {}).values()
-        )
-        first = next(_shard_samples(tars[:1]), None)
-        from cdc.data.imageproc import LEVEL_EXTS
-        from cdc.data.loader import level_bytes
+        return _shard_reference(d, side, n)
+    return _folder_reference(d, side, n)
 
-        keys = [e.rsplit(".", 1)[0] for e in (first or {}) if e.endswith(LEVEL_EXTS)]
-        lv = sorted(manifest.get("levels") or [int(e) for e in keys if e.isdigit()])
-        if not lv or not keys:
-            raise ValueError(f"{tars[0]} has no '<side>.png' (or .webp / .jpg) level images")
-        side = side or int(manifest.get("side") or lv[-1])  # prepare records the final (training) side
-        fit = [s for s in lv if s >= side]
-        if not fit:
-            raise ValueError(f"shards in {d} have levels {lv}; none is >= --side {side}")
-        level = fit[0]
-        total = min(n, count) if n and count else (n or count)
-        if not total:
-            raise ValueError(f"{d}/manifest.json has no sample count; pass -n/--num-images")
 
-        def gen_shards(batch: int) -> Iterator[np.ndarray]:
-            buf, seen = [], 0
-            for s in _shard_samples(tars):
-                if seen >= total:
-                    break
-                body, box = level_bytes(s, level)  # box > 1: a level of a jpeg-top shard
-                with Image.open(io.BytesIO(body)) as im:
-                    a = np.asarray((im.reduce(box) if box > 1 else im).convert("RGB"))
-                y, x = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2  # full-image shards: not square
-                buf.append(a[y : y + side, x : x + side])
-                seen += 1
-                if len(buf) == batch:
-                    yield np.stack(buf)
-                    buf = []
-            if buf:
+def _shard_reference(d: Path, side: int | None, n: int | None) -> Images:
+    """Prepared shards: the smallest stored level >= side, centre-cropped (`reference_images`)."""
+    manifest = read_manifest(d / "manifest.json")
+    tars = _manifest_tars(d, manifest)
+    count = int(manifest.get("count", 0)) or sum(int(v) for v in manifest.get("shard_counts", {}).values())
+    side, level = _shard_level(d, tars, manifest, side)
+    total = min(n, count) if n and count else (n or count)
+    if not total:
+        raise ValueError(f"{d}/manifest.json has no sample count; pass -n/--num-images")
+
+    def gen_shards(batch: int) -> Iterator[np.ndarray]:
+        buf, seen = [], 0
+        for s in _shard_samples(tars):
+            if seen >= total:
+                break
+            buf.append(_shard_crop(s, level, side))
+            seen += 1
+            if len(buf) == batch:
                 yield np.stack(buf)
+                buf = []
+        if buf:
+            yield np.stack(buf)
 
-        return Images(total, side, gen_shards, f"shards {d} (level {level}, centre crop {side})")
+    return Images(total, side, gen_shards, f"shards {d} (level {level}, centre crop {side})")
 
+
+def _manifest_tars(d: Path, manifest: dict) -> list[Path]:
+    """The shards manifest.json lists (every *.tar when it lists none); all must be there."""
+    listed = [d / sh["name"] for sh in manifest.get("shards", []) if "name" in sh]
+    tars = [t for t in listed if t.is_file()] if listed else sorted(d.glob("*.tar"))
+    if not tars or len(tars) < len(listed):
+        raise ValueError(f"{d}: shards listed in manifest.json are missing; run `cdc prepare` to completion")
+    return tars
+
+
+def _shard_level(d: Path, tars: list[Path], manifest: dict, side: int | None) -> tuple[int, int]:
+    """(side, the smallest stored level >= it); side defaults to the final (training) side prepare recorded."""
+    from cdc.data.imageproc import LEVEL_EXTS
+
+    first = next(_shard_samples(tars[:1]), None)
+    keys = [e.rsplit(".", 1)[0] for e in (first or {}) if e.endswith(LEVEL_EXTS)]
+    lv = sorted(manifest.get("levels") or [int(e) for e in keys if e.isdigit()])
+    if not lv or not keys:
+        raise ValueError(f"{tars[0]} has no '<side>.png' (or .webp / .jpg) level images")
+    side = side or int(manifest.get("side") or lv[-1])
+    fit = [s for s in lv if s >= side]
+    if not fit:
+        raise ValueError(f"shards in {d} have levels {lv}; none is >= --side {side}")
+    return side, fit[0]
+
+
+def _shard_crop(sample: dict[str, bytes], level: int, side: int) -> np.ndarray:
+    """One shard sample's `level` image, centre-cropped to side x side (full-image shards are not square)."""
+    body, box = level_bytes(sample, level)  # box > 1: a level of a jpeg-top shard
+    with Image.open(io.BytesIO(body)) as im:
+        a = np.asarray((im.reduce(box) if box > 1 else im).convert("RGB"))
+    y, x = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2
+    return a[y : y + side, x : x + side]
+
+
+def _folder_reference(d: Path, side: int | None, n: int | None) -> Images:
+    """An image folder, recursive: side x side images as they are, others ADM's centre crop + resize."""
     files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
         raise ValueError(f"{d} holds no images ({', '.join(sorted(IMAGE_EXTS))}) and no manifest.json")
@@ -231,17 +251,14 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
 
     def gen_folder(batch: int) -> Iterator[np.ndarray]:
         for i in range(0, len(files), batch):
-            out = []
-            for f in files[i : i + batch]:
-                with Image.open(f) as im:
-                    out.append(
-                        np.asarray(im.convert("RGB"))
-                        if im.size == (side, side)
-                        else center_crop_resize(im, side)
-                    )
-            yield np.stack(out)
+            yield np.stack([_folder_image(f, side) for f in files[i : i + batch]])
 
     return Images(len(files), side, gen_folder, f"folder {d} (ADM centre crop to {side})")
+
+
+def _folder_image(f: Path, side: int) -> np.ndarray:
+    with Image.open(f) as im:
+        return np.asarray(im.convert("RGB")) if im.size == (side, side) else center_crop_resize(im, side)
 
 
 def _npz_reference(path: Path, side: int | None, n: int | None) -> Images:

@@ -14,6 +14,7 @@ import shutil
 import time
 import zipfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -440,62 +441,15 @@ def score(
     sp, rp = Path(samples), Path(ref)
     images = open_samples(sp)
     dev = resolve_device(device)
-    net_wid = None
     notices: list[str] = []
     adm = is_adm_reference(rp)
-    if adm:
-        ms = ms or list(ALL_METRICS)
-        if stages:
-            score_stages(sp, rp)  # raises: says how to build per-stage statistics from the ADM images
-        want = ms if npz_images(rp).side == images.side else ()  # wrong side: fail below, no work
-        if "pr" in want:
-            net_wid = _inception(inception_path, inception_weights, dev, model)
-        arrays, desc = adm_reference(rp, want, net_wid, batch, dev, progress)
-    else:
-        arrays, desc = load_reference(rp)
-        if ms is None:
-            ms = _default_metrics(desc, rp, notices)
-    if images.side != desc["side"]:
-        raise ValueError(
-            f"samples are {images.side}px but the reference {rp} is {desc['side']}px; "
-            f"build a {images.side}px reference with `cdc score ref --side {images.side}`"
-        )
-    lacking = [m for m in ms if m != "is" and m not in desc.get("metrics", [])]
-    if lacking:
-        rest = [m for m in ms if m not in lacking]
-        raise ValueError(
-            f"{rp} was built without {','.join(lacking)} (it holds {','.join(desc.get('metrics', [])) or 'none'}); "
-            f"add {'it' if len(lacking) == 1 else 'them'}: {_rebuild_hint(desc, rp, lacking)}"
-            + (f", or score the rest: --metrics {','.join(rest)}" if rest else "")
-        )
-    channels = {"samples": _colour(greyscale(images))}
-    channels["reference"] = _colour(greyscale(npz_images(rp)) if adm else desc.get("greyscale"))
-    if "unknown" not in channels.values() and channels["samples"] != channels["reference"]:
-        notices.append(_channel_notice(channels, rp))
-    res: dict = {}
-    wid = None
-    if {"fid", "is", "pr"} & set(ms) or stages:
-        net, wid = net_wid or _inception(inception_path, inception_weights, dev, model)
-        if {"fid", "pr"} & set(ms) or stages:
-            _check_weights(desc, wid, rp)
-            _check_version(desc, rp)
-        if "fid" in ms and images.n < 2:
-            raise ValueError(
-                f"{sp} has {images.n} image(s); FID needs at least 2 (use thousands: 50k is standard)"
-            )
-        pool, logits = inception_features(net, images.batches(batch), images.n, dev, progress)
-        if "fid" in ms:
-            res["fid"] = frechet_distance(*gaussian_stats(pool, str(sp)), arrays["mu"], arrays["sigma"])
-        if "is" in ms:
-            res["is"], res["is_std"] = inception_score(logits, splits=10)
-        if "pr" in ms:
-            res["precision"], res["recall"] = precision_recall(arrays["feats"], pool, k=3, device=dev)
-        if stages:
-            res["fid_stages"] = score_stages(sp, rp, batch, dev, progress=progress, model=(net, wid))
+    net_of = partial(_inception, inception_path, inception_weights, dev, model)
+    ms, arrays, desc, net_wid = _open_reference(rp, adm, sp, images, ms, stages, net_of, batch, dev, progress, notices)
+    _check_reference_fits(images, rp, desc, ms)
+    channels = _channels(images, rp, adm, desc, notices)
+    res, wid = _inception_metrics(sp, rp, images, ms, arrays, desc, stages, net_wid or net_of, batch, dev, progress)
     if "swd" in ms:
-        ref_desc = [arrays[f"swd_{i}"] for i in range(sum(k.startswith("swd_") for k in arrays))]
-        d = collect_descriptors(images, batch, desc["swd_per_image"], desc["swd_images"], desc["swd_seed"])
-        res["swd"] = swd_levels(ref_desc, d, seed=desc["swd_seed"], device=dev)
+        res["swd"] = _swd(images, arrays, desc, batch, dev)
     result = {
         "samples": str(sp),
         "count": images.n,
@@ -513,11 +467,99 @@ def score(
         "sampler": _sampler_settings(sp),
         "seconds": round(time.time() - t0, 2),
     }
-    dest = (
-        Path(out)
-        if out
-        else sp.with_name(sp.stem + ".scores.json" if sp.is_file() else sp.name + ".scores.json")
-    )
+    return _write_scores(result, _scores_path(sp, out), notices)
+
+
+def _open_reference(rp: Path, adm: bool, sp: Path, images, ms: list[str] | None, stages: bool, net_of, batch: int,
+                    dev, progress: bool, notices: list[str]) -> tuple[list[str], dict, dict, tuple | None]:
+    """(metrics to score, reference arrays, its description, the Inception net if loading needed it).
+
+    An ADM batch scores all four metrics by default and computes its statistics here (its PR
+    features need our Inception); a cdc reference scores what it holds (`_default_metrics`).
+    """
+    if not adm:
+        arrays, desc = load_reference(rp)
+        return ms or _default_metrics(desc, rp, notices), arrays, desc, None
+    ms = ms or list(ALL_METRICS)
+    if stages:
+        score_stages(sp, rp)  # raises: says how to build per-stage statistics from the ADM images
+    want = ms if npz_images(rp).side == images.side else ()  # wrong side: fail below, no work
+    net_wid = net_of() if "pr" in want else None
+    arrays, desc = adm_reference(rp, want, net_wid, batch, dev, progress)
+    return ms, arrays, desc, net_wid
+
+
+def _check_reference_fits(images, rp: Path, desc: dict, ms: Sequence[str]) -> None:
+    """The reference has the samples' side and holds every metric asked for (IS needs nothing)."""
+    if images.side != desc["side"]:
+        raise ValueError(
+            f"samples are {images.side}px but the reference {rp} is {desc['side']}px; "
+            f"build a {images.side}px reference with `cdc score ref --side {images.side}`"
+        )
+    lacking = [m for m in ms if m != "is" and m not in desc.get("metrics", [])]
+    if lacking:
+        rest = [m for m in ms if m not in lacking]
+        raise ValueError(
+            f"{rp} was built without {','.join(lacking)} (it holds {','.join(desc.get('metrics', [])) or 'none'}); "
+            f"add {'it' if len(lacking) == 1 else 'them'}: {_rebuild_hint(desc, rp, lacking)}"
+            + (f", or score the rest: --metrics {','.join(rest)}" if rest else "")
+        )
+
+
+def _channels(images, rp: Path, adm: bool, desc: dict, notices: list[str]) -> dict:
+    """Colour or greyscale, of samples and reference; a notice when they differ."""
+    channels = {"samples": _colour(greyscale(images))}
+    channels["reference"] = _colour(greyscale(npz_images(rp)) if adm else desc.get("greyscale"))
+    if "unknown" not in channels.values() and channels["samples"] != channels["reference"]:
+        notices.append(_channel_notice(channels, rp))
+    return channels
+
+
+def _inception_metrics(sp: Path, rp: Path, images, ms: Sequence[str], arrays: dict, desc: dict, stages: bool,
+                       net_wid, batch: int, dev, progress: bool) -> tuple[dict, str | None]:
+    """(FID / IS / precision-recall / per-stage FID as asked, the Inception weights id or None).
+
+    `net_wid` is the (net, id) pair already loaded, or a function that loads it.
+    """
+    res: dict = {}
+    if not ({"fid", "is", "pr"} & set(ms) or stages):
+        return res, None
+    net, wid = net_wid if isinstance(net_wid, tuple) else net_wid()
+    if {"fid", "pr"} & set(ms) or stages:
+        _check_weights(desc, wid, rp)
+        _check_version(desc, rp)
+    if "fid" in ms and images.n < 2:
+        raise ValueError(
+            f"{sp} has {images.n} image(s); FID needs at least 2 (use thousands: 50k is standard)"
+        )
+    pool, logits = inception_features(net, images.batches(batch), images.n, dev, progress)
+    if "fid" in ms:
+        res["fid"] = frechet_distance(*gaussian_stats(pool, str(sp)), arrays["mu"], arrays["sigma"])
+    if "is" in ms:
+        res["is"], res["is_std"] = inception_score(logits, splits=10)
+    if "pr" in ms:
+        res["precision"], res["recall"] = precision_recall(arrays["feats"], pool, k=3, device=dev)
+    if stages:
+        res["fid_stages"] = score_stages(sp, rp, batch, dev, progress=progress, model=(net, wid))
+    return res, wid
+
+
+def _swd(images, arrays: dict, desc: dict, batch: int, dev) -> dict:
+    """SWD per pyramid level against the reference's stored descriptors, with its seed and counts."""
+    ref_desc = [arrays[f"swd_{i}"] for i in range(sum(k.startswith("swd_") for k in arrays))]
+    d = collect_descriptors(images, batch, desc["swd_per_image"], desc["swd_images"], desc["swd_seed"])
+    return swd_levels(ref_desc, d, seed=desc["swd_seed"], device=dev)
+
+
+def _scores_path(sp: Path, out: str | Path | None) -> Path:
+    """--out, else `<samples>.scores.json` beside the samples (.npz or folder)."""
+    if out:
+        return Path(out)
+    return sp.with_name(sp.stem + ".scores.json" if sp.is_file() else sp.name + ".scores.json")
+
+
+def _write_scores(result: dict, dest: Path, notices: list[str]) -> dict:
+    """Write `result` (with its notices) to `dest` atomically, an earlier file there kept aside."""
     if dest.is_file():  # the earlier scores may be against another reference: keep them, and say so
         result["previous"] = str(_keep_previous(dest))
         notices.append(f"kept the earlier {dest.name} as {Path(result['previous']).name}")
