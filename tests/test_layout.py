@@ -59,7 +59,7 @@ def test_every_module_belongs_to_a_known_part():
     assert {part(m) for m in graph()} <= set(RANK), sorted({part(m) for m in graph()} - set(RANK))
     top = sorted(p.name for p in PKG.glob("*.py"))
     assert top == [
-        "__init__.py", "__main__.py", "cli.py", "config.py", "config_checks.py", "fileio.py", "interrupt.py", "rerun.py"
+        "__init__.py", "__main__.py", "config.py", "config_checks.py", "fileio.py", "interrupt.py"
     ]
 
 
