@@ -8,6 +8,7 @@ become one-line messages with exit code 2 instead of tracebacks.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -85,11 +86,22 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             msg = one_line(e).encode("utf-8", "backslashreplace").decode("utf-8")  # names may be bytes
             typer.echo(f"error: {msg}" + "".join(f" (note: {n})" for n in _notes), err=True)
             raise typer.Exit(2) from None
+        finally:
+            _end_process_group()
         for n in _notes:
             typer.echo(f"note: {n}", err=True)
         return result
 
     return wrapper
+
+
+def _end_process_group() -> None:
+    """Destroy a torchrun process group the command left up (`cdc ablate` keeps one across its
+    points): left to the interpreter's exit, gloo can abort the process (exit -6 instead of 0 or 2)."""
+    if "torch.distributed" in sys.modules:  # never import torch just to find there is nothing to end
+        from cdc.train import distributed
+
+        distributed.shutdown()
 
 
 def _renamed(value: Any, old: Any, new_name: str, old_name: str) -> Any:

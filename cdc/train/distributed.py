@@ -52,6 +52,11 @@ def _attempt_store(timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"cdc/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def initialized() -> bool:
+    """Whether a process group is up (one made by torchrun-launched code, or by `init`)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -73,5 +78,8 @@ def all_gather_objects(obj):
 
 
 def shutdown() -> None:
+    """Destroy the process group, if any. Whoever created it calls this before the process ends:
+    gloo's threads outliving the interpreter's teardown abort it ("terminate called without an
+    active exception"), turning a clean exit (0, or 2 for a refused run) into a SIGABRT."""
     if dist.is_initialized():
         dist.destroy_process_group()

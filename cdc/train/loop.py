@@ -116,8 +116,13 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, 
     "interrupted" (`signal` SIGINT / SIGTERM; `stopped` True), `step` of `steps`, `minutes` trained
     by this process, the `checkpoint` saved last. Another run holding `run_dir` refuses it
     (cdc.train.run_lock.RunDirBusy, a ValueError)."""
-    with RunLock() as lock:  # rank 0 holds the run dir's lock from open_run_dir to the run's end
-        return _train(cfg, Path(run_dir), progress, lock)
+    own_pg = not D.initialized()  # a group this call creates is destroyed by it, however it ends
+    try:
+        with RunLock() as lock:  # rank 0 holds the run dir's lock from open_run_dir to the run's end
+            return _train(cfg, Path(run_dir), progress, lock)
+    finally:
+        if own_pg:  # a gloo group left to the interpreter's exit can abort it (SIGABRT, exit -6)
+            D.shutdown()
 
 
 def _train(cfg: Config, run_dir: Path, progress: bool, lock: RunLock) -> dict[str, Any]:
