@@ -307,6 +307,22 @@ def test_reference_from_shards(tmp_path):
     assert np.concatenate(list(E.reference_images(d, 16).batches(8))).shape == (5, 16, 16, 3)
 
 
+def test_reference_from_a_tree_of_linked_class_folders(tmp_path):
+    # a subset of ILSVRC2012 made of symlinks to its class folders: read as `cdc prepare` reads it
+    imgs = _images(4, side=16)
+    real = tmp_path / "real"
+    _save_pngs(real / "a", imgs[:2])
+    _save_pngs(real / "b", imgs[2:])
+    tree = tmp_path / "subset"
+    tree.mkdir()
+    for c in ("a", "b"):
+        (tree / c).symlink_to(real / c, target_is_directory=True)
+    got = np.concatenate(list(E.reference_images(tree, 16).batches(8)))
+    want = np.concatenate(list(E.reference_images(real, 16).batches(8)))
+    assert got.shape == (4, 16, 16, 3)
+    np.testing.assert_array_equal(got, want)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -8,6 +8,7 @@ never sit in memory at once. References come from an image folder (ADM centre cr
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -239,7 +240,10 @@ def _shard_crop(sample: dict[str, bytes], level: int, side: int) -> np.ndarray:
 
 def _folder_reference(d: Path, side: int | None, n: int | None) -> Images:
     """An image folder, recursive: side x side images as they are, others ADM's centre crop + resize."""
-    files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    # os.walk, not rglob: class folders linked in (a subset of ILSVRC2012 made of symlinks) are
+    # followed, as `cdc prepare` follows them
+    files = sorted(Path(top, f) for top, _, names in os.walk(d, followlinks=True) for f in names)
+    files = [p for p in files if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
     if not files:
         raise ValueError(f"{d} holds no images ({', '.join(sorted(IMAGE_EXTS))}) and no manifest.json")
     files = files[:n] if n else files
