@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     bin/gpu-check does on a bare GPU machine)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def free_port() -> int:
+    """A loopback port free right now, for a test's torchrun store: a fixed port collides with any
+    other job on the machine (or a second test run) that uses it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import subprocess_env
+from conftest import free_port, subprocess_env
 from typer.testing import CliRunner
 
 from cdc.cli import app
@@ -170,12 +170,6 @@ def test_a_cli_command_ends_any_group_left_up(tmp_path):
 
 
 # --- a rank killed under torchrun --max-restarts, and a 2-"node" rendezvous ---
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str) -> list[str]:

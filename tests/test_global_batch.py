@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as tmp
 import yaml
+from conftest import free_port
 
 from cdc.config import ConfigError, for_world, from_dict
 from cdc.data.prepare import prepare
@@ -103,14 +103,8 @@ def _worker(rank: int, world: int, port: int, raw: dict, run: str, synthetic: bo
     D.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, raw: dict, run: Path, synthetic: bool) -> None:
-    tmp.spawn(_worker, (world, _free_port(), raw, str(run), synthetic), nprocs=world, join=True)
+    tmp.spawn(_worker, (world, free_port(), raw, str(run), synthetic), nprocs=world, join=True)
 
 
 def _metrics(run: Path) -> list[dict]:

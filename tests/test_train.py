@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import subprocess_env
+from conftest import free_port, subprocess_env
 from typer.testing import CliRunner
 
 from cdc.cli import app
@@ -293,7 +293,7 @@ def test_two_process_torchrun_gloo_stays_in_sync(shards, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(free_port()),
         "-m",
         "cdc",
         "train",
@@ -316,7 +316,7 @@ def test_signal_to_one_torchrun_rank_stops_every_rank_alike(shards, tmp_path):
     run = tmp_path / "ddp"
     # the two ranks as torchrun starts them, launched here so each one's exit code can be read
     # (torchrun itself reports the first failure and SIGTERMs the rest)
-    world = dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29519")
+    world = dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     ranks = [
         subprocess.Popen(
             [sys.executable, "-m", "cdc", "train", str(rec), "--run-dir", str(run)],
