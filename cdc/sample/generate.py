@@ -188,7 +188,7 @@ def _join_ranks(device: str | torch.device | None) -> tuple[int, int, torch.devi
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, resolve_device(device), False
-    own_pg = not torch.distributed.is_initialized()
+    own_pg = not dist_lib.initialized()
     d = dist_lib.init()
     return d.rank, world, d.device, own_pg
 

@@ -81,5 +81,5 @@ def shutdown() -> None:
     """Destroy the process group, if any. Whoever created it calls this before the process ends:
     gloo's threads outliving the interpreter's teardown abort it ("terminate called without an
     active exception"), turning a clean exit (0, or 2 for a refused run) into a SIGABRT."""
-    if dist.is_initialized():
+    if initialized():
         dist.destroy_process_group()
