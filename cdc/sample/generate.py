@@ -43,6 +43,7 @@ from cdc.sample.outdir import (
     check_out,
     default_out,
     done_images,
+    drop_asides,
     mark_interrupted,
     read_record,
     save_image,
@@ -297,6 +298,7 @@ def _finish(job: Job, stats: list, wall: float, resumed: int) -> dict[str, Any]:
     assemble(job.out, job.labels, job.mcfg.model.in_channels, list(job.sched.sides), job.stages)
     summary = _summary(job, old, stats, wall, resumed)
     write_json(job.out / "samples.json", summary, indent=2)
+    drop_asides(job.out)  # an --overwrite's previous samples go only now that the new ones are done
     dist_lib.barrier()  # the other ranks wait for this (see above)
     return summary
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -116,15 +117,21 @@ def default_out(base: Path, resume: bool, overwrite: bool) -> Path:
 
 
 def check_out(out: Path, settings: dict[str, Any], overwrite: bool, resume: bool) -> None:
-    """Refuse a non-empty output unless --overwrite or a --resume whose settings match (all ranks)."""
+    """Refuse a non-empty output unless --overwrite of a `cdc sample` output or a --resume whose
+    settings match (all ranks). --overwrite never touches a folder cdc sample did not write."""
     if overwrite and resume:
         raise ValueError("--overwrite and --resume exclude each other; pick one")
-    if not out.is_dir() or not any(out.iterdir()) or overwrite:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if overwrite:
+        if not is_ours(out):
+            raise ValueError(
+                f"--overwrite: {out} is not a `cdc sample` output (its samples.json is missing or not "
+                "a cdc sample record); nothing was deleted; choose another --out"
+            )
         return
     if not resume:
-        raise ValueError(
-            f"{out} is not empty; pass --resume to continue that job or --overwrite to replace it"
-        )
+        raise ValueError(_busy_message(out))
     meta = out / "samples.json"
     if not meta.is_file():
         raise ValueError(
@@ -137,6 +144,64 @@ def check_out(out: Path, settings: dict[str, Any], overwrite: bool, resume: bool
                 f"--resume: {key} was {old.get(key)!r} in {out} but is {settings.get(key)!r} now; "
                 "use the same options or --overwrite"
             )
+
+
+def _busy_message(out: Path) -> str:
+    """Why a non-empty --out is refused without a flag; names an interrupted --overwrite's kept samples."""
+    kept = asides(out)
+    if not kept:
+        return f"{out} is not empty; pass --resume to continue that job or --overwrite to replace it"
+    return (
+        f"{out}: an --overwrite was interrupted; the previous samples are kept in {kept[0]}; pass --resume "
+        "to finish the new job (the previous samples are deleted once it is done), or, to keep the "
+        f"previous ones instead, delete {', '.join(OURS)} in {out} and move the contents of {kept[0]} back"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# --overwrite: the previous job's files are moved into a hidden folder inside --out and deleted only
+# once the new job is done, so an overwrite killed half-way keeps the previous samples (a resume
+# finishes the new job, or the user moves them back). Only OURS moves: a file cdc did not write stays.
+
+ASIDE = ".old-"  # + the pid of the overwrite that set them aside
+
+
+def is_record(path: Path) -> bool:
+    """`path` is a samples.json that `cdc sample` wrote (its status and version, the checkpoint)."""
+    try:
+        r = read_json_object(path, RECORD)
+    except (OSError, ValueError):
+        return False
+    return r.get("status") in ("running", "interrupted", "done") and "ckpt" in r and "cdc_version" in r
+
+
+def asides(out: Path) -> list[Path]:
+    """The folders of previous samples that --overwrite set aside in `out`, oldest first."""
+    found = [p for p in out.glob(f"{ASIDE}*") if p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def is_ours(out: Path) -> bool:
+    """`out` holds a `cdc sample` output: its samples.json is a record, or (an overwrite killed
+    between setting the old record aside and writing the new one) a set-aside one is."""
+    return is_record(out / "samples.json") or any(is_record(a / "samples.json") for a in asides(out))
+
+
+def set_aside(out: Path) -> Path:
+    """Move the previous job's files into a new hidden folder in `out` (samples.json last: until
+    then the folder still names itself a cdc sample output); returns that folder."""
+    aside = Path(tempfile.mkdtemp(prefix=f"{ASIDE}{os.getpid()}-", dir=out))  # unique: pids are reused
+    for name in sorted(OURS, key=lambda n: n == "samples.json"):
+        p = out / name
+        if os.path.lexists(p):
+            os.replace(p, aside / name)
+    return aside
+
+
+def drop_asides(out: Path) -> None:
+    """Delete the previous samples an --overwrite set aside: the new job is done."""
+    for a in asides(out):
+        shutil.rmtree(a, ignore_errors=True)
 
 
 def read_record(out: Path) -> dict[str, Any]:
@@ -155,12 +220,11 @@ def _drop_temps(out: Path) -> None:
 
 
 def start(out: Path, settings: dict[str, Any], n_stages: int, overwrite: bool, resume: bool) -> None:
-    """Rank 0, once check_out accepted the folder: clear our files on --overwrite, make the image
-    folders and mark samples.json "running" (a resume keeps the old record's timings)."""
+    """Rank 0, once check_out accepted the folder: set the previous job's files aside on --overwrite
+    (deleted once this one is done), make the image folders and mark samples.json "running" (a
+    resume keeps the old record's timings)."""
     if overwrite and out.is_dir():
-        for name in OURS:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        set_aside(out)
     if resume or overwrite:
         _drop_temps(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
