@@ -24,8 +24,11 @@ class BadFileError(ValueError):
 
 
 def one_line(e: BaseException | str) -> str:
-    """The first meaningful line of an exception message (decoders and torch write paragraphs)."""
-    text = str(e).strip()
+    """The first meaningful line of an exception message (decoders and torch write paragraphs),
+    secrets masked (cdc.redact): a tool's error may quote a URL or command line with a token."""
+    from cdc.redact import redact
+
+    text = redact(str(e)).strip()
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: the cause is the last line
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return text.splitlines()[0].strip() if text else type(e).__name__
@@ -34,13 +37,17 @@ def one_line(e: BaseException | str) -> str:
 def warn(msg: str) -> None:
     """One `warning: MSG` line on stderr: Python's warnings format adds a file name, a line number
     and a source line that mean nothing to a user, and shows a repeated warning only once."""
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
+    from cdc.redact import redact
+
+    print(f"warning: {redact(msg)}", file=sys.stderr, flush=True)
 
 
 def bad_file(path: str | os.PathLike, expected: str, cause: BaseException | str | None = None) -> BadFileError:
     """`PATH: not EXPECTED (cause)`: e.g. bad_file(p, "a cdc checkpoint (.pt from `cdc train`)", e)."""
+    from cdc.redact import redact
+
     why = f" ({one_line(cause)})" if cause is not None else ""
-    return BadFileError(f"{display(path)}: not {expected}{why}")
+    return BadFileError(redact(f"{display(path)}: not {expected}{why}"))  # a shard path may be a URL
 
 
 def read_json(path: str | os.PathLike, expected: str) -> Any:

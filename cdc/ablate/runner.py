@@ -25,8 +25,9 @@ from typing import Any
 import yaml
 
 from cdc.ablate.sweeps import SWEEPS, Sweep, base_config, expand
-from cdc.config import Config, ConfigError, dump, from_dict, to_dict
+from cdc.config import Config, ConfigError, from_dict, to_dict
 from cdc.fileio import check_out_path, write_json
+from cdc.redact import redact_obj, redacted_yaml
 from cdc.train import checkpoint as ckpt_lib
 from cdc.train import distributed as D
 from cdc.train.run_files import read_metrics, run_budget
@@ -136,7 +137,7 @@ def _same_config(folder: Path, cfg: Config, what: str) -> None:
     if not f.is_file():
         return
     old = to_dict(from_dict(yaml.safe_load(f.read_text())))
-    new = to_dict(cfg)
+    new = redact_obj(to_dict(cfg))  # config.yaml is saved redacted
     diff = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
     if diff:
         raise ConfigError(
@@ -281,7 +282,7 @@ def run_sweep(p: Plan, progress: bool = True, judge: str | Path | None = "auto")
         write_json(p.out / "sweep.json", {"name": p.sweep.name, "keys": list(p.sweep.keys), "paper": p.sweep.paper,
                                            "recipe": p.recipe, "samples": p.n_samples,
                                            "points": [pt.label for pt in p.points], "argv": p.argv})  # fmt: skip
-        ckpt_lib.atomic_write_bytes(p.out / "base.yaml", dump(p.base).encode())
+        ckpt_lib.atomic_write_bytes(p.out / "base.yaml", redacted_yaml(to_dict(p.base)).encode())
     base_train: dict[str, Any] = {}
     if not p.sweep.train:  # cfg / steps: one training run, sampled at every value
         _log(f"==> training the base recipe once -> {p.out / 'base'}")
@@ -299,7 +300,7 @@ def run_sweep(p: Plan, progress: bool = True, judge: str | Path | None = "auto")
         if main:
             _same_config(folder, pt.cfg, "point")
             folder.mkdir(parents=True, exist_ok=True)
-            ckpt_lib.atomic_write_bytes(folder / "config.yaml", dump(pt.cfg).encode())
+            ckpt_lib.atomic_write_bytes(folder / "config.yaml", redacted_yaml(to_dict(pt.cfg)).encode())
         D.barrier()
         _log(
             f"==> [{i + 1}/{len(p.points)}] {pt.label}: "

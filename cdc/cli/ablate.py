@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from cdc.cli.app import _Command, _renamed, app, friendly
+from cdc.redact import redact_args
 
 # --- ablate ---
 
@@ -76,7 +77,7 @@ def ablate(
         raise ValueError("give an ablation NAME (e.g. `cdc ablate gamma`) or --list")
     samples = _renamed(samples, samples_old, "-n/--num-images", "--samples")
     p = A.plan(name, recipe, values, out, train_steps, minutes, samples, steps, cfg, set_)
-    p.argv = ["cdc", "ablate", *sys.argv[2:]] if len(sys.argv) > 1 else []
+    p.argv = redact_args(["cdc", "ablate", *sys.argv[2:]]) if len(sys.argv) > 1 else []  # recorded and shown
     try:
         rows = A.run_sweep(p)
     except KeyboardInterrupt:

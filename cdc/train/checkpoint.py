@@ -60,8 +60,14 @@ def _nbytes(obj: Any) -> int:
 
 
 def save(path: Path, state: dict[str, Any]) -> Path:
-    """Save `state` (tensors, dicts, lists, numbers, strings only) atomically with a sha256 sidecar."""
+    """Save `state` (tensors, dicts, lists, numbers, strings only) atomically with a sha256 sidecar.
+    Its `config` is stored redacted (cdc.redact): a checkpoint is shared, a shard URL's credentials
+    are not (nothing reads data.* back from a checkpoint: a resume takes them from the recipe)."""
+    from cdc.redact import redact_obj
+
     path = Path(path)
+    if isinstance(state.get("config"), dict):
+        state = {**state, "config": redact_obj(state["config"])}
     path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = path.with_name(path.name + ".sha256")
     # a full disk: the temp file goes, the previous checkpoints stay, one line names the folder

@@ -18,6 +18,7 @@ import torch
 from cdc import __version__
 from cdc.config import Config, from_dict, to_dict
 from cdc.fileio import _fsync_dir, check_out_path, display, read_json_object
+from cdc.redact import redact, redact_obj
 from cdc.train import checkpoint as ckpt_lib
 from cdc.train.exported import CARD, CONFIG, FORMAT, WEIGHTS, is_export, sha256_of
 from cdc.train.run_files import read_metrics
@@ -58,7 +59,9 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", overwrite: boo
     if guide.startswith("step:"):  # the run's own step-N checkpoint is not part of the export
         meta["sample"]["guide"], meta["sample"]["guide_scale"] = "", [1.0]
         meta["export"]["guide_dropped"] = guide
-    card = model_card(cfg, meta, _run_dir(path), tensors)
+    # a shared folder: no credentials from a shard URL (an older checkpoint stored its config raw)
+    meta = redact_obj(meta)
+    card = redact(model_card(cfg, meta, _run_dir(path), tensors))
     _write_folder(out, tensors, meta, card)
     return meta
 

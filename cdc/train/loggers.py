@@ -9,10 +9,13 @@ TensorBoard log dir (purge_step hides what was logged past the checkpoint) and t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,8 +65,11 @@ def scalars(line: dict[str, Any]) -> dict[str, float]:
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:
-    """The resolved config as `section.key` -> value."""
-    return {f"{sec}.{k}": v for sec, d in to_dict(cfg).items() for k, v in d.items()}
+    """The resolved config as `section.key` -> value, secrets masked (cdc.redact): TensorBoard and
+    W&B keep it in files and on a server."""
+    from cdc.redact import redact_obj
+
+    return {f"{sec}.{k}": v for sec, d in redact_obj(to_dict(cfg)).items() for k, v in d.items()}
 
 
 def check_backends(names: list[str]) -> None:
@@ -114,6 +120,20 @@ class TensorBoardLogger:
         self.w.close()
 
 
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    """sys.argv with `--set` values and secrets masked while W&B records the run's metadata: it
+    stores the command line (sys.argv, read when the run starts) and offers no option to filter it."""
+    from cdc.redact import redact_args
+
+    saved = sys.argv
+    sys.argv = redact_args(list(saved))
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 class WandbLogger:
     """One W&B run per run dir: its id is kept in RUN/wandb_id.txt and resumed (resume="allow").
     WANDB_MODE, WANDB_PROJECT (default "cdc"), WANDB_ENTITY and WANDB_DIR (default the run dir) apply."""
@@ -128,13 +148,14 @@ class WandbLogger:
         if not run_id:
             run_id = uuid.uuid4().hex[:16]
             atomic_write_bytes(id_file, run_id.encode())
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "cdc"),
-            dir=os.environ.get("WANDB_DIR") or str(run_dir),
-            id=run_id,
-            name=run_dir.name,
-            resume="allow",
-        )
+        with redacted_argv():
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "cdc"),
+                dir=os.environ.get("WANDB_DIR") or str(run_dir),
+                id=run_id,
+                name=run_dir.name,
+                resume="allow",
+            )
         self.wandb = wandb
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:

@@ -83,7 +83,9 @@ def describe(cfg: Config, world: int | None = None) -> dict[str, Any]:
     cfg = for_world(cfg, world or int(os.environ.get("WORLD_SIZE", "1")))
     with torch.device("meta"):
         n = count_params(build_model(cfg))
-    return {"config": dump(cfg), "params": n}
+    from cdc.redact import redact
+
+    return {"config": redact(dump(cfg)), "params": n}  # printed: no credentials from a shard URL
 
 
 class _Stop:

@@ -5,6 +5,10 @@ flock (not a pid file) because the kernel drops the lock when its holder dies, h
 run killed with SIGKILL, or a rank 0 that torchrun's elastic agent kills before restarting the
 group, leaves nothing stale behind, and the resume that follows takes the lock again. The holder
 (pid, host, start time, command) is written into the file after locking, only to be shown.
+
+The file is opened without following a symlink (a planted `.lock -> ~/.bashrc` would otherwise be
+truncated), readable by its owner only, and the command is recorded with `--set` values and other
+secrets masked (cdc.redact): a lock is shown to whoever runs on the same folder.
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ import errno
 import fcntl
 import json
 import os
-import shlex
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from cdc.fileio import warn
+from cdc.fileio import display, warn
+from cdc.redact import redact_argv
 
 LOCK_NAME = ".lock"
 
@@ -36,7 +40,7 @@ def holder_info() -> dict[str, Any]:
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": shlex.join(argv),
+        "command": redact_argv(list(argv)),
     }
 
 
@@ -53,6 +57,25 @@ def busy_message(run_dir: Path, raw: str) -> str:
     )
 
 
+def open_lock_file(path: Path) -> int:
+    """The lock file's descriptor: created 0600, never through a symlink, and made 0600 if an older
+    cdc left it 0644 (its record names the command that ran)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise ValueError(
+            f"{display(path)} is a symbolic link, not a cdc run lock; nothing was written; "
+            "remove the link (its target is left as it is) and run again"
+        ) from None
+    try:
+        os.fchmod(fd, 0o600)
+    except OSError:  # another user's lock in a shared folder: theirs to fix, the lock still works
+        pass
+    return fd
+
+
 class RunLock:
     """The run directory's lock, held from `acquire` until `release` (or the `with` block's end, or
     this process's death). Only rank 0 acquires it; the other ranks hold an unused one."""
@@ -64,7 +87,7 @@ class RunLock:
         """Take the lock on the existing `run_dir`; returns None, or the refusal line when another
         process holds it. A filesystem without locks is warned about, not refused."""
         path = run_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,0 +1,198 @@
+"""Untrusted inputs and secrets: the redaction every error line, warning, saved config, checkpoint,
+logger and export goes through; the run lock's file; bounded image decoding; the Inception hash."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cdc.config as config
+import cdc.train.checkpoint as ckpt_lib
+from cdc.redact import MASK, redact, redact_argv, redact_obj, redacted_yaml
+
+URL_TOKEN = "urlTOKENx91ab"  # in https://user:TOKEN@host
+HF = "hf_FAKEtoken1234567"
+AWS = "awsSECRETfake/0987654321"
+SECRETS = (URL_TOKEN, HF, AWS)
+SHARDS = f"https://user:{URL_TOKEN}@data.example.com/x/{{000..001}}.tar"
+
+
+@pytest.fixture
+def secret_env(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", HF)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS)
+
+
+def _leaks(data: bytes) -> list[str]:
+    return [s for s in SECRETS if s.encode() in data]
+
+
+def _tree_leaks(root: Path) -> dict[str, list[str]]:
+    found = {str(p): _leaks(p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+    return {k: v for k, v in found.items() if v}
+
+
+# ---------------------------------------------------------------------------------------------
+# the redaction itself
+
+
+def test_redact_known_answers():
+    env = {"HF_TOKEN": "hf_abcdefgh", "MY_SERVICE_PASSWORD": "longpassword", "SHORT_KEY": "1", "HOME": "/home/u"}
+    cases = {
+        "https://user:pa55@host/x/{000..009}.tar": "https://***@host/x/{000..009}.tar",
+        "s3://AKIA:secret@bucket/a@b.tar": "s3://***@bucket/a@b.tar",  # an @ in the path is not user-info
+        "not found: https:/u:p@h/x.pt": "not found: https:/***@h/x.pt",  # a URL that went through Path
+        "curl -H 'Authorization: Bearer abc.def' https://h/x": "curl -H 'Authorization: Bearer ***' https://h/x",
+        "header authorization=Basic dXNlcjpwYXNz": "header authorization=Basic ***",
+        "sent bearer eyJhbGciOi.x.y to the server": "sent bearer *** to the server",
+        "https://b.s3.amazonaws.com/k.tar?X-Amz-Signature=abc123&X-Amz-Date=2025": (
+            "https://b.s3.amazonaws.com/k.tar?X-Amz-Signature=***&X-Amz-Date=2025"
+        ),
+        "https://h/x.tar?token=t0k&access_token=a1&sig=zz&Signature=S": (
+            "https://h/x.tar?token=***&access_token=***&sig=***&Signature=***"
+        ),
+        "failed: hf_abcdefgh rejected, login longpassword": "failed: *** rejected, login ***",
+        "section.key=value, 1 shard, /home/u/data, max_tokens=5": "section.key=value, 1 shard, /home/u/data, max_tokens=5",
+    }
+    for text, want in cases.items():
+        assert redact(text, env) == want, text
+
+
+def test_redact_obj_and_argv(secret_env):
+    cfg = {"data": {"shards": SHARDS, "batch": 3, "list": [f"x{HF}", ("t", AWS)]}, "flag": True}
+    got = redact_obj(cfg)
+    assert got == {"data": {"shards": "https://***@data.example.com/x/{000..001}.tar", "batch": 3,
+                            "list": [f"x{MASK}", ("t", MASK)]}, "flag": True}  # fmt: skip
+    assert cfg["data"]["shards"] == SHARDS  # a copy: the caller's config is untouched
+    line = redact_argv(["cdc", "train", "r.yaml", "--set", "data.shards=/plain/path", "--set=train.init=x", "--run-dir", "r"])
+    assert line == "cdc train r.yaml --set 'data.shards=***' '--set=train.init=***' --run-dir r"
+    assert redacted_yaml(cfg).count(MASK) == 3 and not _leaks(redacted_yaml(cfg).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# every writer of a config, and every message
+
+
+def _tiny_cfg_dict() -> dict:
+    d = config.to_dict(
+        config.from_dict(
+            {"model": {"preset": "tiny", "in_channels": 1, "num_classes": 3, "patch": 2}, "flow": {"sides": [8, 16]}}
+        )
+    )
+    d["data"]["shards"] = SHARDS
+    d["train"]["init"] = f"/mnt/{HF}/{AWS}/run"  # env secrets in a value no pattern knows
+    return d
+
+
+def _tiny_state(d: dict) -> dict:
+    from cdc.nn.model import build_model
+
+    sd = build_model(config.from_dict(d)).state_dict()
+    return {"config": d, "model": sd, "ema": sd, "step": 3}
+
+
+def test_checkpoint_and_export_store_no_secret(secret_env, tmp_path):
+    from cdc.train.export import export
+
+    d = _tiny_cfg_dict()
+    path = ckpt_lib.save(tmp_path / "run" / "checkpoints" / "step_0000003.pt", _tiny_state(d))
+    assert not _leaks(path.read_bytes())
+    stored = ckpt_lib.load(path)["config"]
+    assert stored["data"]["shards"] == "https://***@data.example.com/x/{000..001}.tar"
+    assert d["data"]["shards"] == SHARDS  # the caller's state is not changed
+    # an export of a checkpoint that stored its config raw (written before redaction existed)
+    old = tmp_path / "old" / "checkpoints" / "step_0000003.pt"
+    old.parent.mkdir(parents=True)
+    torch.save(_tiny_state(d), old)
+    old.with_name(old.name + ".sha256").write_text(f"{ckpt_lib.sha256_file(old)}  {old.name}\n")
+    assert _leaks(old.read_bytes())  # the test's premise: the secrets are there to leak
+    meta = export(tmp_path / "old", tmp_path / "export")
+    assert meta["data"]["shards"].startswith("https://***@")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert _tree_leaks(tmp_path / "export") == {}
+
+
+def test_logger_configs_hold_no_secret(secret_env, tmp_path, monkeypatch):
+    from cdc.train.loggers import TensorBoardLogger, WandbLogger, flat_config
+
+    cfg = config.from_dict(_tiny_cfg_dict())
+    flat = flat_config(cfg)
+    assert flat["data.shards"] == "https://***@data.example.com/x/{000..001}.tar" and flat["model.patch"] == 2
+    tb = TensorBoardLogger(tmp_path / "run", 0)
+    tb.log_config(flat)
+    tb.close()
+    assert list((tmp_path / "run" / "tensorboard").iterdir()) and _tree_leaks(tmp_path / "run") == {}
+    # W&B also records the command line: the --set value must not reach its files
+    wandb = pytest.importorskip("wandb")
+    for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "wb").mkdir()
+    monkeypatch.setattr(sys, "argv", ["cdc", "train", "r.yaml", "--set", f"data.shards={SHARDS}"])
+    try:
+        wb = WandbLogger(tmp_path / "run", 0)
+        wb.log_config(flat)
+        wb.close()
+    finally:
+        wandb.teardown()
+    assert sys.argv[-1] == f"data.shards={SHARDS}"  # restored after init
+    files = [p for p in (tmp_path / "wb").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)
+    assert _tree_leaks(tmp_path / "wb") == {}
+
+
+def test_messages_and_dry_run_hold_no_secret(secret_env, capsys):
+    from cdc.fileio import bad_file, one_line, warn
+    from cdc.train.loop import describe
+
+    warn(f"skipped {SHARDS}: curl -H 'Authorization: Bearer {HF}' failed ({AWS})")
+    assert not _leaks(capsys.readouterr().err.encode())
+    assert not _leaks(one_line(RuntimeError(f"GET {SHARDS} failed\nwith {HF}")).encode())
+    assert not _leaks(str(bad_file(SHARDS, "a tar shard", f"token {AWS}")).encode())
+    out = describe(config.from_dict(_tiny_cfg_dict()), world=1)["config"]
+    assert "https://***@data.example.com" in out and not _leaks(out.encode())
+
+
+def test_cli_error_line_holds_no_secret(secret_env, tmp_path):
+    from cdc.cli import app
+
+    r = CliRunner().invoke(app, ["sample", "--ckpt", f"https://user:{URL_TOKEN}@h/{HF}/{AWS}.pt",
+                                 "--out", str(tmp_path / "o")])  # fmt: skip
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert "https:/***@h/" in lines[0] and not _leaks(r.output.encode())  # Path() ate a slash
+
+
+# ---------------------------------------------------------------------------------------------
+# the run lock
+
+
+def test_run_lock_is_private_refuses_a_symlink_and_masks_set_values(secret_env, tmp_path, monkeypatch):
+    from cdc.train.run_lock import LOCK_NAME, RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "cdc", "train", "r.yaml", "--set", f"data.shards={SHARDS}",
+                                           "--set", "train.steps=9"], raising=False)  # fmt: skip
+    lock = RunLock()
+    assert lock.acquire(run) is None
+    raw = (run / LOCK_NAME).read_bytes()
+    assert stat.S_IMODE(os.stat(run / LOCK_NAME).st_mode) == 0o600
+    assert json.loads(raw)["command"] == "python -m cdc train r.yaml --set 'data.shards=***' --set 'train.steps=***'"
+    assert not _leaks(raw)
+    lock.release()
+    # a planted link: refused in one line, its target neither truncated nor written
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    other = tmp_path / "run2"
+    other.mkdir()
+    (other / LOCK_NAME).symlink_to(target)
+    with pytest.raises(ValueError, match="symbolic link") as e:
+        RunLock().acquire(other)
+    assert "\n" not in str(e.value) and target.read_text() == "keep me"
