@@ -196,3 +196,21 @@ def test_run_lock_is_private_refuses_a_symlink_and_masks_set_values(secret_env, 
     with pytest.raises(ValueError, match="symbolic link") as e:
         RunLock().acquire(other)
     assert "\n" not in str(e.value) and target.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------------------------
+# the torch floor
+
+
+def test_torch_floor_has_no_weights_only_advisory():
+    """torch.load(weights_only=True) on torch <= 2.5.1 can run code (CVE-2025-32434): the declared
+    floor and bin/test-matrix's lowest pair must both be past it, and agree."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    deps = (root / "pyproject.toml").read_text()
+    torch_floor = re.search(r'"torch>=([\d.]+)"', deps).group(1)
+    vision_floor = re.search(r'"torchvision>=([\d.]+)"', deps).group(1)
+    lowest = re.search(r'^LOWEST="([\d.]+):([\d.]+)"', (root / "bin" / "test-matrix").read_text(), re.M)
+    assert tuple(map(int, torch_floor.split("."))) >= (2, 6)
+    assert lowest.group(1).startswith(torch_floor) and lowest.group(2).startswith(vision_floor)
