@@ -207,16 +207,18 @@ def test_inception_random_weights_end_to_end():
     torch.testing.assert_close(again(x)[0], pool)  # random weights are reproducible
 
 
-def test_inception_weights_file_roundtrip_and_wrong_file(tmp_path):
+def test_inception_weights_file_roundtrip_and_wrong_file(tmp_path, monkeypatch):
     model, _ = I.load_inception(weights=False)
     f = tmp_path / I.WEIGHTS_NAME
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(sd, f)
+    monkeypatch.setattr(I, "WEIGHTS_SHA256", I.sha256_file(f))  # these random weights stand in for the real file
     loaded, digest = I.load_inception(tmp_path)  # a folder holding the file works too
     assert digest == I.sha256_file(f) and len(digest) == 64
     torch.testing.assert_close(loaded.fc.weight, model.fc.weight)
     bad = tmp_path / "bad.pth"
     torch.save({"foo": torch.zeros(1)}, bad)
+    monkeypatch.setattr(I, "WEIGHTS_SHA256", I.sha256_file(bad))
     with pytest.raises(ValueError, match="not the FID Inception weights"):
         I.load_inception(bad)
 

@@ -214,3 +214,35 @@ def test_torch_floor_has_no_weights_only_advisory():
     lowest = re.search(r'^LOWEST="([\d.]+):([\d.]+)"', (root / "bin" / "test-matrix").read_text(), re.M)
     assert tuple(map(int, torch_floor.split("."))) >= (2, 6)
     assert lowest.group(1).startswith(torch_floor) and lowest.group(2).startswith(vision_floor)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Inception weights
+
+
+def test_inception_weights_must_have_the_pinned_sha256(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import urllib.request
+
+    import cdc.eval.inception as I
+
+    fake = tmp_path / I.WEIGHTS_NAME
+    torch.save({"fc.weight": torch.zeros(2)}, fake)
+    actual = hashlib.sha256(fake.read_bytes()).hexdigest()
+
+    def never(*a, **k):
+        raise AssertionError("an unchecked file reached torch.load")
+
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(ValueError) as e:
+        I.load_inception(fake)
+    msg = str(e.value)
+    assert "\n" not in msg and str(fake) in msg and actual in msg and I.WEIGHTS_SHA256 in msg
+    assert "delete the file" in msg and I.WEIGHTS_URL in msg
+    # a download whose bytes differ is refused and not cached
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"a changed file"))
+    with pytest.raises(ValueError, match=f"sha256 {hashlib.sha256(b'a changed file').hexdigest()}, expected"):
+        I.load_inception()
+    assert not any((tmp_path / "hub").rglob("*.pth*"))

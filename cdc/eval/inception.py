@@ -33,6 +33,10 @@ from cdc.fileio import one_line
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
+# the file's sha256 (95,628,359 bytes; its name carries the first 8 hex digits, torch hub's custom):
+# checked before the file is read, so a changed or swapped file can neither change every FID
+# silently nor reach the unpickler
+WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 NUM_CLASSES = 1008
 FEATURE_DIM = 2048
 
@@ -238,6 +242,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_weights(path: Path, shown: str | None = None) -> str:
+    """The sha256 of `path` (named `shown` in the error), which must be the pinned one: else a
+    one-line ValueError saying what to do."""
+    digest = sha256_file(path)
+    if digest != WEIGHTS_SHA256:
+        raise ValueError(
+            f"Inception weights {shown or path}: sha256 {digest}, expected {WEIGHTS_SHA256} ({WEIGHTS_NAME}); "
+            f"FIDs from other weights are not comparable; delete the file and run again to download it, "
+            f"or put the file from {WEIGHTS_URL} there"
+        )
+    return digest
+
+
 def _download(dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(dest.suffix + f".part{os.getpid()}")
@@ -247,6 +264,7 @@ def _download(dest: Path) -> None:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
+        check_weights(tmp, WEIGHTS_URL)  # a changed file on the server is refused, never cached
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -302,6 +320,7 @@ def load_inception(
     digest = "random"
     if weights:
         p = resolve_weights(path, download=download)
+        digest = check_weights(p)
         try:
             sd = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # a corrupt or non-checkpoint file: one line, not a traceback
@@ -317,5 +336,4 @@ def load_inception(
                 f"{len(missing)} missing keys (e.g. {missing[:2]}), "
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
             )
-        digest = sha256_file(p)
     return model.eval().requires_grad_(False).to(device), digest
