@@ -79,18 +79,26 @@ class FlowConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "data/ILSVRC2012-256"  # prepared shard dir (cdc prepare --src ILSVRC2012), brace pattern, or pipe: url
+    # prepared shards: a folder (or its manifest.json), a folder URL (s3://bucket/prefix/,
+    # https://host/prefix/, any fsspec scheme; manifest.json beside the shards), a brace pattern of
+    # paths or URLs, or a pipe: command (runs a program: needs --allow-pipe / CDC_ALLOW_PIPE=1)
+    shards: str = "data/ILSVRC2012-256"
     random_crop: bool = True  # block-aligned random crop of the expanded image (else centre)
     hflip: bool = True  # random horizontal flip (commutes with box downsampling)
     workers: int = 8  # dataloader worker processes per rank
-    shuffle: int = 2000  # webdataset shuffle buffer (samples)
-    # shards each loader worker reads at once, interleaved at random (sample by sample) before the
-    # shuffle buffer: class-sorted shards (user-made, or cdc < 0.2) then still give mixed batches;
-    # each open shard costs a file handle and ~20 KB (1 = one shard after another)
-    mix_shards: int = 256
-    cache_mb: int = 0  # keep up to this many MB of parsed shards in RAM per worker (small datasets; 0 = off)
+    # equal spans each epoch is cut into, read by ranks x workers readers (cdc.data.plan); the
+    # batch sequence depends on it and on the seed alone. 0 = ranks x workers of the run's first
+    # start; a resume keeps the value it started with
+    partitions: int = 0
+    cache_dir: str = ""  # local folder for whole copies of remote (and pipe:) shards; "" = ranged reads
+    cache_gb: float = 0.0  # size cap of cache_dir in GiB, least recently used evicted (0 = none)
+    max_member_mb: int = 256  # a tar member larger than this (MiB) is refused unread
+    shuffle: int = 2000  # unused since the sample-level plan (every partition is read in a permutation)
+    mix_shards: int = 256  # unused since the sample-level plan (kept so older recipes load)
+    cache_mb: int = 0  # unused since the sample-level plan (samples are read by offset; the OS caches)
     # a shard cut short or a sample that cannot be decoded: false = stop with one line naming the
-    # shard and sample; true = skip it with a one-line warning and count it (metrics: data_skipped)
+    # shard and sample; true = replace it by its partition's next sample with a one-line warning
+    # and count it (metrics: data_skipped)
     skip_bad: bool = False
 
 

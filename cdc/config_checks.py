@@ -38,6 +38,7 @@ def _check_ranges(cfg: Any) -> None:
         # 0 = off for these
         ("train.ckpt_every", t.ckpt_every, 0), ("train.sample_every", t.sample_every, 0),
         ("data.cache_mb", d.cache_mb, 0), ("data.mix_shards", d.mix_shards, 1), ("sample.cuda_graph_side", s.cuda_graph_side, 0),
+        ("data.partitions", d.partitions, 0), ("data.cache_gb", d.cache_gb, 0), ("data.max_member_mb", d.max_member_mb, 1),
     ]
     for key, val, lo in at_least:
         if val < lo:

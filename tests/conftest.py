@@ -30,6 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_configure(config):
+    # index caches of shards without index.npy go to a folder of this test run, not ~/.cache/cdc
+    import tempfile
+
+    os.environ.setdefault("CDC_CACHE_DIR", tempfile.mkdtemp(prefix="cdc-test-cache-"))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

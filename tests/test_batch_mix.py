@@ -13,7 +13,7 @@ from conftest import smooth_image_tree, take
 
 from cdc.config import from_dict
 from cdc.data.batch_mix import loader_classes, uniform_classes
-from cdc.data.loader import make_loader, read_tar, worker_share
+from cdc.data.loader import make_loader, read_tar
 from cdc.data.prepare import prepare
 
 
@@ -48,9 +48,9 @@ def test_prepare_writes_a_seeded_permutation(tmp_path):
     assert ks[1] == ks[2] and ks[1] != ks[3]  # fixed by the seed
 
 
-def test_every_batch_draws_on_every_worker(tmp_path):
-    """Sample p of a rank's sequence comes from worker p % W: the shares add up to the batch and a
-    batch holds samples of both workers' shards (they read disjoint halves of the shards)."""
+def test_every_worker_reads_its_own_partitions(tmp_path):
+    """With partitions = ranks x workers each worker reads one partition: a rank batch holds samples
+    of both workers' partitions, and no sample is read by two workers."""
     root = smooth_image_tree(tmp_path / "src", 8, [(40, 40)], (4,))
     out = tmp_path / "sh"
     prepare(root, out, side=16, levels=2, shard_size=4, progress=False, order="sorted")  # 8 shards
@@ -58,18 +58,22 @@ def test_every_batch_draws_on_every_worker(tmp_path):
         {
             "model": {"preset": "tiny", "num_classes": 4, "in_channels": 3},
             "flow": {"sides": [8, 16]},
-            "data": {"shards": str(out), "workers": 2, "shuffle": 0},
+            "data": {"shards": str(out), "workers": 2},
             "train": {"batch_size": 5},
         }
     )
     loader = make_loader(cfg)
-    assert [worker_share(loader.plan, w, 3) for w in (0, 1)] == [8, 7]  # 15 samples, alternating
-    shard_of = {k: i for i, s in enumerate(sorted(out.glob("*.tar"))) for k, _ in read_tar(str(s))}
-    for b in take(loader, 3):
-        shards = {shard_of[k] for ks in b.meta["keys"] for k in ks}
+    assert loader.partitions == 2
+    span = loader.plan.span  # 12 samples per partition: partition p = the p-th half of epoch 0's order
+    perm, starts = loader.plan._epoch(0)
+    names = sorted(out.glob("*.tar"))
+    order = [k for s in perm for k, _ in read_tar(str(names[s]))]
+    half = {k: i // span for i, k in enumerate(order)}
+    for n, b in enumerate(take(loader, 4)):
+        keys = [k for ks in b.meta["keys"] for k in ks]
         assert b.size == 5
-        owner = [next(w for w in (0, 1) if s in loader.plan.epoch_shards(0, w)[0]) for s in shards]
-        assert set(owner) == {0, 1}
+        # position i holds partition i % 2: slots alternate between the two workers' partitions
+        assert sorted(half[k] for k in keys) == sorted((n * 5 + j) % 2 for j in range(5))
 
 
 @pytest.fixture(scope="module")

@@ -162,19 +162,24 @@ def test_worker_batches_do_not_depend_on_the_start_method(shards, method):
     assert all(same(a, b) for a, b in zip(ref, got, strict=True))
 
 
-def test_memory_cache_gives_the_same_batches_and_skips_tar_reads(shards, monkeypatch):
-    import cdc.data.loader as data_mod
+def test_reads_only_the_samples_it_trains_on(shards, monkeypatch):
+    """Each sample is one read of its own bytes (index.npy): an epoch reads the shards' sample bytes
+    once, and a resumed loader reads nothing of what came before its resume point."""
+    import cdc.data.reader as reader
 
-    ref = take(make_loader(config(shards), seed=3), 18)  # 48 samples / 8: three epochs
     reads = []
-    real = data_mod.read_tar
-    monkeypatch.setattr(data_mod, "read_tar", lambda url: (reads.append(url), real(url))[1])
-    got = take(make_loader(config(shards, cache_mb=64), seed=3), 18)
-    assert all(same(a, b) for a, b in zip(ref, got, strict=True))
-    assert len(reads) == 6  # each shard parsed once, later epochs from RAM
+    real = reader.ShardFiles.read
+    monkeypatch.setattr(reader.ShardFiles, "read", lambda self, *a: (reads.append(a), real(self, *a))[1])
+    first = make_loader(config(shards), seed=3)
+    take(first, 6)  # 48 samples / 8: one epoch
+    sample_bytes = sum(p.stat().st_size for p in shards.glob("*.tar")) - 6 * 1024  # less the end markers
+    assert len(reads) == 48 and sum(n for _, _, n in reads) == sample_bytes
+    assert len(set(reads)) == 48
     reads.clear()
-    tiny = take(make_loader(config(shards, cache_mb=0), seed=3), 18)  # off: every epoch re-reads
-    assert all(same(a, b) for a, b in zip(ref, tiny, strict=True)) and len(reads) >= 12
+    resumed = make_loader(config(shards), seed=3)
+    resumed.load_state_dict(first.state_dict())
+    take(resumed, 1)
+    assert len(reads) == 8  # the next batch's samples, nothing before
 
 
 def test_epoch_covers_every_sample_once_across_ranks_and_workers(shards):
@@ -194,14 +199,18 @@ def test_epoch_covers_every_sample_once_across_ranks_and_workers(shards):
         assert len(keys) == len(set(keys)) == n
 
 
-def test_pipe_and_brace_pattern_match_directory(shards):
+def test_pipe_and_brace_pattern_match_directory(shards, monkeypatch, tmp_path):
+    monkeypatch.setenv("CDC_ALLOW_PIPE", "1")
     ref = take(make_loader(config(shards), seed=5), 7)
     brace = str(shards / "train-{000000..000005}.tar")
     assert all(same(a, b) for a, b in zip(ref, take(make_loader(config(brace), seed=5), 7), strict=True))
     pipe = f"pipe:cat {shards}/train-{{000000..000005}}.tar"  # no manifest: levels read from the samples
-    loader = make_loader(config(pipe), seed=5)
-    loader.load_state_dict({"batches": 3})
+    first = make_loader(config(pipe, cache_dir=str(tmp_path / "copies")), seed=5, cache_dir=tmp_path / "index")
+    take(first, 3)
+    loader = make_loader(config(pipe, cache_dir=str(tmp_path / "copies")), seed=5, cache_dir=tmp_path / "index")
+    loader.load_state_dict(first.state_dict())
     assert all(same(a, b) for a, b in zip(ref[3:], take(loader, 4), strict=True))
+    assert len(list((tmp_path / "copies").glob("*.tar"))) == 6  # a command's output is read from a local copy
 
 
 def test_clear_errors(shards):

@@ -112,7 +112,8 @@ def test_full_image_crops_are_exact_box_averages_at_every_stage(full_shards):
     assert 0 in xs and 76 in xs
 
 
-def test_centre_crop_of_full_images_and_pipe_without_manifest(full_shards):
+def test_centre_crop_of_full_images_and_pipe_without_manifest(full_shards, monkeypatch):
+    monkeypatch.setenv("CDC_ALLOW_PIPE", "1")
     tops = _tops(full_shards)
     for b in take(make_loader(_cfg(full_shards, random_crop=False, hflip=False), seed=0), 3):
         for keys, offs in zip(b.meta["keys"], b.meta["offsets"], strict=True):

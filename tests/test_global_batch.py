@@ -176,22 +176,31 @@ def test_train_tells_the_loader_its_device(tmp_path, monkeypatch):
 
 
 def test_loader_pins_memory_on_cuda_only(fm_shards, monkeypatch):
+    """Workers send uint8; on CUDA the joined batch is pinned and copied without blocking, then
+    scaled to [-1, 1] on the device. Recorded with stand-ins, so it runs without a GPU."""
     from cdc.data.loader import make_loader
 
-    seen = []
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: (calls.append(("pin", self.dtype)), self)[1])
+    real_to = torch.Tensor.to
 
-    class Recorder:
-        def __init__(self, *a, **kw):
-            seen.append(kw["pin_memory"])
-            raise _Built()
+    def to(self, *a, **kw):
+        if a and str(a[0]).startswith("cuda"):
+            calls.append(("to", self.dtype, kw.get("non_blocking")))
+            return self
+        return real_to(self, *a, **kw)
 
-    monkeypatch.setattr(torch.utils.data, "DataLoader", Recorder)
+    monkeypatch.setattr(torch.Tensor, "to", to)
     raw = _cfg(str(fm_shards))
     raw["data"]["workers"] = 1
-    for dev in ("cpu", "cuda"):
-        with pytest.raises(_Built):
-            next(iter(make_loader(from_dict(raw), device=dev)))
-    assert seen == [False, True]
+    b = next(iter(make_loader(from_dict(raw), device="cpu")))
+    assert calls == [] and all(x.dtype == torch.float32 for x in b.x1)
+    b = next(iter(make_loader(from_dict(raw), device="cuda")))
+    groups = len(b.stage)
+    assert calls.count(("pin", torch.uint8)) == groups  # pixels cross as uint8: a quarter of float32's bytes
+    assert calls.count(("to", torch.uint8, True)) == groups
+    assert len([c for c in calls if c[0] == "to"]) == 3 * groups and all(c[-1] is True for c in calls if c[0] == "to")
+    assert all(x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1 for x in b.x1)
 
 
 @pytest.mark.gpu

@@ -91,7 +91,7 @@ def test_prepare_killed_at_five_random_moments_equals_uninterrupted(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert not list(out.rglob("*.partial-*")) and not list(out.rglob(".*.tmp.*"))
     got, want = _tree_hashes(out), _tree_hashes(tmp_path / "ref")
-    assert len(want) == 75 + 75 + 2  # shards, their records, args.json, manifest.json
+    assert len(want) == 75 + 75 + 3  # shards, their records, args.json, index.npy, manifest.json
     assert got == want, sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))  # byte for byte
     assert json.loads((out / "manifest.json").read_text())["shards"] == ref["shards"]
 

@@ -195,19 +195,20 @@ def _prepare_split() -> str:
 
 def _normalize() -> list[float]:
     """Mean/std m such that the loader's x / 127.5 - 1 equals (x / 255 - m) / m: checked on real pixels."""
-    from cdc.data.loader import _Stream
+    from cdc.data.loader import Chunk, TrainLoader, crop_pixels
 
     a = np.arange(256, dtype=np.uint8).reshape(16, 16)[..., None].repeat(3, -1)  # every uint8 value
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, "PNG")
 
-    class P:
+    class Geo:
         sides, T, need = [16], 16, [16]
 
-    stream = _Stream.__new__(_Stream)
-    stream.plan = P
-    out = stream._collate([("k", 0, 0.5, 0, (buf.getvalue(), 1), 0, 0, False)])  # (body, box 1)
-    x = out[1][0][0]  # (C, 16, 16)
+    pixels = crop_pixels(Geo, buf.getvalue(), 1, 0, (0, 0), False)  # (C, 16, 16) uint8, as workers send
+    loader = TrainLoader.__new__(TrainLoader)
+    loader.device, loader.batches, loader.skipped, loader.position = torch.device("cpu"), 0, 0, 0
+    chunk = Chunk([0], [torch.tensor([0])], [pixels[None]], [torch.tensor([0.5])], [torch.tensor([0])], [["k"]], [[(0, 0)]], [[False]])
+    x = loader._batch(chunk).x1[0][0]  # (C, 16, 16)
     want = (torch.from_numpy(a).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
     assert torch.allclose(x, want, atol=1e-6)
     return [0.5, 0.5, 0.5]

@@ -1,20 +1,23 @@
 """How many classes a training batch spans: the loader's order against uniform random draws.
 
-A global batch of B samples on R ranks is R per-rank batches of B / R; sample p of a rank's
-sequence comes from its loader worker p % W. `loader_classes` replays exactly the
-sample order `cdc.data.loader.TrainLoader` yields, without decoding any image, and `uniform_classes`
+A global batch of B samples is the B stream positions `cdc.data.plan` gives it, whichever ranks
+and workers read them. `loader_classes` looks up exactly the samples `cdc.data.loader.TrainLoader`
+trains on, without decoding any image, and `uniform_classes`
 gives the expected number of distinct classes in B samples drawn uniformly without replacement
 from the same data (the hypergeometric answer), the yardstick a well-mixed loader should meet.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from typing import Any
 
-from cdc.data.loader import _Plan, _Stream, resolve_shards
+import numpy as np
+
+from cdc.data.index import load_index
+from cdc.data.plan import DataPlan
+from cdc.data.shards import read_tar, resolve_shards
 
 
 def uniform_classes(class_counts: Sequence[int], batch: int) -> float:
@@ -36,19 +39,14 @@ def uniform_classes(class_counts: Sequence[int], batch: int) -> float:
 def loader_classes(cfg: Any, batch: int, world: int, batches: int, seed: int = 0) -> list[int]:
     """Distinct classes in each of the first `batches` global batches of `batch` samples on `world` ranks.
 
-    cfg.train.batch_size is replaced by batch / world; the loader's worker count, shuffle buffer
-    and mixing are cfg.data's.
+    The partitions are the loader's: cfg.data.partitions, or world x cfg.data.workers.
     """
     if batch % world:
         raise ValueError(f"a global batch of {batch} does not split over {world} ranks")
-    cfg = copy.deepcopy(cfg)
-    cfg.train.batch_size = batch // world
-    urls, manifest = resolve_shards(cfg.data.shards)
-    per_rank = []  # per rank: a list of per-batch class lists
-    for rank in range(world):
-        plan = _Plan(cfg, urls, manifest, rank, world, seed)
-        stream = _Stream(plan, 0)
-        workers = [stream._samples(w, 0) for w in range(plan.workers)]
-        b, W = cfg.train.batch_size, plan.workers
-        per_rank.append([[next(workers[p % W])[1] for p in range(n * b, (n + 1) * b)] for n in range(batches)])
-    return [len({c for rank in per_rank for c in rank[n]}) for n in range(batches)]
+    shards = resolve_shards(cfg.data.shards)
+    classes = np.asarray([int(s["cls"]) for url in shards.urls for _, s in read_tar(url)])  # by sample id
+    partitions = cfg.data.partitions or world * max(cfg.data.workers, 1)
+    plan = DataPlan(load_index(shards, None, cfg.data.max_member_mb << 20).counts, partitions, seed)
+    loc = plan.locate(np.arange(batches * batch))
+    return [len(set(classes[loc.sample[n * batch : (n + 1) * batch]].tolist())) for n in range(batches)]
+

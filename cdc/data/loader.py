@@ -1,371 +1,253 @@
 """Training data: shards from `cdc prepare` -> mixed-stage `cdc.flow.matching.Batch`es, exactly resumable.
 
-Per sample: a global time t ~ U[0, 1) (its in-stage tau redistributed by `flow.tau_dist`,
-cdc.flow.matching.warp_time), its stage k = Schedule.stage_of(t), and only the stored
-level that stage needs is decoded. A block-aligned crop (offset a multiple of final/sides[0]
-pixels of the level the final stage uses) and one horizontal flip are applied to that level, so
-the stage target equals D_to(crop of the top level, r_k) up to the uint8 rounding of the stored
-level (DESIGN.md §3). Pixels map to [-1, 1] as x / 127.5 - 1.
+Which sample sits at each position of the training stream is `cdc.data.plan`'s arithmetic: every
+sample once per epoch, the same global batches for any number of ranks and workers, and a resume
+state of one integer (the global position). The loader fetches the samples its rank's positions
+name, each by one read of its byte range (`cdc.data.index`, `cdc.data.reader`): no worker
+reads what another one trains on, nor what came before the resume point.
 
-Determinism: rank r with W loader workers has S = world * W slots; slot s reads the shards
-perm_e[s::S] of epoch e's seeded shard permutation (or every S-th sample when there are fewer
-shards than slots), up to `data.mix_shards` of them at once, interleaved by a seeded draw;
-draws each sample's t/crop/flip from a generator seeded by (seed, rank, worker, epoch,
-position) and shuffles through a buffer seeded the same way. Sample p of a rank's sequence
-comes from worker p % W: each worker yields its share of every batch as a chunk (torch's
-DataLoader yields workers round-robin) and the loader joins W chunks, so a batch draws on all
-of the rank's shards at once. A resumed loader has each worker skip its exact share of the
-batches already yielded, without decoding any image.
-
-Mixing (docs/design-notes.md, "Data"): `cdc prepare` writes items in a seeded global order, so
-shards are already class-mixed; the interleave and the per-sample worker split keep batches
-near a uniform draw even for class-sorted shards (earlier cdc versions, user-made tars).
+Per sample (everything drawn from (seed, epoch, sample id), never from the reader): a global time
+t ~ U[0, 1) (its in-stage tau redistributed by `flow.tau_dist`, cdc.flow.matching.warp_time),
+its stage k = Schedule.stage_of(t), and only the stored level that stage needs is decoded. A
+block-aligned crop (offset a multiple of final/sides[0] pixels of the level the final stage uses)
+and one horizontal flip are applied to that level, so the stage target equals D_to(crop of the
+top level, r_k) up to the uint8 rounding of the stored level (DESIGN.md §3). Workers send uint8
+pixels; pixels map to [-1, 1] as x / 127.5 - 1 after the copy to the training device (pinned
+host memory on CUDA, so the copy is asynchronous).
 """
 
 from __future__ import annotations
 
 import io
 import os
-import random
-import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cdc.data.imageproc import LEVEL_EXTS
-from cdc.data.shards import level_bytes, read_manifest, read_tar, resolve_shards  # noqa: F401 (re-exported)
+from cdc.data.index import SampleIndex, load_index
+from cdc.data.plan import DataPlan, layout_note, rank_positions, worker_of
+from cdc.data.reader import ShardFiles, parse_sample
+from cdc.data.shards import ShardSet, level_bytes, read_manifest, read_tar, resolve_shards  # noqa: F401 (re-exported)
 from cdc.fileio import BadFileError, bad_file, one_line, warn
 from cdc.flow.matching import Batch, Schedule, warp_time, weight_stages
 
+_DECODE_ERRORS = (BadFileError, KeyError, OSError, ValueError, SyntaxError, EOFError)  # what PIL and parsing raise
+_MAX_REPLACED = 1000  # consecutive unreadable samples before skip_bad gives up on a partition
 
-class _Plan:
-    """Everything a worker needs, picklable: shard list, counts, geometry and seeds."""
 
-    def __init__(self, cfg: Any, urls: list[str], manifest: dict | None, rank: int, world: int, seed: int):
-        self.urls, self.rank, self.world, self.seed = urls, rank, world, seed
-        self.workers = max(cfg.data.workers, 1)
-        self.batch = cfg.train.batch_size
-        self.shuffle = cfg.data.shuffle
-        self.mix = cfg.data.mix_shards
-        self.skip_bad = cfg.data.skip_bad
-        self.cache_bytes = cfg.data.cache_mb * 2**20
-        self.random_crop, self.hflip = cfg.data.random_crop, cfg.data.hflip
-        self.sched = Schedule.from_config(cfg.flow)
-        self.tau_dist, self.tau_loc, self.tau_scale = cfg.flow.tau_dist, cfg.flow.tau_loc, cfg.flow.tau_scale
-        self.stage_weights = cfg.flow.stage_weights
-        self.sides = list(cfg.flow.sides)
-        counts = {s["name"]: s["count"] for s in manifest["shards"]} if manifest else {}
-        self.counts = [counts.get(os.path.basename(u)) for u in urls]
-        if any(c is None for c in self.counts):
-            self.counts = None  # unknown: resume skips by reading, epochs are not skipped arithmetically
-        final = self.sides[-1]
-        self.prep_side = manifest["side"] if manifest else None
-        self.top = manifest["top"] if manifest else None
-        self.levels = list(manifest["levels"]) if manifest else None
-        self.align = final // self.sides[0]  # crop offsets, in pixels of the final stage's level
-        # centre-square shards (no "crop" in the manifest) are T x T: no need to read image headers
-        self.full = manifest.get("crop") == "full" if manifest else None
-        if manifest:
-            self._geometry(self.levels)
+@dataclass
+class Geometry:
+    """Stored level per stage and the crop lattice: level side r_k * top / prepared side."""
 
-    def _geometry(self, levels: list[int]) -> None:
-        """Level side per stage: r_k * top / side_prepared; the final stage's level has side T."""
-        final, top = self.sides[-1], max(levels)
-        prep = self.prep_side or final  # without a manifest, assume prepared at the final side
-        T = final * top / prep
-        need = [r * top / prep for r in self.sides]
-        bad = [int(n) if n == int(n) else n for n in need if n != int(n) or int(n) not in levels]
-        if bad:
+    sides: list[int]  # flow.sides
+    T: int  # side of the level the final stage reads (the expanded image, e.g. 288 for 256)
+    need: list[int]  # stored level each stage decodes
+    align: int  # crop offsets are multiples of this many pixels of level T
+    full: bool | None  # aspect-ratio images (cdc prepare --crop full); None: unknown, read headers
+
+    @classmethod
+    def of(cls, sides: list[int], levels: list[int], prep_side: int | None, full: bool | None) -> Geometry:
+        final, top = sides[-1], max(levels)
+        prep = prep_side or final  # without a manifest, assume prepared at the final side
+        need = [r * top / prep for r in sides]
+        if any(n != int(n) or int(n) not in levels for n in need):
             raise ValueError(
-                f"stage sides {self.sides} need stored levels {[int(n) if n == int(n) else n for n in need]} "
+                f"stage sides {sides} need stored levels {[int(n) if n == int(n) else n for n in need]} "
                 f"but the shards hold {levels} (prepared at side {prep}); prepare with more --levels "
                 f"or a matching --side"
             )
-        self.T, self.need = int(T), [int(n) for n in need]
-        self.n_pos = (self.T - final) // self.align
+        return cls(list(sides), int(final * top / prep), [int(n) for n in need], final // sides[0], full)
 
-    def crop_offsets(self, rng: np.random.Generator, level: bytes, k: int, box: int = 1) -> tuple[int, int]:
-        """Top-left (y, x) of the final-side crop, in pixels of the final stage's level; multiples of align.
 
-        The stored image may be T x T (centre square) or T x L at its aspect ratio (`cdc prepare
-        --crop full`); its size comes from the header of the level stage k decodes anyway. Every
-        aligned position is equally likely, so random crops cover the whole image (Table 7), and
-        the same crop at every level is the exact box average of the final one.
-        """
-        if self.full is False:
-            h = w = self.T
-        else:
-            scale = self.T // self.need[k]
-            w, h = (x // box * scale for x in Image.open(io.BytesIO(level)).size)  # box: jpeg-top's factor
-        final = self.sides[-1]
-        ny, nx = (h - final) // self.align, (w - final) // self.align
-        # a square keeps the draw of the centre-square format, so its batches are unchanged
-        pos = rng.integers(0, ny + 1, 2) if ny == nx else rng.integers(0, [ny + 1, nx + 1])
-        if not self.random_crop:
-            pos = (ny // 2, nx // 2)
-        return int(pos[0]) * self.align, int(pos[1]) * self.align
+@dataclass
+class Settings:
+    """What a worker needs besides the plan and index, picklable (spawned workers get a copy)."""
 
-    def epoch_shards(self, epoch: int, slot: int) -> tuple[list[int], int, int]:
-        """(shard indices this slot reads in `epoch`, sample stride, sample phase)."""
-        perm = np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.urls)).tolist()
-        S = self.world * self.workers
-        if len(self.urls) >= S:
-            return perm[slot::S], 1, 0
-        return perm, S, slot  # fewer shards than slots: every slot reads all, keeps every S-th sample
+    rank: int
+    ranks: int
+    workers: int  # W >= 1 (data.workers = 0 reads in the main process, as one worker)
+    batch: int  # per-rank batch B
+    seed: int
+    skip_bad: bool
+    random_crop: bool
+    hflip: bool
+    sched: Schedule
+    tau: tuple[str, float, float]  # flow.tau_dist, tau_loc, tau_scale
+    stage_weights: list[float] | None
+    cache_dir: str | None
+    cache_gb: float
+    max_member: int  # bytes
 
-    def epoch_count(self, epoch: int, slot: int) -> int | None:
-        if self.counts is None:
-            return None
-        shards, stride, phase = self.epoch_shards(epoch, slot)
-        n = sum(self.counts[i] for i in shards)
-        return (n - phase + stride - 1) // stride if stride > 1 else n
+
+@dataclass
+class Drawn:
+    """One training sample, drawn and decoded: its place in the batch and what the step needs."""
+
+    slot: int  # index in the rank's batch
+    key: str
+    cls: int
+    t: float
+    stage: int
+    offset: tuple[int, int]  # crop (y, x) in pixels of level T
+    flip: bool
+    pixels: torch.Tensor  # (C, r_k, r_k) uint8
+
+
+@dataclass
+class Chunk:
+    """A worker's share of one rank batch, grouped by stage (what crosses the process boundary)."""
+
+    stage: list[int] = field(default_factory=list)
+    slots: list[torch.Tensor] = field(default_factory=list)  # per stage: (B_k,) slot in the batch
+    x: list[torch.Tensor] = field(default_factory=list)  # per stage: (B_k, C, r, r) uint8
+    t: list[torch.Tensor] = field(default_factory=list)
+    y: list[torch.Tensor] = field(default_factory=list)
+    keys: list[list[str]] = field(default_factory=list)
+    offsets: list[list[tuple[int, int]]] = field(default_factory=list)
+    flips: list[list[bool]] = field(default_factory=list)
+    replaced: int = 0  # unreadable samples replaced in this chunk (data.skip_bad)
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    """One rank's infinite stream of worker chunks; TrainLoader joins W consecutive chunks into a batch."""
+    """One rank's stream of worker chunks, one per batch per worker, from global position `start`."""
 
-    def __init__(self, plan: _Plan, start: int, undecodable: list[int] | None = None):
+    def __init__(self, plan: DataPlan, index: SampleIndex, urls: list[str], geo: Geometry, s: Settings, start: int):
         super().__init__()
-        self.plan, self.start = plan, start  # start: batches already yielded (resume)
-        # per worker: samples dropped at decode time so far (data.skip_bad); resume skips them too
-        self.undecodable = list(undecodable or [0] * plan.workers)
-        self.skipped = 0  # samples (or rest of shards) this worker dropped before decoding
-        self._quiet = False
-        self._cache: dict[int, list[tuple[str, dict[str, bytes]]]] = {}  # shard -> samples (per worker)
-        self._cached_bytes = 0
+        self.plan, self.index, self.urls, self.geo, self.s, self.start = plan, index, urls, geo, s, start
 
-    def _read(self, i: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """Shard i's samples; with data.cache_mb, from RAM after the first full read.
-
-        Parsing tar headers in Python costs more than decoding a small PNG, so for datasets that
-        fit in memory (Fashion-MNIST: 44 MB) later epochs skip it; order and bytes are unchanged.
-        """
-        if i in self._cache:
-            yield from self._cache[i]
-            return
-        budget = self.plan.cache_bytes - self._cached_bytes
-        if budget <= 0:  # cache off or full: no bookkeeping on the hot path
-            yield from read_tar(self.plan.urls[i])
-            return
-        kept, size = [], 0
-        for key, sample in read_tar(self.plan.urls[i]):
-            size += sum(len(v) for v in sample.values())
-            if size <= budget:
-                kept.append((key, sample))
-            yield key, sample
-        # only a shard read to its end, that still fits (others read at the same time may have
-        # filled the budget meanwhile), is cached
-        if size <= self.plan.cache_bytes - self._cached_bytes:
-            self._cache[i] = kept
-            self._cached_bytes += size
-
-    def _mixed(self, shards: list[int], rng: random.Random) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-        """The samples of `shards`, up to `plan.mix` of them open at once, interleaved at random.
-
-        Each next sample comes from an open shard drawn uniformly, so equal shards are read at
-        equal pace and, with all of a slot's shards open, even shards of one class each give
-        batches of many classes. A finished shard makes room for the next (yields shard index, key, sample). The draw never looks
-        at manifest counts, so a directory, a brace pattern and a pipe: url give the same stream.
-        """
-        queue = list(reversed(shards))  # pop() from the end: next shard in epoch order
-        open_: list[Iterator] = []
-        ids: list[int] = []  # shard index of each open reader
-        while queue or open_:
-            while queue and len(open_) < self.plan.mix:
-                ids.append(queue.pop())
-                open_.append(self._read(ids[-1]))
-            j = rng.randrange(len(open_)) if len(open_) > 1 else 0
-            try:
-                item = next(open_[j], None)
-            except BadFileError as e:  # cut short or corrupt: the error names it (skip_bad: drop the rest)
-                if not self.plan.skip_bad:
-                    raise
-                self.skipped += 1
-                if not self._quiet:
-                    warn(f"skipped the rest of {one_line(e)}")
-                item = None
-            if item is None:  # shard ended
-                del open_[j], ids[j]
-                continue
-            yield (ids[j], *item)
-
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[Chunk]:
         info = torch.utils.data.get_worker_info()
         w = info.id if info is not None else 0
-        samples = self._samples(w, worker_share(self.plan, w, self.start) + self.undecodable[w])
-        n = self.start
-        while True:
-            take = worker_share(self.plan, w, n + 1) - worker_share(self.plan, w, n)
-            group, pixels, dropped, before = [], [], 0, self.skipped
-            while len(group) < take:
-                rec = next(samples)
-                try:
-                    pixels.append(self._pixels(rec))
-                except (OSError, ValueError, SyntaxError, EOFError) as e:  # what PIL raises on bad bytes
-                    dropped += 1
-                    self._bad(rec[8], rec[0], "an image PIL can decode", e)
-                    continue
-                group.append(rec)
-            yield (*self._collate(group, pixels), dropped, self.skipped - before)
-            n += 1
+        s, P = self.s, self.plan.partitions
+        owner = worker_of(P, s.rank, s.ranks, s.workers)
+        files = ShardFiles(self.urls, s.cache_dir, s.cache_gb)
+        try:
+            b = 0
+            while True:
+                pos = rank_positions(self.start, s.rank, s.ranks, b * s.batch, (b + 1) * s.batch)
+                slots = np.nonzero(owner[pos % P] == w)[0]
+                yield self._chunk(files, slots, pos[slots])
+                b += 1
+        finally:
+            files.close()
 
-    def _bad(self, shard: int, key: str | None, expected: str, cause: BaseException) -> None:
-        """A sample (or a shard's rest) that cannot be read: one-line error, or with data.skip_bad a
-        one-line warning and a count that reaches metrics.jsonl; never a silently wrong batch."""
-        name = os.path.basename(self.plan.urls[shard])
-        what = f"shard {name}, sample {key}" if key is not None else f"shard {name}"
-        if not self.plan.skip_bad:
-            raise bad_file(self.plan.urls[shard], f"{expected} in {what}; re-run cdc prepare, or set "
-                           f"data.skip_bad: true to skip it", cause) from None
-        if not self._quiet:
-            warn(f"skipped {what}: not {expected} ({one_line(cause)})")
-
-    def _samples(self, w: int, skip: int) -> Iterator[tuple]:
-        """Worker w's output samples across epochs, the first `skip` of them dropped undecoded."""
-        P = self.plan
-        slot = P.rank * P.workers + w
-        epoch = 0
-        self._quiet = skip > 0  # re-reading what a resumed run already trained on: count and warn nothing
-        while True:
-            n = P.epoch_count(epoch, slot) if not P.skip_bad else None  # a bad shard may hold fewer
-            if n == 0:
-                raise ValueError(
-                    f"rank {P.rank} worker {w} has no samples: fewer samples than ranks x workers"
-                )
-            if n is not None and skip >= n:  # skip whole epochs without reading them
-                skip, epoch = skip - n, epoch + 1
-                self._quiet = skip > 0
-                continue
-            got = 0
-            for sample in self._epoch(epoch, w, slot):
-                got += 1
-                if skip:
-                    skip -= 1
-                    if not skip:  # drops met from here on happen after the resume point
-                        self._quiet, self.skipped = False, 0
-                    continue
-                yield sample
-            if got == 0:
-                raise ValueError(
-                    f"rank {P.rank} worker {w} read no samples in epoch {epoch}; check the shards"
-                )
-            epoch += 1
-
-    def _epoch(self, epoch: int, w: int, slot: int) -> Iterator[tuple]:
-        P = self.plan
-        seeds = np.random.SeedSequence([P.seed, P.rank, w, epoch])
-        buf_rng = random.Random(int(seeds.generate_state(1)[0]))
-        buf: list[tuple] = []
-        shards, stride, phase = P.epoch_shards(epoch, slot)
-        # the interleave of a sample-level split is shared by every slot (each keeps its g % stride)
-        mix_seed = [P.seed, epoch, 11] + ([slot] if stride == 1 else [])
-        mix_rng = random.Random(int(np.random.SeedSequence(mix_seed).generate_state(1)[0]))
-        j = -1  # position in this slot's input stream
-        g = -1  # position in the shared stream (sample-level split)
-        for shard, key, sample in self._mixed(shards, mix_rng):
-            g += 1
-            if g % stride != phase:
-                continue
-            j += 1
-            if not hasattr(P, "T"):  # no manifest: levels from the first sample's keys
-                P._geometry(sorted(int(e.split(".")[0]) for e in sample if e.endswith(LEVEL_EXTS)))
-            rng = np.random.default_rng([P.seed, P.rank, w, epoch, j])
-            t = weight_stages(float(rng.random()), P.sched, P.stage_weights)  # flow.stage_weights
-            t32 = torch.tensor([t], dtype=torch.float32)
-            k = int(P.sched.stage_of(t32)[0])
-            if P.tau_dist != "uniform":  # tau moves inside stage k (flow.tau_dist); the stage stays
-                t32.fill_(warp_time(t, P.sched, P.tau_dist, P.tau_loc, P.tau_scale, k))
-            try:
-                level, box = level_bytes(sample, P.need[k])  # box > 1: a level of a jpeg-top shard
-                oy, ox = P.crop_offsets(rng, level, k, box)
-                cls = int(sample["cls"])
-            except (KeyError, OSError, ValueError, SyntaxError) as e:  # a missing level or class, a bad header
-                self.skipped += 1
-                self._bad(shard, key, f"a sample with level {P.need[k]} px and a class", e)
-                continue
-            flip = bool(rng.random() < 0.5)
-            rec = (
-                key,
-                cls,
-                float(t32[0]),
-                k,
-                (level, box),
-                oy,
-                ox,
-                flip and P.hflip,
-                shard,
-            )
-            if P.shuffle <= 1:
-                yield rec
-            elif len(buf) < P.shuffle:
-                buf.append(rec)
-            else:
-                idx = buf_rng.randrange(len(buf))
-                buf[idx], rec = rec, buf[idx]
-                yield rec
-        buf_rng.shuffle(buf)
-        yield from buf
-
-    def _pixels(self, rec: tuple) -> torch.Tensor:
-        """One sample's crop of its stage's level, flipped as drawn: (C, r, r) uint8."""
-        P = self.plan
-        k, (body, box), oy, ox, flip = rec[3], rec[4], rec[5], rec[6], rec[7]
-        r, scale = P.sides[k], P.T // P.need[k]  # offsets are in T pixels; this level is T/scale
-        im = Image.open(io.BytesIO(body))
-        a = np.asarray(im.reduce(box) if box > 1 else im)  # box > 1: a level of a jpeg-top shard
-        a = a[oy // scale : oy // scale + r, ox // scale : ox // scale + r]
-        if a.shape[:2] != (r, r):
-            raise ValueError(f"level is {im.size[0]}x{im.size[1]} px, too small for its crop")
-        a = a[:, ::-1] if flip else a
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (H, W, C) -> (C, r, r)
-        return torch.from_numpy(a.copy())  # copy: PIL's buffer is read-only
-
-    def _collate(self, group: list[tuple], pixels: list[torch.Tensor] | None = None) -> tuple:
-        if pixels is None:  # not decoded yet
-            pixels = [self._pixels(rec) for rec in group]
-        out: tuple[list, ...] = ([], [], [], [], [], [], [])  # stage, x, t, y, keys, offsets, flips
-        for k in sorted({s[3] for s in group}):
-            idx = [i for i, s in enumerate(group) if s[3] == k]
-            members = [group[i] for i in idx]
-            x = torch.stack([pixels[i] for i in idx]).float().div_(127.5).sub_(1.0)  # (B_k, C, r, r)
-            out[0].append(k)
-            out[1].append(x)
-            out[2].append(torch.tensor([s[2] for s in members], dtype=torch.float32))
-            out[3].append(torch.tensor([s[1] for s in members], dtype=torch.long))
-            out[4].append([s[0] for s in members])
-            out[5].append([(s[5], s[6]) for s in members])
-            out[6].append([s[7] for s in members])
+    def _chunk(self, files: ShardFiles, slots: np.ndarray, positions: np.ndarray) -> Chunk:
+        out, drawn = Chunk(), []
+        for slot, pos in zip(slots.tolist(), positions.tolist()):
+            d, replaced = self._fetch(files, slot, pos)
+            drawn.append(d)
+            out.replaced += replaced
+        for k in sorted({d.stage for d in drawn}):
+            group = [d for d in drawn if d.stage == k]
+            out.stage.append(k)
+            out.slots.append(torch.tensor([d.slot for d in group], dtype=torch.long))
+            out.x.append(torch.stack([d.pixels for d in group]))  # (B_k, C, r, r) uint8
+            out.t.append(torch.tensor([d.t for d in group], dtype=torch.float32))
+            out.y.append(torch.tensor([d.cls for d in group], dtype=torch.long))
+            out.keys.append([d.key for d in group])
+            out.offsets.append([d.offset for d in group])
+            out.flips.append([d.flip for d in group])
         return out
 
+    def _fetch(self, files: ShardFiles, slot: int, pos: int) -> tuple[Drawn, int]:
+        """The sample at `pos`; with data.skip_bad an unreadable one is replaced by its partition's
+        next sample (position + P), the same whoever reads it. Returns (sample, replacements)."""
+        for tries in range(_MAX_REPLACED):
+            loc = self.plan.locate(np.array([pos + tries * self.plan.partitions]))
+            shard, sid, epoch = int(loc.shard[0]), int(loc.sample[0]), int(loc.epoch[0])
+            key = None
+            try:
+                body = files.read(shard, int(self.index.offset[sid]), int(self.index.length[sid]))
+                key, sample = parse_sample(body, self.urls[shard], self.s.max_member)
+                return self._draw(slot, key, sample, epoch, sid), tries
+            except _DECODE_ERRORS as e:
+                self._bad(shard, key, e)
+        raise ValueError(
+            f"{_MAX_REPLACED} unreadable samples in a row in one partition; check the shards or re-run cdc prepare"
+        )
 
-def worker_share(plan: _Plan, w: int, batches: int) -> int:
-    """Samples worker w gives to a rank's first `batches` batches.
+    def _bad(self, shard: int, key: str | None, cause: BaseException) -> None:
+        """One-line error naming shard and sample, or with data.skip_bad a one-line warning."""
+        name = os.path.basename(self.urls[shard])
+        what = f"shard {name}, sample {key}" if key is not None else f"shard {name}"
+        expected = f"a sample with the levels {sorted(set(self.geo.need))} px, a class and decodable images"
+        if not self.s.skip_bad:
+            raise bad_file(self.urls[shard], f"{expected} in {what}; re-run cdc prepare, or set "
+                           f"data.skip_bad: true to skip it", cause) from None
+        warn(f"skipped {what}: not {expected} ({one_line(cause)})")
 
-    Sample p of the rank's sample sequence (batch p // B) comes from worker p % W, so every batch
-    holds samples of every worker (and so of every worker's shards), and the count is exact
-    arithmetic: resume skips it without reading a batch.
+    def _draw(self, slot: int, key: str, sample: dict[str, bytes], epoch: int, sid: int) -> Drawn:
+        """t, stage, crop and flip from (seed, epoch, sample id), then the crop of the stage's level."""
+        s, g = self.s, self.geo
+        rng = np.random.default_rng([s.seed, epoch, sid])
+        t = weight_stages(float(rng.random()), s.sched, s.stage_weights)  # flow.stage_weights
+        t32 = torch.tensor([t], dtype=torch.float32)
+        k = int(s.sched.stage_of(t32)[0])
+        if s.tau[0] != "uniform":  # tau moves inside stage k (flow.tau_dist); the stage stays
+            t32.fill_(warp_time(t, s.sched, *s.tau, k))
+        level, box = level_bytes(sample, g.need[k])  # box > 1: a level of a jpeg-top shard
+        offset = crop_offset(g, rng, level, k, box, s.random_crop)
+        flip = bool(rng.random() < 0.5) and s.hflip
+        cls = int(sample["cls"])
+        return Drawn(slot, key, cls, float(t32[0]), k, offset, flip, crop_pixels(g, level, box, k, offset, flip))
+
+
+def crop_offset(g: Geometry, rng: np.random.Generator, level: bytes, k: int, box: int, random: bool) -> tuple[int, int]:
+    """Top-left (y, x) of the final-side crop, in pixels of level T; multiples of g.align.
+
+    The stored image may be T x T (centre square) or T x L at its aspect ratio (`cdc prepare
+    --crop full`); its size comes from the header of the level stage k decodes anyway. Every
+    aligned position is equally likely, so random crops cover the whole image (Table 7), and the
+    same crop at every level is the exact box average of the final one.
     """
-    P = batches * plan.batch
-    return max(0, (P - w + plan.workers - 1) // plan.workers)
+    if g.full is False:
+        h = w = g.T
+    else:
+        scale = g.T // g.need[k]
+        w, h = (x // box * scale for x in Image.open(io.BytesIO(level)).size)  # box: jpeg-top's factor
+    final = g.sides[-1]
+    ny, nx = (h - final) // g.align, (w - final) // g.align
+    # a square keeps the draw of the centre-square format
+    pos = rng.integers(0, ny + 1, 2) if ny == nx else rng.integers(0, [ny + 1, nx + 1])
+    if not random:
+        pos = (ny // 2, nx // 2)
+    return int(pos[0]) * g.align, int(pos[1]) * g.align
 
 
-def join_chunks(chunks: list[tuple]) -> tuple:
-    """One batch from the workers' chunks (each grouped by stage): groups of a stage joined in worker
-    order; the two drop counts (undecodable, skipped before decoding) summed."""
-    stages = sorted({k for c in chunks for k in c[0]})
-    out: tuple[list, ...] = ([], [], [], [], [], [], [])  # stage, x, t, y, keys, offsets, flips
-    for k in stages:
-        parts = [[field[c[0].index(k)] for field in c[1:7]] for c in chunks if k in c[0]]
-        out[0].append(k)
-        out[1].append(torch.cat([p[0] for p in parts]))  # (B_k, C, r, r)
-        out[2].append(torch.cat([p[1] for p in parts]))
-        out[3].append(torch.cat([p[2] for p in parts]))
-        for i in (4, 5, 6):
-            out[i].append([v for p in parts for v in p[i - 1]])
-    return (*out, sum(c[7] for c in chunks), sum(c[8] for c in chunks))
+def crop_pixels(g: Geometry, body: bytes, box: int, k: int, offset: tuple[int, int], flip: bool) -> torch.Tensor:
+    """One sample's crop of its stage's level, flipped as drawn: (C, r, r) uint8."""
+    r, scale = g.sides[k], g.T // g.need[k]  # offsets are in T pixels; this level is T/scale
+    im = Image.open(io.BytesIO(body))
+    a = np.asarray(im.reduce(box) if box > 1 else im)  # box > 1: a level of a jpeg-top shard
+    oy, ox = offset[0] // scale, offset[1] // scale
+    a = a[oy : oy + r, ox : ox + r]
+    if a.shape[:2] != (r, r):
+        raise ValueError(f"level is {im.size[0]}x{im.size[1]} px, too small for its crop")
+    a = a[:, ::-1] if flip else a
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (H, W, C) -> (C, r, r)
+    return torch.from_numpy(a.copy())  # copy: PIL's buffer is read-only
+
+
+def join_chunks(chunks: list[Chunk]) -> Chunk:
+    """One rank batch from its workers' chunks: per stage, samples in batch-slot order, so the batch
+    is the same for any worker count."""
+    out = Chunk(replaced=sum(c.replaced for c in chunks))
+    for k in sorted({k for c in chunks for k in c.stage}):
+        parts = [(c, c.stage.index(k)) for c in chunks if k in c.stage]
+        slots = torch.cat([c.slots[i] for c, i in parts])
+        order = torch.argsort(slots)
+        out.stage.append(k)
+        out.slots.append(slots[order])
+        for name in ("x", "t", "y"):
+            getattr(out, name).append(torch.cat([getattr(c, name)[i] for c, i in parts])[order])
+        for name in ("keys", "offsets", "flips"):
+            flat = [v for c, i in parts for v in getattr(c, name)[i]]
+            getattr(out, name).append([flat[j] for j in order.tolist()])
+    return out
 
 
 def _identity(x: Any) -> Any:
@@ -375,115 +257,142 @@ def _identity(x: Any) -> Any:
 class TrainLoader:
     """Infinite iterable of `Batch`es (cfg.train.batch_size samples per rank), grouped by stage.
 
-    `state_dict()` / `load_state_dict()` carry the number of batches yielded; a loader restored
-    from it yields exactly the batches an uninterrupted one would have yielded next.
+    `state_dict()` / `load_state_dict()` carry the global stream position; a loader restored from
+    it yields exactly the batches an uninterrupted one would have yielded next, on this rank count
+    or any other (the global batches are the same; each rank takes every R-th position).
     """
 
     def __init__(
-        self, cfg: Any, rank: int = 0, world_size: int = 1, seed: int | None = None, device: str = "cpu"
+        self,
+        cfg: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int | None = None,
+        device: str = "cpu",
+        cache_dir: str | os.PathLike | None = None,
     ):
-        urls, manifest = resolve_shards(cfg.data.shards)
-        if not urls:
+        self.shards = resolve_shards(cfg.data.shards)
+        if not self.shards.urls:
             raise ValueError(f"data.shards={cfg.data.shards!r} matches no shards")
-        if manifest:
-            if manifest["channels"] != cfg.model.in_channels:
-                raise ValueError(
-                    f"shards have {manifest['channels']} channels but model.in_channels="
-                    f"{cfg.model.in_channels}; set model.in_channels={manifest['channels']}"
-                )
-            if manifest["num_classes"] > cfg.model.num_classes:
-                raise ValueError(
-                    f"shards have {manifest['num_classes']} classes but model.num_classes="
-                    f"{cfg.model.num_classes}; set model.num_classes={manifest['num_classes']}"
-                )
-        if manifest and manifest.get("order") != "shuffled" and rank == 0:
-            warn(
-                f"{cfg.data.shards} was prepared class by class (cdc prepare before --order, or "
-                f"--order sorted): batches mix classes only as far as data.mix_shards="
-                f"{cfg.data.mix_shards} and data.shuffle={cfg.data.shuffle} reach; "
-                f"`cdc prepare ... --overwrite` rewrites it in a shuffled order"
-            )
+        _check_manifest(self.shards.manifest, cfg)
+        d, f = cfg.data, cfg.flow
         self.seed = cfg.train.seed if seed is None else seed
-        self.plan = _Plan(cfg, urls, manifest, rank, world_size, self.seed)
-        self.manifest, self.rank, self.world_size = manifest, rank, world_size
-        self.num_workers = cfg.data.workers
+        self.rank, self.world_size, self.num_workers = rank, world_size, d.workers
         self.device = torch.device(device)
-        self.batches = 0  # batches yielded so far (the resume position)
-        self.undecodable = [0] * self.plan.workers  # per worker: samples dropped at decode (skip_bad)
-        self.skipped = 0  # all samples / shard rests dropped so far (data.skip_bad), for metrics
+        self.settings = Settings(
+            rank, world_size, max(d.workers, 1), cfg.train.batch_size, self.seed, d.skip_bad, d.random_crop,
+            d.hflip, Schedule.from_config(f), (f.tau_dist, f.tau_loc, f.tau_scale), f.stage_weights,
+            d.cache_dir or None, d.cache_gb, d.max_member_mb << 20,
+        )
+        self.index = load_index(self.shards, cache_dir, self.settings.max_member)
+        self.geo = _geometry(self.shards, self.index, list(f.sides))
+        self.partitions = d.partitions or world_size * self.settings.workers
+        self.plan = DataPlan(self.index.counts, self.partitions, self.seed)
+        self.position = 0  # global stream position of the next batch (all ranks agree)
+        self.batches = 0  # batches yielded since step 0 (metrics' index)
+        self.skipped = 0  # unreadable samples replaced so far on this rank (data.skip_bad)
+        self._noted = False
 
     @property
-    def samples_per_epoch(self) -> int | None:
-        """Samples in one pass over all shards (all ranks together), when a manifest is known."""
-        return sum(self.plan.counts) if self.plan.counts is not None else None
+    def samples_per_epoch(self) -> int:
+        """Samples one epoch trains on (all ranks together): every sample, less at most P - 1."""
+        return self.plan.epoch_length
 
     def state_dict(self) -> dict[str, Any]:
-        n = self.samples_per_epoch
-        epoch = self.batches * self.plan.batch * self.world_size / n if n else None
         return {
+            "position": self.position,
+            "partitions": self.partitions,
+            "epoch": self.position / self.plan.epoch_length,
             "batches": self.batches,
-            "epoch": epoch,
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
             "workers": self.num_workers,
-            "batch_size": self.plan.batch,
-            "undecodable": list(self.undecodable),  # per worker, data.skip_bad's decode-time drops
+            "batch_size": self.settings.batch,
             "skipped": self.skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue after `state["batches"]` batches; call before iterating."""
-        mine = self.state_dict()
-        diff = [
-            k for k in ("seed", "world_size", "workers", "batch_size") if k in state and state[k] != mine[k]
-        ]
-        if diff:
-            warnings.warn(
-                f"data loader resumed with different {diff}: the batch sequence will not repeat exactly",
-                stacklevel=2,
-            )
-        self.batches = int(state["batches"])
-        drops = state.get("undecodable", [])  # absent before data.skip_bad existed: nothing dropped
-        self.undecodable = list(drops) if len(drops) == self.plan.workers else [0] * self.plan.workers
+        """Continue at `state["position"]` with the partitions it was planned with; call before iterating."""
+        if "position" not in state:  # a checkpoint of cdc < 0.2 (its loader planned by shard)
+            B = int(state.get("batch_size", self.settings.batch)) * int(state.get("world_size", self.world_size))
+            state = {**state, "position": int(state["batches"]) * B, "partitions": self.partitions}
+            warn("this checkpoint's data position predates the sample-level plan: training continues at the "
+                 "same point of the epoch in the new order (samples of the interrupted epoch may repeat)")
+        if int(state["partitions"]) != self.partitions:
+            self.partitions = int(state["partitions"])
+            self.plan = DataPlan(self.index.counts, self.partitions, self.seed)
+        if state.get("seed", self.seed) != self.seed:
+            warn(f"data loader resumed with seed {self.seed} where it ran with {state['seed']}: a new sample order")
+        self.position = int(state["position"])
+        self.batches = int(state.get("batches", 0))
         self.skipped = int(state.get("skipped", 0))
 
     def __iter__(self) -> Iterator[Batch]:
-        stream = _Stream(self.plan, self.batches, self.undecodable)
-        if self.num_workers == 0:
-            it: Any = iter(stream)
-        else:
-            it = iter(
-                torch.utils.data.DataLoader(
-                    stream,
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    collate_fn=_identity,
-                    pin_memory=self.device.type == "cuda",
-                    prefetch_factor=4,
-                )
-            )
-        W = self.plan.workers
+        s = self.settings
+        if self.rank == 0 and not self._noted and (note := layout_note(self.partitions, s.ranks, s.workers)):
+            warn(note)
+        self._noted = True
+        stream = _Stream(self.plan, self.index, self.shards.urls, self.geo, s, self.position)
+        it: Any = iter(stream)
+        if self.num_workers > 0:
+            it = iter(torch.utils.data.DataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity, prefetch_factor=4
+            ))
         while True:
-            chunks = [next(it) for _ in range(W)]  # DataLoader yields workers 0..W-1 in turn
-            for w, c in enumerate(chunks):
-                self.undecodable[w] += c[7]
-                self.skipped += c[7] + c[8]
-            stage, x, t, y, keys, offsets, flips, _, _ = chunks[0] if W == 1 else join_chunks(chunks)
-            b = Batch(
-                list(stage),
-                x,
-                t,
-                y,
-                {"index": self.batches, "keys": keys, "offsets": offsets, "flips": flips,
-                 "skipped": self.skipped},
-            )
-            self.batches += 1
-            yield b.to(self.device) if self.device.type != "cpu" else b
+            chunks = [next(it) for _ in range(s.workers)]  # DataLoader yields workers 0..W-1 in turn
+            joined = chunks[0] if s.workers == 1 else join_chunks(chunks)
+            self.skipped += joined.replaced
+            batch = self._batch(joined)
+            self.batches += 1  # before the yield: a state saved after this batch resumes after it
+            self.position += s.batch * s.ranks
+            yield batch
+
+    def _batch(self, c: Chunk) -> Batch:
+        """uint8 -> the device (pinned, asynchronous on CUDA) -> [-1, 1] float there."""
+        cuda = self.device.type == "cuda"
+        x = [v.pin_memory().to(self.device, non_blocking=True) if cuda else v for v in c.x]
+        meta = {"index": self.batches, "keys": c.keys, "offsets": c.offsets, "flips": c.flips,
+                "skipped": self.skipped, "position": self.position}
+        b = Batch(list(c.stage), [v.float().div_(127.5).sub_(1.0) for v in x], c.t, c.y, meta)
+        if cuda:
+            b.t = [v.pin_memory().to(self.device, non_blocking=True) for v in b.t]
+            b.y = [v.pin_memory().to(self.device, non_blocking=True) for v in b.y]
+        return b
+
+
+def _check_manifest(manifest: dict | None, cfg: Any) -> None:
+    if not manifest:
+        return
+    if manifest["channels"] != cfg.model.in_channels:
+        raise ValueError(
+            f"shards have {manifest['channels']} channels but model.in_channels="
+            f"{cfg.model.in_channels}; set model.in_channels={manifest['channels']}"
+        )
+    if manifest["num_classes"] > cfg.model.num_classes:
+        raise ValueError(
+            f"shards have {manifest['num_classes']} classes but model.num_classes="
+            f"{cfg.model.num_classes}; set model.num_classes={manifest['num_classes']}"
+        )
+
+
+def _geometry(shards: ShardSet, index: SampleIndex, sides: list[int]) -> Geometry:
+    """From the manifest; without one, from the levels the index pass saw in the first sample."""
+    m = shards.manifest
+    if m:
+        full = m.get("crop") == "full"  # centre-square shards are T x T: no need to read image headers
+        return Geometry.of(sides, list(m["levels"]), m["side"], full)
+    return Geometry.of(sides, index.levels or [], None, None)
 
 
 def make_loader(
-    cfg: Any, rank: int = 0, world_size: int = 1, seed: int | None = None, device: str = "cpu"
+    cfg: Any,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int | None = None,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
 ) -> TrainLoader:
-    """The training loader for `cfg` (cdc.config.Config) on one rank; see TrainLoader."""
-    return TrainLoader(cfg, rank, world_size, seed, device)
+    """The training loader for `cfg` (cdc.config.Config) on one rank; see TrainLoader. `cache_dir`
+    keeps the index of shards that have none (default: the user cache, ~/.cache/cdc)."""
+    return TrainLoader(cfg, rank, world_size, seed, device, cache_dir)

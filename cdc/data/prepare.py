@@ -26,6 +26,7 @@ ends with byte-identical shards. `manifest.json` is written atomically at the en
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -36,9 +37,11 @@ from typing import Any
 import numpy as np
 
 from cdc.data.imageproc import STORES, top_side
+from cdc.data.index import INDEX_FILE, index_bytes
+from cdc.data.reader import scan_tar
 from cdc.data.shard_writer import clear_outputs, drop_partials, shard_record, write_shards
 from cdc.data.sources import Item, Source, fingerprint, open_source
-from cdc.fileio import display, is_utf8, path_record, read_json, write_json
+from cdc.fileio import atomic_write_bytes, display, is_utf8, path_record, read_json, write_json
 
 FORMAT = "cdc-shards/1"
 
@@ -311,6 +314,20 @@ def _manifest(plan: Plan, records: dict[str, dict]) -> dict[str, Any]:
     }
 
 
+def _write_index(plan: Plan, records: dict[str, dict]) -> dict[str, Any]:
+    """index.npy: every sample's [byte offset, length] in its shard, rows in manifest order, so a
+    reader fetches one sample with one read (cdc.data.index); returns its manifest entry."""
+    rows = []
+    for n in plan.names:
+        found = records[n].get("index")
+        if found is None:  # a shard an earlier cdc version wrote: read its headers
+            found = [[s.offset, s.length] for s in scan_tar(str(plan.out / n), 1 << 62)]
+        rows += found
+    data = index_bytes(np.asarray(rows, dtype=np.int64).reshape(-1, 2))
+    atomic_write_bytes(plan.out / INDEX_FILE, data, "sample index")
+    return {"file": INDEX_FILE, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def _require_usable(plan: Plan, manifest: dict[str, Any]) -> None:
     """A source with no usable image is an error, and leaves no empty shard a training run could be pointed at."""
     if manifest["count"]:
@@ -379,6 +396,7 @@ def prepare(
     elapsed = time.perf_counter() - t0
     manifest = _manifest(plan, records)
     _require_usable(plan, manifest)
+    manifest["index"] = _write_index(plan, records)  # before the manifest, which must never name a missing one
     write_json(plan.out / "manifest.json", manifest, what="manifest")
     if progress and todo:
         _report(plan.out, manifest, todo, elapsed)

@@ -76,7 +76,7 @@ def write_shard(task: dict) -> dict:
     out, name, top, levels = Path(task["out"]), task["name"], task["top"], task["levels"]
     final = out / name
     tmp = out / f"{name}.partial-{os.getpid()}"
-    skipped, converted, count, done = [], [], 0, 0
+    skipped, converted, count, done, index = [], [], 0, 0, []
     squeeze = task["png"] == "huffman"
 
     def need(written: int) -> int | None:  # the whole shard, from the share of its images written
@@ -98,8 +98,10 @@ def write_shard(task: dict) -> dict:
                     converted.append({**path_record(ref), "note": "; ".join(notes)})
                 members = [("cls", str(cls).encode())]
                 members += encode_levels(img, levels, task.get("store", "png"), squeeze, task.get("quality", 95))
+                start = tar.size
                 for ext, body in members:
                     tar.add(f"{key}.{ext}", body)
+                index.append([start, tar.size - start])  # the sample's bytes: what the loader reads
                 count += 1
             done += 1
             if _counter is not None:
@@ -116,6 +118,7 @@ def write_shard(task: dict) -> dict:
         "sha256": tar.sha.hexdigest(),
         "skipped": skipped,
         "converted": converted,
+        "index": index,  # per sample [byte offset, length]: manifest's index.npy
     }
     write_json(out / ".prepare" / f"{name}.json", rec, what="shard record")
     return rec
@@ -136,7 +139,7 @@ def clear_outputs(out: Path) -> None:
     if not out.is_dir():
         return
     shards = [p for p in out.glob("*-*.tar") if re.fullmatch(r"[\w]+-\d{6}\.tar", p.name)]
-    for p in shards + _leftovers(out) + [out / "manifest.json"]:
+    for p in shards + _leftovers(out) + [out / "manifest.json", out / "index.npy"]:
         p.unlink(missing_ok=True)
     shutil.rmtree(out / ".prepare", ignore_errors=True)
 
@@ -146,7 +149,8 @@ def _leftovers(out: Path) -> list[Path]:
     (`.<name>.tmp.<pid>`, cdc.fileio) of a record or the manifest cut off before their rename."""
     state = out / ".prepare"
     return [
-        *out.glob("*.partial-*"), *state.glob("*.partial-*"), *state.glob(".*.tmp.*"), *out.glob(".manifest.json.tmp.*")
+        *out.glob("*.partial-*"), *state.glob("*.partial-*"), *state.glob(".*.tmp.*"), *out.glob(".manifest.json.tmp.*"),
+        *out.glob(".index.npy.tmp.*")
     ]  # fmt: skip
 
 

@@ -108,7 +108,11 @@ def build(cfg: Config, run_dir: Path, dist: D.Dist, init: Any) -> Parts:
     )
     gen = torch.Generator(dev).manual_seed(t.seed * 100_003 + dist.rank)  # noise and label dropout
     # told its device, the loader pins host memory on CUDA so the copies are truly asynchronous
-    loader = make_loader(cfg, rank=dist.rank, world_size=dist.world, seed=t.seed, device=dev)
+    # shards without a prepared index are indexed once, the result kept in the run dir: a restart
+    # reads no shard bytes before its resume point
+    loader = make_loader(
+        cfg, rank=dist.rank, world_size=dist.world, seed=t.seed, device=dev, cache_dir=run_dir / "data-index"
+    )
     return Parts(
         cfg, run_dir, dist, model, ema, opt, gen, loader,
         Schedule.from_config(cfg.flow), Interpolant(cfg.flow.interpolant), anchor,

@@ -46,16 +46,17 @@ def check_compatible(run_dir: Path, cfg: Config) -> None:
 def resume_other_world(
     state: dict, cfg: Config, dist: D.Dist, loader: Any, gen: torch.Generator, step: int
 ) -> None:
-    """Resume a checkpoint written by another number of ranks: same samples seen, fresh streams.
+    """Resume a checkpoint written by another number of ranks: the same data stream, fresh noise.
 
-    Per-rank data and noise streams depend on the rank count, so they cannot continue exactly.
-    Each rank's loader instead starts at (samples seen by all old ranks) / (new ranks), i.e. at the
-    same point of its epoch, and the noise generators are reseeded from (seed, rank, step) so they
-    do not replay step 0's noise. With train.global_batch set, the optimisation is unchanged.
+    The data plan is global (cdc.data.plan): every rank continues from the common stream position
+    and takes every R-th sample, so no sample is repeated or dropped. Noise streams are per rank;
+    they are reseeded from (seed, rank, step) so they do not replay step 0's noise. With
+    train.global_batch set, every optimizer step sees the samples it would have seen.
     """
     ranks, t = state.get("ranks", []), cfg.train
-    seen = sum(int(r["data"]["batches"]) * int(r["data"].get("batch_size", t.batch_size)) for r in ranks)
-    loader.load_state_dict({"batches": seen // (dist.world * t.batch_size)})
+    data = merged_data_state([r["data"] for r in ranks], dist.rank)
+    loader.load_state_dict(data)
+    seen = int(data.get("position", 0))
     gen.manual_seed(t.seed * 100_003 + dist.rank + 1_000_003 * step)
     torch.manual_seed(t.seed * 100_003 + dist.rank + 1_000_003 * step)
     old = state.get("config", {}).get("train", {})
@@ -68,9 +69,20 @@ def resume_other_world(
     )
     warnings.warn(
         f"checkpoint was written by {len(ranks)} ranks, resuming on {dist.world}: {kept}; "
-        f"data continues after {seen} samples on fresh per-rank streams",
+        f"data continues at sample {seen} of the same stream",
         stacklevel=3,
     )
+
+
+def merged_data_state(states: list[dict], rank: int) -> dict:
+    """One loader state from every old rank's: the common position, and all ranks' replaced-sample
+    counts given to the new rank 0 (metrics sum them over ranks). Older states carry batches alone."""
+    first = dict(states[0])
+    if "position" not in first:  # cdc < 0.2: per-rank batches; the position they add up to
+        first["batches"] = sum(int(s["batches"]) * int(s.get("batch_size", 1)) for s in states)
+        first["batch_size"], first["world_size"] = 1, 1
+    first["skipped"] = sum(int(s.get("skipped", 0)) for s in states) if rank == 0 else 0
+    return first
 
 
 def _log_line(run_dir: Path, line: dict) -> None:
