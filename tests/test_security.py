@@ -246,3 +246,91 @@ def test_inception_weights_must_have_the_pinned_sha256(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=f"sha256 {hashlib.sha256(b'a changed file').hexdigest()}, expected"):
         I.load_inception()
     assert not any((tmp_path / "hub").rglob("*.pth*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded decoding
+
+
+def _bomb_png(path: Path, side: int = 30000) -> None:
+    """A valid-looking greyscale PNG declaring side x side pixels (900 MB decoded at 30000) whose
+    file is a few KB: the header by hand, the pixel data a short run of zero rows."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * ((side + 1) * 64), 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+BOMB_CHILD = r"""
+import sys
+from pathlib import Path
+from typer.testing import CliRunner
+from cdc.cli import app
+from cdc.data.imageproc import load_image
+import cdc.cli.score, cdc.eval.evalio, cdc.eval.reference  # torch alone is ~700 MB here: in the baseline
+
+def status_mb(key):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key)) / 1024
+
+# the peak from here on: VmHWM reset to the current size (ru_maxrss would also count the imports'
+# transient peak and, through the exec, the forking pytest process's size)
+Path("/proc/self/clear_refs").write_text("5")
+base = status_mb("VmRSS")
+d = Path(sys.argv[1])
+img, notes, why = load_image(str(d / "src" / "b.png"), 64)  # prepare's decoding of one file
+assert img is None and "declares 900,000,000 pixels, above the limit" in why, why
+r = CliRunner().invoke(app, ["score", "ref", "--src", str(d / "src"), "--out", str(d / "ref.npz"), "--metrics", "swd"])
+lines = [ln for ln in r.output.splitlines() if ln.strip()]
+assert r.exit_code == 2 and len(lines) == 1 and "b.png" in lines[0] and "above the limit" in lines[0], r.output
+print(status_mb("VmHWM") - base)
+"""
+
+
+def test_decompression_bomb_is_refused_in_bounded_memory(tmp_path):
+    """prepare's decoding and `cdc score ref --src` refuse a tiny PNG declaring 30000 x 30000 px from
+    its header: within seconds and adding < 200 MB to the process's peak memory."""
+    import subprocess
+    import time
+
+    import numpy as np
+    from conftest import subprocess_env
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(src / "a.png")
+    _bomb_png(src / "b.png")
+    assert (src / "b.png").stat().st_size < 10_000
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", BOMB_CHILD, str(tmp_path)], capture_output=True, text=True,
+                       env=subprocess_env(OMP_NUM_THREADS="1"), timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    added_mb = float(r.stdout.split()[-1])
+    assert added_mb < 200, f"peak memory grew by {added_mb:.0f} MB"
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "ref.npz").exists()
+
+
+def test_only_the_named_formats_open(tmp_path):
+    from PIL import Image
+
+    from cdc.data.imageproc import READ_FORMATS, ImageRefused, load_image, open_image
+
+    eps = tmp_path / "x.png"  # EPS text in a .png: Pillow alone would hand it to Ghostscript
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n%%EOF\n")
+    assert Image.open(eps).format == "EPS"  # the premise
+    with pytest.raises(ImageRefused, match="not a recognised image format") as e:
+        open_image(eps)
+    assert str(eps) in str(e.value) and all(f in str(e.value) for f in READ_FORMATS)
+    assert load_image(str(eps), 32)[2].startswith("not a recognised image format")
+    ok = tmp_path / "ok.webp"
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(ok)
+    with open_image(ok.read_bytes(), "ok") as im:
+        assert (im.format, im.size) == ("WEBP", (40, 30))
+    with pytest.raises(ImageRefused, match=r"declares 40 x 30 = 1,200 pixels, above the limit of 1,000"):
+        open_image(ok, max_pixels=1000)

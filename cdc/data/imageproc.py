@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import zlib
 
@@ -26,6 +27,44 @@ _EXT_FORMAT = {
     ".tif": "TIFF",
     ".tiff": "TIFF",
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# opening a file from anyone: only the formats cdc reads, and a pixel limit checked from the header
+# before any pixel is decoded, so a small file that declares a huge image (a decompression bomb)
+# costs no memory. Every image cdc decodes (prepare, the loader, score) opens here.
+
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # never EPS (Ghostscript) or other plugins
+MAX_PIXELS = 2**26  # 67 Mpx, e.g. 8192 x 8192: ~200 MB as RGB; far above any photo cdc trains on
+
+
+class ImageRefused(ValueError):
+    """A file is not an image cdc reads, or declares more than MAX_PIXELS pixels: `NAME: REASON`."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.reason = reason  # without the name, for records that keep the path beside it
+
+
+def open_image(src: bytes | str | os.PathLike, what: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open `src` (a file's bytes or its path; `what` names it in errors) lazily: header parsed,
+    no pixel decoded. Raises ImageRefused for a format outside READ_FORMATS or a declared size
+    above `max_pixels`; the caller's load()/convert() then decodes at most that many pixels."""
+    name = what or (os.fsdecode(src) if not isinstance(src, bytes) else "image")
+    fp = io.BytesIO(src) if isinstance(src, bytes) else src
+    try:
+        im = Image.open(fp, formats=READ_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageRefused(name, f"not a recognised image format (cdc reads {', '.join(READ_FORMATS)})") from None
+    except Image.DecompressionBombError as e:  # Pillow's own, higher limit, checked on the header
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        declared = f"{int(n.group(1)):,}" if n else f"more than {max_pixels:,}"
+        raise ImageRefused(name, f"declares {declared} pixels, above the limit of {max_pixels:,}") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageRefused(name, f"declares {w} x {h} = {w * h:,} pixels, above the limit of {max_pixels:,}")
+    return im
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +204,7 @@ def load_image(path: str, top: int, keep_aspect: int = 0) -> tuple[Image.Image |
             return None, [], "empty file"
         with open(path, "rb") as f:
             data = f.read()
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data, path)
         ext = os.path.splitext(path)[1].lower()
         if _EXT_FORMAT.get(ext, img.format) != img.format:
             notes.append(f"mislabelled: {img.format} data in a {ext} file")
@@ -187,10 +226,8 @@ def load_image(path: str, top: int, keep_aspect: int = 0) -> tuple[Image.Image |
             s = min(w, h)
             box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)  # centre square, resampled in one pass
             img = img.resize((top, top), Image.LANCZOS, box=box)
-    except UnidentifiedImageError:
-        return None, [], "not a recognised image format"
-    except Image.DecompressionBombError as e:
-        return None, [], f"too large: {e}"
+    except ImageRefused as e:  # the skip reason is recorded beside the path
+        return None, [], e.reason
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as e:
         return None, [], f"unreadable or truncated: {e}"
     return img, notes, None

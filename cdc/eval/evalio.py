@@ -7,7 +7,6 @@ never sit in memory at once. References come from an image folder (ADM centre cr
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 import zlib
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cdc.data.imageproc import ImageRefused, open_image
 from cdc.data.loader import level_bytes, read_manifest, read_tar
 from cdc.fileio import bad_file, one_line
 
@@ -106,8 +106,10 @@ def npz_images(path: Path, key: str = "arr_0") -> Images:
 
 def _load_rgb(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return np.asarray(im.convert("RGB"))
+    except ImageRefused:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, zlib.error) as e:
         # PIL says "broken PNG file" (SyntaxError) or "image file is truncated" without the name
         raise bad_file(path, "a readable image", e) from None
@@ -232,7 +234,7 @@ def _shard_level(d: Path, tars: list[Path], manifest: dict, side: int | None) ->
 def _shard_crop(sample: dict[str, bytes], level: int, side: int) -> np.ndarray:
     """One shard sample's `level` image, centre-cropped to side x side (full-image shards are not square)."""
     body, box = level_bytes(sample, level)  # box > 1: a level of a jpeg-top shard
-    with Image.open(io.BytesIO(body)) as im:
+    with open_image(body, f"a shard sample's level {level}") as im:
         a = np.asarray((im.reduce(box) if box > 1 else im).convert("RGB"))
     y, x = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2
     return a[y : y + side, x : x + side]
@@ -248,7 +250,7 @@ def _folder_reference(d: Path, side: int | None, n: int | None) -> Images:
         raise ValueError(f"{d} holds no images ({', '.join(sorted(IMAGE_EXTS))}) and no manifest.json")
     files = files[:n] if n else files
     if side is None:
-        with Image.open(files[0]) as im:
+        with open_image(files[0]) as im:
             if im.size[0] != im.size[1]:
                 raise ValueError(f"{files[0]} is not square; pass --side")
             side = im.size[0]
@@ -261,7 +263,7 @@ def _folder_reference(d: Path, side: int | None, n: int | None) -> Images:
 
 
 def _folder_image(f: Path, side: int) -> np.ndarray:
-    with Image.open(f) as im:
+    with open_image(f) as im:
         return np.asarray(im.convert("RGB")) if im.size == (side, side) else center_crop_resize(im, side)
 
 
