@@ -137,10 +137,13 @@ class _Stream(torch.utils.data.IterableDataset):
 
     def _chunk(self, files: ShardFiles, slots: np.ndarray, positions: np.ndarray) -> Chunk:
         out, drawn = Chunk(), []
-        for slot, pos in zip(slots.tolist(), positions.tolist()):
-            d, replaced = self._fetch(files, slot, pos)
+        loc = self.plan.locate(positions)
+        for j, slot in enumerate(slots.tolist()):
+            d = self._read(files, slot, int(loc.shard[j]), int(loc.sample[j]), int(loc.epoch[j]))
+            if d is None:  # unreadable, data.skip_bad: its partition's next readable sample instead
+                d, replaced = self._replacement(files, slot, int(positions[j]))
+                out.replaced += replaced
             drawn.append(d)
-            out.replaced += replaced
         for k in sorted({d.stage for d in drawn}):
             group = [d for d in drawn if d.stage == k]
             out.stage.append(k)
@@ -153,19 +156,25 @@ class _Stream(torch.utils.data.IterableDataset):
             out.flips.append([d.flip for d in group])
         return out
 
-    def _fetch(self, files: ShardFiles, slot: int, pos: int) -> tuple[Drawn, int]:
-        """The sample at `pos`; with data.skip_bad an unreadable one is replaced by its partition's
-        next sample (position + P), the same whoever reads it. Returns (sample, replacements)."""
-        for tries in range(_MAX_REPLACED):
-            loc = self.plan.locate(np.array([pos + tries * self.plan.partitions]))
-            shard, sid, epoch = int(loc.shard[0]), int(loc.sample[0]), int(loc.epoch[0])
-            key = None
-            try:
-                body = files.read(shard, int(self.index.offset[sid]), int(self.index.length[sid]))
-                key, sample = parse_sample(body, self.urls[shard], self.s.max_member)
-                return self._draw(slot, key, sample, epoch, sid), tries
-            except _DECODE_ERRORS as e:
-                self._bad(shard, key, e)
+    def _read(self, files: ShardFiles, slot: int, shard: int, sid: int, epoch: int) -> Drawn | None:
+        """Sample `sid` drawn and decoded; None when it cannot be read and data.skip_bad is on."""
+        key = None
+        try:
+            body = files.read(shard, int(self.index.offset[sid]), int(self.index.length[sid]))
+            key, sample = parse_sample(body, self.urls[shard], self.s.max_member)
+            return self._draw(slot, key, sample, epoch, sid)
+        except _DECODE_ERRORS as e:
+            self._bad(shard, key, e)
+            return None
+
+    def _replacement(self, files: ShardFiles, slot: int, pos: int) -> tuple[Drawn, int]:
+        """The first readable sample at pos + j P (j >= 1: the same partition's next ones), the same
+        whoever reads it; returns it and the number of samples replaced."""
+        for j in range(1, _MAX_REPLACED):
+            loc = self.plan.locate(np.array([pos + j * self.plan.partitions]))
+            d = self._read(files, slot, int(loc.shard[0]), int(loc.sample[0]), int(loc.epoch[0]))
+            if d is not None:
+                return d, j
         raise ValueError(
             f"{_MAX_REPLACED} unreadable samples in a row in one partition; check the shards or re-run cdc prepare"
         )

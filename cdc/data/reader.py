@@ -42,7 +42,7 @@ def _fs(url: str) -> tuple[Any, str]:
     except ImportError as e:
         extra = {"s3": "s3", "http": "http", "https": "http", "gs": "gcs", "gcs": "gcs"}.get(scheme)
         how = f"pip install 'cdc[{extra}]'" if extra else f"install the fsspec package for {scheme}://"
-        raise RuntimeError(f"reading {scheme}:// shards needs a package that is not installed ({e}); {how}") from None
+        raise ValueError(f"reading {scheme}:// shards needs a package that is not installed ({e}); {how}") from None
 
 
 def read_url(url: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -177,6 +177,11 @@ class ShardFiles:
         else:
             data = os.pread(self._fd(local), length, offset)
         self.bytes_read += len(data)
+        if local is None and len(data) > length:
+            raise ValueError(
+                f"{url.split('://', 1)[0]}:// server sent {len(data)} bytes for a {length}-byte range: it does "
+                "not serve byte ranges; set data.cache_dir to read whole shards from a local copy"
+            )
         if len(data) != length:
             raise bad_file(url, f"a shard holding the bytes its index names (cut short before byte {offset + length})")
         return data
