@@ -5,7 +5,6 @@ ranges (as S3, GCS and nginx do) and an S3-compatible server (moto's server mode
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import threading
 from collections.abc import Iterator
@@ -93,6 +92,11 @@ def s3_server(root: Path, bucket: str = "data", prefix: str = "shards") -> Itera
 
 
 def set_env(monkeypatch, env: dict[str, str]) -> None:
+    """Point S3 clients at a test server: its environment, and no S3 filesystem cached with an
+    earlier server's endpoint (fsspec keeps one instance per set of arguments in a process)."""
+    import s3fs
+
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    os.environ.pop("AWS_PROFILE", None)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()

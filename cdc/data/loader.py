@@ -18,7 +18,6 @@ host memory on CUDA, so the copy is asynchronous).
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from cdc.data.imageproc import open_image
 from cdc.data.index import SampleIndex, load_index
 from cdc.data.plan import DataPlan, layout_note, rank_positions, worker_of
 from cdc.data.reader import ShardFiles, parse_sample
@@ -217,7 +216,7 @@ def crop_offset(g: Geometry, rng: np.random.Generator, level: bytes, k: int, box
         h = w = g.T
     else:
         scale = g.T // g.need[k]
-        w, h = (x // box * scale for x in Image.open(io.BytesIO(level)).size)  # box: jpeg-top's factor
+        w, h = (x // box * scale for x in open_image(level, "a level image").size)  # box: jpeg-top's factor
     final = g.sides[-1]
     ny, nx = (h - final) // g.align, (w - final) // g.align
     # a square keeps the draw of the centre-square format
@@ -230,7 +229,7 @@ def crop_offset(g: Geometry, rng: np.random.Generator, level: bytes, k: int, box
 def crop_pixels(g: Geometry, body: bytes, box: int, k: int, offset: tuple[int, int], flip: bool) -> torch.Tensor:
     """One sample's crop of its stage's level, flipped as drawn: (C, r, r) uint8."""
     r, scale = g.sides[k], g.T // g.need[k]  # offsets are in T pixels; this level is T/scale
-    im = Image.open(io.BytesIO(body))
+    im = open_image(body, "a level image")  # the formats cdc writes, a bounded pixel count
     a = np.asarray(im.reduce(box) if box > 1 else im)  # box > 1: a level of a jpeg-top shard
     oy, ox = offset[0] // scale, offset[1] // scale
     a = a[oy : oy + r, ox : ox + r]

@@ -18,8 +18,10 @@ import torch
 from PIL import Image
 
 from cdc.data.imageproc import ImageRefused, open_image
-from cdc.data.loader import level_bytes, read_manifest, read_tar
+from cdc.data.reader import is_url
+from cdc.data.shards import level_bytes, read_manifest, read_tar, resolve_shards
 from cdc.fileio import bad_file, one_line
+from cdc.redact import redact
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -154,10 +156,10 @@ def center_crop_resize(img: Image.Image, side: int) -> np.ndarray:
     return a[y : y + side, x : x + side]
 
 
-def _shard_samples(tars: list[Path]) -> Iterator[dict[str, bytes]]:
+def _shard_samples(tars: list[str]) -> Iterator[dict[str, bytes]]:
     """webdataset samples as {ext: bytes}, in shard order (the training loader's reader)."""
     for t in tars:
-        for _, sample in read_tar(str(t)):
+        for _, sample in read_tar(t):
             yield sample
 
 
@@ -170,20 +172,25 @@ def reference_images(data: str | Path, side: int | None, n: int | None = None) -
     smallest stored level >= `side` (the expanded image, e.g. 288 for 256, square or at its aspect
     ratio) is centre-cropped to `side` without resampling, matching the training crops.
     """
+    if is_url(str(data)) or str(data).startswith("pipe:"):  # prepared shards on a server (manifest beside)
+        shards = resolve_shards(str(data))
+        if shards.manifest is None:
+            raise ValueError(f"{redact(str(data))}: a reference from a server needs the folder URL of prepared "
+                             "shards (manifest.json beside them)")
+        return _shard_reference(redact(str(data)), shards.urls, shards.manifest, side, n)
     d = Path(data)
     if d.is_file() and d.suffix == ".npz":
         return _npz_reference(d, side, n)
     if not d.is_dir():
         raise FileNotFoundError(f"reference data folder not found: {d}")
     if (d / "manifest.json").is_file():
-        return _shard_reference(d, side, n)
+        manifest = read_manifest(d / "manifest.json")
+        return _shard_reference(str(d), [str(t) for t in _manifest_tars(d, manifest)], manifest, side, n)
     return _folder_reference(d, side, n)
 
 
-def _shard_reference(d: Path, side: int | None, n: int | None) -> Images:
+def _shard_reference(d: str, tars: list[str], manifest: dict, side: int | None, n: int | None) -> Images:
     """Prepared shards: the smallest stored level >= side, centre-cropped (`reference_images`)."""
-    manifest = read_manifest(d / "manifest.json")
-    tars = _manifest_tars(d, manifest)
     count = int(manifest.get("count", 0)) or sum(int(v) for v in manifest.get("shard_counts", {}).values())
     side, level = _shard_level(d, tars, manifest, side)
     total = min(n, count) if n and count else (n or count)
@@ -215,7 +222,7 @@ def _manifest_tars(d: Path, manifest: dict) -> list[Path]:
     return tars
 
 
-def _shard_level(d: Path, tars: list[Path], manifest: dict, side: int | None) -> tuple[int, int]:
+def _shard_level(d: str, tars: list[str], manifest: dict, side: int | None) -> tuple[int, int]:
     """(side, the smallest stored level >= it); side defaults to the final (training) side prepare recorded."""
     from cdc.data.imageproc import LEVEL_EXTS
 
