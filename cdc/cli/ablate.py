@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cdc.cli.app import _Command, _renamed, app, friendly
+from cdc.cli.app import ALLOW_PIPE_HELP, _Command, _renamed, allow_pipe, app, friendly
 from cdc.redact import redact_args
 
 # --- ablate ---
@@ -63,8 +63,10 @@ def ablate(
     set_: list[str] = typer.Option(
         [], "--set", help="Override the base recipe: section.key=value (repeatable).", show_default="none"
     ),
+    allow_pipe_: bool = typer.Option(False, "--allow-pipe", help=ALLOW_PIPE_HELP),
 ) -> None:
     """Run one of the paper's ablations: train, sample and score each value; re-run to resume."""
+    allow_pipe(allow_pipe_)
     from cdc.ablate import runner as A
     from cdc.ablate import sweeps
 

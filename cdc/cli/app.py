@@ -8,6 +8,7 @@ become one-line messages with exit code 2 instead of tracebacks.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +111,19 @@ def _renamed(value: Any, old: Any, new_name: str, old_name: str) -> Any:
         return value
     _notes.append(f"{old_name} is now {new_name}; the old spelling goes away in the next release")
     return old
+
+
+ALLOW_PIPE_HELP = (
+    "Let data.shards / --src be a pipe: command (it runs a program). Only your command line or "
+    "CDC_ALLOW_PIPE=1 can allow it, never a recipe, manifest or checkpoint."
+)
+
+
+def allow_pipe(flag: bool) -> None:
+    """--allow-pipe: the opt-in cdc.data.shards checks, as an environment variable so that loader
+    worker processes (and every torchrun rank, each parsing its own flag) see it."""
+    if flag:
+        os.environ["CDC_ALLOW_PIPE"] = "1"
 
 
 def _version(value: bool) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cdc.cli.app import _Command, _renamed, app, friendly
+from cdc.cli.app import ALLOW_PIPE_HELP, _Command, _renamed, allow_pipe, app, friendly
 
 # --- score ---
 
@@ -81,6 +81,7 @@ def score_cmd(
         None, "-n", "--num-images", help="ref: use the first N images.", show_default="all"
     ),
     n_old: int | None = typer.Option(None, "--n", hidden=True, help="Old spelling of -n/--num-images."),
+    allow_pipe_: bool = typer.Option(False, "--allow-pipe", help=ALLOW_PIPE_HELP),
 ) -> None:
     """Score samples: FID, IS, precision/recall (ADM protocol) and Laplacian SWD; JSON next to SAMPLES.
 
@@ -92,6 +93,7 @@ def score_cmd(
     from cdc.eval import scoring as M
     from cdc.fileio import check_out_path
 
+    allow_pipe(allow_pipe_)
     data = _renamed(data, data_old, "--src", "--data")
     n = _renamed(n, n_old, "-n/--num-images", "--n")
     if out is not None:

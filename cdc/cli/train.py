@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cdc.cli.app import _Command, app, friendly
+from cdc.cli.app import ALLOW_PIPE_HELP, _Command, allow_pipe, app, friendly
 
 # --- train ---
 
@@ -41,6 +41,7 @@ def train(
         help="Start from this checkpoint's EMA weights (file or run dir), fresh optimizer: a fine-tune.",
         show_default="the recipe's train.init",
     ),
+    allow_pipe_: bool = typer.Option(False, "--allow-pipe", help=ALLOW_PIPE_HELP),
 ) -> None:
     """Train CDC-FM (single process, or `torchrun --nproc_per_node N -m cdc train RECIPE`); re-run to resume."""
     import json
@@ -48,6 +49,7 @@ def train(
     from cdc import config
     from cdc.train import loop as T
 
+    allow_pipe(allow_pipe_)
     cfg = config.load(recipe, [*set_, *([f"train.init={json.dumps(init)}"] if init else [])])
     if dry_run:
         info = T.describe(cfg)
