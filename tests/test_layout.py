@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "cdc"
 # cdc/__init__.py is the package's face: its lazy `load` reaches cdc.sample.api, so it ranks at the
 # top; modules import only __version__ from it, an edge to "cdc" that the walk leaves out
 RANK = {
-    "config": 0, "config_checks": -1, "fileio": 0, "interrupt": 0, "__init__": 9,
+    "config": 0, "config_checks": -1, "fileio": 0, "interrupt": 0, "redact": -1, "__init__": 9,
     "flow": 1, "nn": 1,
     "data": 2, "train": 3, "eval": 4, "sample": 5, "ablate": 6,
     "rerun": 7, "cli": 8, "__main__": 9,
@@ -59,7 +59,7 @@ def test_every_module_belongs_to_a_known_part():
     assert {part(m) for m in graph()} <= set(RANK), sorted({part(m) for m in graph()} - set(RANK))
     top = sorted(p.name for p in PKG.glob("*.py"))
     assert top == [
-        "__init__.py", "__main__.py", "config.py", "config_checks.py", "fileio.py", "interrupt.py"
+        "__init__.py", "__main__.py", "config.py", "config_checks.py", "fileio.py", "interrupt.py", "redact.py"
     ]
 
 
