@@ -28,7 +28,7 @@ import torch
 
 from cdc.data.imageproc import open_image
 from cdc.data.index import SampleIndex, load_index
-from cdc.data.plan import DataPlan, layout_note, rank_positions, worker_of
+from cdc.data.plan import DataPlan, layout_note, reader_positions
 from cdc.data.reader import ShardFiles, parse_sample
 from cdc.data.shards import ShardSet, level_bytes, read_manifest, read_tar, resolve_shards  # noqa: F401 (re-exported)
 from cdc.fileio import BadFileError, bad_file, one_line, warn
@@ -122,14 +122,12 @@ class _Stream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         w = info.id if info is not None else 0
         s, P = self.s, self.plan.partitions
-        owner = worker_of(P, s.rank, s.ranks, s.workers)
         files = ShardFiles(self.urls, s.cache_dir, s.cache_gb)
         try:
             b = 0
             while True:
-                pos = rank_positions(self.start, s.rank, s.ranks, b * s.batch, (b + 1) * s.batch)
-                slots = np.nonzero(owner[pos % P] == w)[0]
-                yield self._chunk(files, slots, pos[slots])
+                slots, positions = reader_positions(self.start, s.rank, s.ranks, s.workers, w, P, b * s.batch, (b + 1) * s.batch)
+                yield self._chunk(files, slots, positions)
                 b += 1
         finally:
             files.close()

@@ -131,6 +131,17 @@ def worker_of(partitions: int, rank: int, ranks: int, workers: int) -> np.ndarra
     return owner
 
 
+def reader_positions(
+    start: int, rank: int, ranks: int, workers: int, w: int, partitions: int, q0: int, q1: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(slots, positions): which of rank `rank`'s samples q0..q1-1 (counted from `start`) worker `w`
+    fetches, as indices into that range and as global positions. The training loader calls this
+    for every batch; `bin/bench_loader --plan` for whole epochs."""
+    pos = rank_positions(start, rank, ranks, q0, q1)
+    slots = np.nonzero(worker_of(partitions, rank, ranks, workers)[pos % partitions] == w)[0]
+    return slots, pos[slots]
+
+
 def layout_note(partitions: int, ranks: int, workers: int) -> str | None:
     """One line when P does not share out evenly over the readers (the sequence is the same; the
     reads are less even or less local), else None."""
