@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -17,11 +18,13 @@ class _RangeHandler(SimpleHTTPRequestHandler):
     """SimpleHTTPRequestHandler plus single `Range: bytes=a-b` requests (206 Partial Content)."""
 
     sent: list[int]  # bytes of every response body, shared by the server's handlers
+    delay: float = 0.0  # seconds before each response: an object store's time to first byte
 
     def log_message(self, *args) -> None:  # quiet: tests read stderr
         pass
 
     def do_GET(self) -> None:
+        time.sleep(self.delay)
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         path = Path(self.translate_path(self.path))
         if not m or not path.is_file():
@@ -45,12 +48,17 @@ class _RangeHandler(SimpleHTTPRequestHandler):
         self.sent.append(len(body))
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # clients fetch a batch's ranges at once: the default backlog of 5 drops them
+    daemon_threads = True
+
+
 @contextlib.contextmanager
-def http_server(root: Path) -> Iterator[tuple[str, list[int]]]:
-    """(base URL ending in /, list of response sizes) serving `root`."""
+def http_server(root: Path, delay: float = 0.0) -> Iterator[tuple[str, list[int]]]:
+    """(base URL ending in /, list of response sizes) serving `root`, each response `delay` s late."""
     sent: list[int] = []
-    handler = type("Handler", (_RangeHandler,), {"sent": sent})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
+    handler = type("Handler", (_RangeHandler,), {"sent": sent, "delay": delay})
+    server = _Server(("127.0.0.1", 0), partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

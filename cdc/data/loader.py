@@ -135,8 +135,11 @@ class _Stream(torch.utils.data.IterableDataset):
     def _chunk(self, files: ShardFiles, slots: np.ndarray, positions: np.ndarray) -> Chunk:
         out, drawn = Chunk(), []
         loc = self.plan.locate(positions)
+        sids = loc.sample.tolist()
+        bodies = files.read_many([(int(sh), int(self.index.offset[i]), int(self.index.length[i]))
+                                  for sh, i in zip(loc.shard.tolist(), sids)])
         for j, slot in enumerate(slots.tolist()):
-            d = self._read(files, slot, int(loc.shard[j]), int(loc.sample[j]), int(loc.epoch[j]))
+            d = self._decode(slot, int(loc.shard[j]), sids[j], int(loc.epoch[j]), bodies[j])
             if d is None:  # unreadable, data.skip_bad: its partition's next readable sample instead
                 d, replaced = self._replacement(files, slot, int(positions[j]))
                 out.replaced += replaced
@@ -154,10 +157,18 @@ class _Stream(torch.utils.data.IterableDataset):
         return out
 
     def _read(self, files: ShardFiles, slot: int, shard: int, sid: int, epoch: int) -> Drawn | None:
+        try:
+            body: bytes | BaseException = files.read(shard, int(self.index.offset[sid]), int(self.index.length[sid]))
+        except _DECODE_ERRORS as e:
+            body = e
+        return self._decode(slot, shard, sid, epoch, body)
+
+    def _decode(self, slot: int, shard: int, sid: int, epoch: int, body: bytes | BaseException) -> Drawn | None:
         """Sample `sid` drawn and decoded; None when it cannot be read and data.skip_bad is on."""
         key = None
         try:
-            body = files.read(shard, int(self.index.offset[sid]), int(self.index.length[sid]))
+            if isinstance(body, BaseException):
+                raise body
             key, sample = parse_sample(body, self.urls[shard], self.s.max_member)
             return self._draw(slot, key, sample, epoch, sid)
         except _DECODE_ERRORS as e:
