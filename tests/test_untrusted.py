@@ -108,3 +108,51 @@ def test_tar_member_cap(tmp_path):
     body = shard.read_bytes()[:2048]
     with pytest.raises(BadFileError, match="declares 3072 MB"):
         R.parse_sample(body, str(shard), 256 << 20)  # a sample read through an index
+
+
+def test_no_secret_reaches_a_run_or_export_whose_shard_reads_fail(shards, tmp_path):
+    """A token in the shard URL, HF_TOKEN and AWS_SECRET_ACCESS_KEY in the environment, a run with
+    TensorBoard and offline W&B whose shard reads fail (a garbled sample skipped, then a run that
+    stops on it), and an export: no byte of any secret in stderr or in any file written."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    from servers import http_server
+
+    pytest.importorskip("aiohttp")
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    token, hf, aws = "urlTOKENx91ab", "hf_FAKEtoken1234567", "awsSECRETfake/0987654321"
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    victim = bad / "train-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[600:1400] = bytes(800)  # a sample's image bytes garbled: its read fails
+    victim.write_bytes(bytes(data))
+    env = subprocess_env(HF_TOKEN=hf, AWS_SECRET_ACCESS_KEY=aws, WANDB_MODE="offline", WANDB_SILENT="true",
+                         WANDB_DIR=str(tmp_path / "wb"), OMP_NUM_THREADS="1")
+    (tmp_path / "wb").mkdir()
+    outputs = []
+    with http_server(bad) as (url, _):
+        spec = url.replace("http://", f"http://user:{token}@")
+        raw = yaml.safe_load(recipe(tmp_path, spec).read_text())
+        raw["train"].update(steps=4, ckpt_every=2, log=["jsonl", "tensorboard", "wandb"])
+        raw["data"]["skip_bad"] = True
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+        for run, extra in (("run", []), ("stops", ["--set", "data.skip_bad=false"])):
+            p = subprocess.run([sys.executable, "-m", "cdc", "train", str(tmp_path / "r.yaml"), "--run-dir",
+                                str(tmp_path / run), *extra], env=env, capture_output=True, timeout=300)
+            outputs.append(p.stdout + p.stderr)
+        assert p.returncode == 2 and b"error:" in p.stderr, p.stderr[-3000:]  # the second run stops on the bad sample
+    assert b"warning: skipped" in outputs[0] and b"http://***@127.0.0.1" in outputs[1]  # the URL, masked
+    p = subprocess.run([sys.executable, "-m", "cdc", "export", str(tmp_path / "run"), "--out", str(tmp_path / "export")],
+                       env=env, capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    outputs.append(p.stdout + p.stderr)
+    written = [q for d in ("run", "stops", "export", "wb") for q in (tmp_path / d).rglob("*") if q.is_file()]
+    assert any(q.name == "config.yaml" for q in written) and any(q.suffix == ".wandb" for q in written)
+    assert any(q.name.startswith("events.out.tfevents") for q in written) and (tmp_path / "run" / ".lock").exists()
+    for blob, where in [(o, "output") for o in outputs] + [(q.read_bytes(), str(q)) for q in written]:
+        for secret in (token, hf, aws):
+            assert secret.encode() not in blob, (secret, where)

@@ -132,6 +132,29 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _redact_stderr() -> None:
+    """Tracebacks and Python warnings pass through cdc.redact too: a crash or a library's warning
+    may quote a shard URL with a token, or a credential read from the environment."""
+    import traceback
+    import warnings
+
+    from cdc.redact import redact
+
+    def excepthook(tp: type[BaseException], value: BaseException, tb: Any) -> None:
+        sys.stderr.write(redact("".join(traceback.format_exception(tp, value, tb))))
+
+    show = warnings.showwarning
+    if getattr(show, "redacts", False):  # installed by an earlier command in this process
+        return
+
+    def showwarning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        show(redact(str(message)), category, filename, lineno, file, line)
+
+    showwarning.redacts = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook
+    warnings.showwarning = showwarning
+
+
 @app.callback()
 def main(
     version: bool = typer.Option(
@@ -139,6 +162,7 @@ def main(
     ),
 ) -> None:
     """CDC-FM toolkit."""
+    _redact_stderr()
 
 
 def run() -> None:  # pragma: no cover - console entry used by tests via CliRunner instead

@@ -17,6 +17,7 @@ from cdc.config import Config, dump, to_dict
 from cdc.flow.matching import Interpolant, Schedule, velocity_net_from_config
 from cdc.nn.compiled_trunk import compile_for_training
 from cdc.nn.model import build_model
+from cdc.redact import redact
 from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
 from cdc.train.init_from import param_groups, resolve_init, start_from_init
@@ -76,7 +77,8 @@ def open_run_dir(cfg: Config, run_dir: Path, dist: D.Dist, lock: RunLock | None 
         busy = lock.acquire(run_dir) if lock is not None else None
         if busy is None:  # a refused run writes nothing
             check_compatible(run_dir, cfg)
-            ckpt.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
+            # secrets (a token in a shard URL, credential values) never reach the run dir
+            ckpt.atomic_write_bytes(run_dir / "config.yaml", redact(dump(cfg)).encode())
     if (busy := D.all_gather_objects(busy)[0]) is not None:  # rank 0's outcome, seen by every rank
         raise RunDirBusy(busy)
     D.barrier()

@@ -15,6 +15,7 @@ import torch
 from cdc.config import Config, ConfigError, from_dict, to_dict
 from cdc.flow.matching import Schedule, velocity_net_from_config
 from cdc.flow.shortcut import shortcut_mode
+from cdc.redact import redact_obj
 from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
 
@@ -87,7 +88,7 @@ def merged_data_state(states: list[dict], rank: int) -> dict:
 
 def _log_line(run_dir: Path, line: dict) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
+        f.write(json.dumps(redact_obj(line)) + "\n")  # a warning or path in a line may quote a URL
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
