@@ -365,11 +365,13 @@ def test_overwrite_clears_only_what_prepare_wrote(tmp_path):
     out = tmp_path / "out"
     prepare(tmp_path / "src", out, side=16, levels=2, shard_size=2, progress=False, order="sorted")
     (out / "notes.txt").write_text("mine")
+    (out / "other-000007.tar").write_bytes(b"another tool's shard")  # a shard name prepare did not write
     with pytest.raises(ValueError, match="other arguments.*--overwrite"):
         prepare(tmp_path / "src", out, side=16, levels=2, shard_size=2, progress=False)
     m = prepare(tmp_path / "src", out, side=16, levels=2, shard_size=3, progress=False, overwrite=True)
-    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar"] and m["order"] == "shuffled"
+    assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar"] and m["order"] == "shuffled"
     assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "other-000007.tar").read_bytes() == b"another tool's shard"
 
 
 def test_ilsvrc_layout_at_512_for_the_k4_512_recipe(tmp_path, monkeypatch):

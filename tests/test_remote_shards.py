@@ -30,12 +30,12 @@ def shards(tmp_path_factory):
     return out
 
 
-def config(spec: str, workers: int = 2, **train) -> object:
+def config(spec: str, workers: int = 2, cache_dir: str = "", cache_gb: float = 0.0, **train) -> object:
     return from_dict(
         {
             "model": {"preset": "tiny", "num_classes": 3, "in_channels": 3, "patch": 4},
             "flow": {"sides": [8, 16]},
-            "data": {"shards": spec, "workers": workers, "partitions": 2},
+            "data": {"shards": spec, "workers": workers, "partitions": 2, "cache_dir": cache_dir, "cache_gb": cache_gb},
             "train": {"batch_size": 4, "precision": "fp32", "log_every": 1, "sample_every": 0,
                       "ckpt_every": 0, "milestone_every": 0, **train},
         }
@@ -78,13 +78,15 @@ def test_s3_folder_url_gives_the_local_batches(shards, monkeypatch):
         check_loader(env["CDC_TEST_S3_URL"], str(shards))
 
 
-def test_s3_training_resumes_exactly(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("server", ["http", "s3"])
+def test_training_from_a_server_resumes_exactly(shards, tmp_path, monkeypatch, server):
     from cdc.train import checkpoint as C
     from cdc.train.loop import train
 
-    with s3_server(shards) as env:
-        set_env(monkeypatch, env)
-        url = env["CDC_TEST_S3_URL"]
+    with (http_server(shards) if server == "http" else s3_server(shards)) as got:
+        if server == "s3":
+            set_env(monkeypatch, got)
+        url = got[0] if server == "http" else got["CDC_TEST_S3_URL"]
         train(config(url, steps=6), tmp_path / "whole", progress=False)
         train(config(url, steps=3), tmp_path / "parts", progress=False)
         train(config(url, steps=6), tmp_path / "parts", progress=False)  # resumes at step 3
@@ -93,6 +95,21 @@ def test_s3_training_resumes_exactly(shards, tmp_path, monkeypatch):
     assert a["step"] == b["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["ranks"][0]["data"]["position"] == b["ranks"][0]["data"]["position"] == 24
+
+
+def test_a_cache_folder_keeps_whole_shards_within_its_cap(shards, tmp_path):
+    """data.cache_dir: each shard fetched once, whole, then read locally; past data.cache_gb the
+    least recently used copies go, and the batches are the same as without a cache."""
+    ref = take(make_loader(config(str(shards), workers=0)), 6)
+    one = (shards / "train-000000.tar").stat().st_size
+    with http_server(shards) as (url, sent):
+        cached = config(url, workers=0, cache_dir=str(tmp_path / "c"), cache_gb=2.5 * one / 2**30)
+        got = take(make_loader(cached), 6)
+        assert same_batches(ref, got)
+        copies = list((tmp_path / "c").glob("*.tar"))
+        sizes = {p.stat().st_size for p in shards.glob("*.tar")}
+        assert 1 <= len(copies) <= 2 and all(p.stat().st_size in sizes for p in copies)  # the cap: 2.5 shards
+        assert max(sent) >= min(sizes)  # whole shards, not ranges
 
 
 def test_score_ref_reads_the_same_images_from_http_and_s3(shards, monkeypatch):

@@ -287,14 +287,28 @@ assert img is None and "declares 900,000,000 pixels, above the limit" in why, wh
 r = CliRunner().invoke(app, ["score", "ref", "--src", str(d / "src"), "--out", str(d / "ref.npz"), "--metrics", "swd"])
 lines = [ln for ln in r.output.splitlines() if ln.strip()]
 assert r.exit_code == 2 and len(lines) == 1 and "b.png" in lines[0] and "above the limit" in lines[0], r.output
+# the training loader on a shard whose level image is the bomb
+from cdc.config import from_dict
+from cdc.data.loader import make_loader
+from cdc.fileio import BadFileError
+cfg = from_dict({"model": {"preset": "tiny", "num_classes": 1, "in_channels": 1}, "flow": {"sides": [16]},
+                 "data": {"shards": str(d / "sh" / "train-000000.tar"), "workers": 0}, "train": {"batch_size": 1}})
+try:
+    next(iter(make_loader(cfg, cache_dir=d / "index")))
+    raise AssertionError("the bomb was decoded")
+except BadFileError as e:
+    assert "train-000000.tar" in str(e) and "above the limit" in str(e) and "\n" not in str(e), e
 print(status_mb("VmHWM") - base)
 """
 
 
 def test_decompression_bomb_is_refused_in_bounded_memory(tmp_path):
-    """prepare's decoding and `cdc score ref --src` refuse a tiny PNG declaring 30000 x 30000 px from
-    its header: within seconds and adding < 200 MB to the process's peak memory."""
+    """prepare's decoding, `cdc score ref --src` and the training loader (the bomb as a shard's level)
+    refuse a tiny PNG declaring 30000 x 30000 px from its header: within seconds and adding < 200 MB
+    to the process's peak memory."""
+    import io
     import subprocess
+    import tarfile
     import time
 
     import numpy as np
@@ -306,6 +320,12 @@ def test_decompression_bomb_is_refused_in_bounded_memory(tmp_path):
     Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(src / "a.png")
     _bomb_png(src / "b.png")
     assert (src / "b.png").stat().st_size < 10_000
+    (tmp_path / "sh").mkdir()
+    with tarfile.open(tmp_path / "sh" / "train-000000.tar", "w", format=tarfile.GNU_FORMAT) as t:
+        for name, body in (("k0.cls", b"0"), ("k0.16.png", (src / "b.png").read_bytes())):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            t.addfile(info, io.BytesIO(body))
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-c", BOMB_CHILD, str(tmp_path)], capture_output=True, text=True,
                        env=subprocess_env(OMP_NUM_THREADS="1"), timeout=120)  # fmt: skip

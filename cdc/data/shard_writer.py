@@ -135,13 +135,25 @@ def shard_record(out: Path, name: str) -> dict | None:
 
 
 def clear_outputs(out: Path) -> None:
-    """`overwrite`: remove what `cdc prepare` writes in `out` (shards, manifest, state), nothing else."""
+    """`overwrite`: remove what `cdc prepare` wrote in `out` (the shards its manifest or its shard
+    records name, the index, manifest and state), nothing else: another tool's tars stay."""
     if not out.is_dir():
         return
-    shards = [p for p in out.glob("*-*.tar") if re.fullmatch(r"[\w]+-\d{6}\.tar", p.name)]
-    for p in shards + _leftovers(out) + [out / "manifest.json", out / "index.npy"]:
+    for p in [*(out / n for n in _own_shards(out)), *_leftovers(out), out / "manifest.json", out / "index.npy"]:
         p.unlink(missing_ok=True)
     shutil.rmtree(out / ".prepare", ignore_errors=True)
+
+
+def _own_shards(out: Path) -> set[str]:
+    """Shard names prepare recorded: the manifest's list and the per-shard records of a run cut short.
+    Only plain names count, so a crafted manifest cannot point the deletion outside `out`."""
+    names = set()
+    try:
+        names |= {s["name"] for s in json.loads((out / "manifest.json").read_text())["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    names |= {p.name[: -len(".json")] for p in (out / ".prepare").glob("*.tar.json")}
+    return {n for n in names if isinstance(n, str) and re.fullmatch(r"[\w.-]+\.tar", n) and not n.startswith(".")}
 
 
 def _leftovers(out: Path) -> list[Path]:
