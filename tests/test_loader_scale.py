@@ -149,3 +149,34 @@ def test_a_resume_with_skip_bad_reads_nothing_before_its_position(shards, tmp_pa
     assert all(same_samples(samples(a), samples(b)) for a, b in zip(ref[7:], after, strict=True))
     assert ref[-1].meta["skipped"] >= 1 and after[-1].meta["skipped"] == ref[-1].meta["skipped"]
     np.testing.assert_array_equal([b.size for b in after], [4] * 5)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "ustar"])
+def test_the_sample_parser_reads_what_tarfile_reads(tmp_path, fmt):
+    """The loader's header parser (by offset, checksum verified) against tarfile: long names (GNU
+    long-name entries, ustar name prefixes), sizes, bodies; a flipped header byte is refused."""
+    import io
+    import tarfile
+
+    from cdc.data.reader import parse_sample, scan_tar
+    from cdc.data.shards import read_tar
+    from cdc.fileio import BadFileError
+
+    path = tmp_path / "t.tar"
+    form = tarfile.GNU_FORMAT if fmt == "gnu" else tarfile.USTAR_FORMAT
+    keys = ["short", "d" * 60 + "/" + "k" * 90]  # the second needs a long name or a ustar prefix
+    with tarfile.open(path, "w", format=form) as t:
+        for i, key in enumerate(keys):
+            for ext, body in (("cls", str(i).encode()), ("8.png", bytes(range(256)) * (i + 3))):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(body)
+                t.addfile(info, io.BytesIO(body))
+    want = list(read_tar(str(path)))
+    data = path.read_bytes()
+    got = [parse_sample(data[s.offset : s.offset + s.length], "t.tar", 1 << 20) for s in scan_tar(str(path), 1 << 20)]
+    assert got == want and [k for k, _ in got] == keys
+    first = scan_tar(str(path), 1 << 20)[0]
+    bad = bytearray(data[first.offset : first.offset + first.length])
+    bad[10] ^= 1  # a name byte: the checksum no longer matches
+    with pytest.raises(BadFileError, match="bad checksum"):
+        parse_sample(bytes(bad), "t.tar", 1 << 20)

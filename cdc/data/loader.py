@@ -18,6 +18,7 @@ host memory on CUDA, so the copy is asynchronous).
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,6 +81,9 @@ class Settings:
     cache_dir: str | None
     cache_gb: float
     max_member: int  # bytes
+
+    def __post_init__(self) -> None:
+        self.bounds32 = [float(np.float32(b)) for b in self.sched.bounds[1:-1]]  # inner stage bounds
 
 
 @dataclass
@@ -202,15 +206,21 @@ class _Stream(torch.utils.data.IterableDataset):
         s, g = self.s, self.geo
         rng = np.random.default_rng([s.seed, epoch, sid])
         t = weight_stages(float(rng.random()), s.sched, s.stage_weights)  # flow.stage_weights
-        t32 = torch.tensor([t], dtype=torch.float32)
-        k = int(s.sched.stage_of(t32)[0])
+        t32 = float(np.float32(t))
+        k = stage_of(t32, s.bounds32)
         if s.tau[0] != "uniform":  # tau moves inside stage k (flow.tau_dist); the stage stays
-            t32.fill_(warp_time(t, s.sched, *s.tau, k))
+            t32 = float(np.float32(warp_time(t, s.sched, *s.tau, k)))
         level, box = level_bytes(sample, g.need[k])  # box > 1: a level of a jpeg-top shard
         offset = crop_offset(g, rng, level, k, box, s.random_crop)
         flip = bool(rng.random() < 0.5) and s.hflip
         cls = int(sample["cls"])
-        return Drawn(slot, key, cls, float(t32[0]), k, offset, flip, crop_pixels(g, level, box, k, offset, flip))
+        return Drawn(slot, key, cls, t32, k, offset, flip, crop_pixels(g, level, box, k, offset, flip))
+
+
+def stage_of(t32: float, bounds32: list[float]) -> int:
+    """Schedule.stage_of for one float32 time, without building tensors: the number of inner
+    stage bounds (float32, as the tensor version compares them) at or below t."""
+    return min(bisect.bisect_right(bounds32, t32), len(bounds32))
 
 
 def crop_offset(g: Geometry, rng: np.random.Generator, level: bytes, k: int, box: int, random: bool) -> tuple[int, int]:

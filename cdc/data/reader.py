@@ -72,23 +72,20 @@ def parse_sample(buf: bytes, where: str, max_member: int) -> tuple[str, dict[str
     key, sample, pos, long_name = None, {}, 0, None
     while pos + 512 <= len(buf):
         hdr = buf[pos : pos + 512]
-        if hdr == b"\0" * 512:
+        if hdr == _ZERO_BLOCK:
             break
-        try:
-            info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
-        except tarfile.TarError as e:
-            raise bad_file(where, "a tar sample whose headers parse (the index points at a header)", e) from None
-        if info.size > max_member:
-            raise member_too_big(where, info.name, info.size, max_member)
-        body = buf[pos + 512 : pos + 512 + info.size]
-        if len(body) != info.size:
+        name, size, kind = _header(hdr, where)
+        if size > max_member:
+            raise member_too_big(where, name, size, max_member)
+        body = buf[pos + 512 : pos + 512 + size]
+        if len(body) != size:
             raise bad_file(where, "a whole tar sample (it is cut short)")
-        pos += 512 + -(-info.size // 512) * 512
-        if info.type == tarfile.GNUTYPE_LONGNAME:
+        pos += 512 + -(-size // 512) * 512
+        if kind == tarfile.GNUTYPE_LONGNAME:
             long_name = body.rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue
-        name, long_name = long_name or info.name, None
-        if not info.isfile():
+        name, long_name = long_name or name, None
+        if kind not in (tarfile.REGTYPE, tarfile.AREGTYPE):
             continue
         base = os.path.basename(name)
         k, _, ext = base.partition(".")
@@ -99,6 +96,26 @@ def parse_sample(buf: bytes, where: str, max_member: int) -> tuple[str, dict[str
     if key is None:
         raise bad_file(where, "a tar sample (the index points at no member)")
     return key, sample
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _header(hdr: bytes, where: str) -> tuple[str, int, bytes]:
+    """(name, size, type flag) of a ustar/GNU header, its checksum verified: tarfile.TarInfo.frombuf
+    parses every field and cost a third of the loader's time on small images."""
+    try:
+        stored = int(hdr[148:156].rstrip(b"\0 ").decode() or "-1", 8)
+        size_field = hdr[124:136]
+        size = int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80 else int(size_field.rstrip(b"\0 ").decode() or "0", 8)
+    except ValueError as e:
+        raise bad_file(where, "a tar sample whose headers parse (the index points at a header)", e) from None
+    if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):  # the checksum counts its own field as spaces
+        raise bad_file(where, "a tar sample whose headers parse (the index points at a header)", "bad checksum")
+    name = hdr[:100].split(b"\0", 1)[0]
+    if hdr[257:262] == b"ustar" and hdr[345] and hdr[257:265] != b"ustar  \0":  # POSIX ustar: a name prefix
+        name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "surrogateescape"), size, hdr[156:157]
 
 
 def member_too_big(where: str, name: str, size: int, cap: int) -> BadFileError:
