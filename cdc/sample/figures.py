@@ -40,15 +40,23 @@ def tile(rows: list[list[np.ndarray]], pad: int = 2, fill: int = 255) -> np.ndar
     return out
 
 
+# grid() reads at most this many leading images (64, or 16 cycling classes x 8 columns), so a
+# caller with 50k images on disk passes only these
+GRID_IMAGES = 128
+
+
 def grid(images: np.ndarray, labels: np.ndarray, max_images: int = 64, min_tile: int = 64) -> np.ndarray:
-    """Sample grid (H', W', 3) from uint8 (N, H, W, C) images.
+    """Sample grid (H', W', 3) from uint8 (N, H, W, C) images and their (N,) labels.
+
+    `images` may be only the first min(N, max(max_images, GRID_IMAGES)) of them: the layout
+    depends on the labels, and reads no image beyond those.
 
     When the labels cycle through c <= 16 distinct classes (``--classes``), each row holds one class
     and its columns are successive samples of it (max(8, max_images // c) of them); otherwise the
     first `max_images` images fill rows of 8.
     Images smaller than `min_tile` are enlarged (nearest, integer factor) so 32-px samples stay visible.
     """
-    n = len(images)
+    n = len(labels)
     side = images.shape[1]
     c = len(dict.fromkeys(labels.tolist()))  # distinct classes in first-seen order
     cycling = 1 < c <= 16 and n >= 2 * c and bool((labels == labels[np.arange(n) % c]).all())

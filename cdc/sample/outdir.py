@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -16,7 +18,7 @@ from PIL import Image
 from cdc import __version__
 from cdc.fileio import atomic_temp, read_json, read_json_object, write_json
 from cdc.interrupt import Interrupted, signal_name
-from cdc.sample.figures import grid, stage_figure, stages_figure
+from cdc.sample.figures import GRID_IMAGES, grid, stage_figure, stages_figure
 
 OURS = ("images", "stages", "samples.npz", "stages.npz", "grid.png", "stages.png", "samples.json")
 # resume keys; guide / guide_scale are recorded only when autoguidance is on, so older records match
@@ -66,12 +68,38 @@ def save_image(out: Path, i: int, img: np.ndarray, stages: list[np.ndarray] | No
     write_png(img_path(out, i), img)  # last: its presence marks the whole image as done
 
 
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    need = sum(a.nbytes for a in arrays.values())
-    with atomic_temp(path, "npz", need, THEN) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
+# images read and written at a time when assembling an npz: its memory, whatever the image count
+NPZ_BLOCK = 64
+
+# an npz entry: name -> (shape, dtype, blocks of rows whose concatenation is the array)
+Entry = tuple[tuple[int, ...], np.dtype, Iterable[np.ndarray]]
+
+
+def save_npz(path: Path, entries: dict[str, Entry]) -> None:
+    """Write what np.savez(path, **arrays) writes (a ZIP_STORED archive of zip64 .npy entries, read
+    by np.load and ADM's evaluator) block by block, so no array is ever whole in memory; atomic."""
+    need = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt, _ in entries.values())
+    with atomic_temp(path, "npz", need, THEN) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, (shape, dtype, blocks) in entries.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:  # as np.savez opens them
+                    _write_npy(f, name, shape, np.dtype(dtype), blocks)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _write_npy(f: IO[bytes], name: str, shape: tuple[int, ...], dtype: np.dtype, blocks: Iterable[np.ndarray]) -> None:
+    """An .npy file (header v1.0, C order, as np.save writes it) from blocks of rows."""
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(f, header)
+    rows = 0
+    for b in blocks:
+        if b.dtype != dtype or b.shape[1:] != tuple(shape[1:]):
+            raise ValueError(f"{name}: a block of {b.dtype} {b.shape} does not fit {dtype} {tuple(shape)}")
+        f.write(np.ascontiguousarray(b).data)
+        rows += len(b)
+    if rows != shape[0]:
+        raise ValueError(f"{name}: {rows} rows written, its header says {shape[0]}")
 
 
 def done_images(out: Path, n: int, side: int, channels: int, stage_sides: list[int] | None) -> list[bool]:
@@ -235,21 +263,35 @@ def start(out: Path, settings: dict[str, Any], n_stages: int, overwrite: bool, r
     write_json(meta, {**old, **settings, "status": "running", "cdc_version": __version__}, indent=2)
 
 
+def _png_blocks(pool: ThreadPoolExecutor, out: Path, n: int, stage: int | None) -> Iterator[np.ndarray]:
+    """Images 0..n-1 (of `stage`, or the final ones) as uint8 (k, H, W, C) blocks of NPZ_BLOCK,
+    decoded in parallel; paths are made per block too (50k Path objects alone take megabytes)."""
+    for b0 in range(0, n, NPZ_BLOCK):
+        yield np.stack(list(pool.map(lambda i: read_png(img_path(out, i, stage)), range(b0, min(b0 + NPZ_BLOCK, n)))))
+
+
+def _png_entry(pool: ThreadPoolExecutor, out: Path, n: int, side: int, channels: int, stage: int | None) -> Entry:
+    return (n, side, side, channels), np.dtype(np.uint8), _png_blocks(pool, out, n, stage)
+
+
 def assemble(out: Path, labels: np.ndarray, channels: int, sides: list[int], stages: bool) -> None:
-    """Build samples.npz, grid.png and (with stages) stages.npz and the Fig. 9 panels from the PNGs."""
-    n = len(labels)
+    """Build samples.npz, grid.png and (with stages) stages.npz and the Fig. 9 panels from the PNGs,
+    streamed: memory holds NPZ_BLOCK images at a time, whatever the job's image count."""
+    n, labels = len(labels), labels.astype(np.int64)
     with ThreadPoolExecutor(8) as pool:
-        imgs = np.stack(list(pool.map(lambda i: read_png(img_path(out, i)), range(n))))  # (N, H, W, C)
-        save_npz(out / "samples.npz", arr_0=imgs, arr_1=labels.astype(np.int64))
-        write_png(out / "grid.png", grid(imgs, labels))
+        save_npz(out / "samples.npz", {
+            "arr_0": _png_entry(pool, out, n, sides[-1], channels, None),  # (N, H, W, C)
+            "arr_1": (labels.shape, labels.dtype, [labels]),
+        })  # fmt: skip
+        head = np.stack(list(pool.map(lambda i: read_png(img_path(out, i)), range(min(n, GRID_IMAGES)))))
+        write_png(out / "grid.png", grid(head, labels))
         if not stages:
             return
-        per_stage = {
-            f"stage{k}": np.stack(list(pool.map(lambda i, k=k: read_png(img_path(out, i, k)), range(n))))
-            for k in range(len(sides))
-        }
-    save_npz(out / "stages.npz", **per_stage)
-    panels = [[per_stage[f"stage{k}"][i] for k in range(len(sides))] for i in range(min(n, N_FIGURES))]
+        save_npz(out / "stages.npz", {
+            f"stage{k}": _png_entry(pool, out, n, side, channels, k) for k, side in enumerate(sides)
+        })  # fmt: skip
+        firsts = range(min(n, N_FIGURES))
+        panels = [list(pool.map(lambda k, i=i: read_png(img_path(out, i, k)), range(len(sides)))) for i in firsts]
     for i, p in enumerate(panels):
         write_png(out / "stages" / f"{i:06d}.png", stage_figure(p))
     write_png(out / "stages.png", stages_figure(panels[:N_COMBINED]))
