@@ -168,18 +168,22 @@ def check_state(state: Any, path: str | os.PathLike, need: tuple[str, ...] = INF
 
 
 def load(
-    path: Path, map_location: str | torch.device = "cpu", need: tuple[str, ...] = INFERENCE_KEYS
+    path: Path, map_location: str | torch.device = "cpu", need: tuple[str, ...] = INFERENCE_KEYS,
+    mmap: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint onto `map_location` (CPU by default) without executing any code.
 
     `weights_only=True`: a pickle that would call code (or anything but tensors and containers) is
     refused. Any file that does not load, or lacks the entries `need` names, is a one-line
     BadCheckpointError (an UnpicklingError); a file that cannot be opened keeps its OSError.
+    mmap: tensors stay views of the file's pages (shared by every process on the node through the
+    page cache) until copied into a model, instead of a private copy per process.
     """
     with open(path, "rb") as f, reading(path):  # missing / unreadable: the OSError names the file
         with warnings.catch_warnings():  # torch warns (with a source line) about odd pickle protocols
             warnings.simplefilter("ignore")
-            state = torch.load(f, map_location=map_location, weights_only=True)
+            src = str(path) if mmap else f  # torch maps a file by name
+            state = torch.load(src, map_location=map_location, weights_only=True, mmap=mmap)
         return check_state(state, path, need)
 
 
@@ -204,7 +208,8 @@ def _skip_unverified(path: Path, then: str) -> None:
 
 
 def load_latest(
-    ckpt_dir: Path, map_location: str | torch.device = "cpu", need: tuple[str, ...] = INFERENCE_KEYS
+    ckpt_dir: Path, map_location: str | torch.device = "cpu", need: tuple[str, ...] = INFERENCE_KEYS,
+    mmap: bool = False,
 ) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint that verifies and loads (with the entries `need` names); warns about
     and skips corrupt newer ones."""
@@ -213,7 +218,7 @@ def load_latest(
             _skip_unverified(path, "trying an older one")
             continue
         try:
-            return load(path, map_location, need), path
+            return load(path, map_location, need, mmap), path
         except (BadCheckpointError, OSError) as e:  # a verified file that still does not load
             warn(f"{one_line(e)}; skipped, trying an older one")
     return None

@@ -20,6 +20,7 @@ from cdc.nn.model import build_model
 from cdc.redact import redact
 from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
+from cdc.train import resume_point as RP
 from cdc.train.init_from import param_groups, resolve_init, start_from_init
 from cdc.train.run_files import check_compatible, resume_other_world, truncate_metrics
 from cdc.train.run_lock import RunDirBusy, RunLock
@@ -122,19 +123,14 @@ def build(cfg: Config, run_dir: Path, dist: D.Dist, init: Any) -> Parts:
 
 
 def resume(p: Parts) -> tuple[int, int]:
-    """Load the latest checkpoint that verifies into the parts (weights, EMA, optimizer, this rank's
-    RNG and data position); returns (step, nonfinite_total), (0, 0) for a fresh run."""
+    """Load the checkpoint rank 0 chooses (the newest that verifies) into every rank's parts
+    (weights, EMA, optimizer, this rank's RNG and data position) and check that the ranks agree;
+    returns (step, nonfinite_total), (0, 0) for a fresh run."""
     ckpt_dir, dist = p.run_dir / "checkpoints", p.dist
-    found = ckpt.load_latest(ckpt_dir, need=ckpt.RESUME_KEYS)
-    if found is None and ckpt.list_checkpoints(ckpt_dir):
-        # starting over here would let pruning delete the new checkpoints in favour of the bad ones
-        raise ValueError(
-            f"{p.run_dir}/checkpoints holds checkpoints but none verifies and loads; restore one, "
-            "or move them away to start a fresh run"
-        )
-    if found is None:
+    state, path = RP.choose(ckpt_dir, dist.main)
+    if path is None:
         return 0, 0
-    state, path = found
+    state = RP.load_chosen(path, state, dist.rank)
     p.model.load_state_dict(state["model"])
     p.ema.load_state_dict(state["ema"])
     p.opt.load_state_dict(state["optimizer"])
@@ -149,6 +145,7 @@ def resume(p: Parts) -> tuple[int, int]:
         torch.set_rng_state(r["torch_cpu"])
         p.loader.load_state_dict(r["data"])
     del state
+    RP.check_agreement(RP.state_checksum(p.model, p.ema, opt=p.opt), path, step)
     if dist.main:
         truncate_metrics(p.run_dir, step)
         for bad in ckpt.set_aside_newer(ckpt_dir, step):
@@ -186,7 +183,8 @@ def save(p: Parts, step: int, nonfinite_total: int, reason: str) -> None:
         "param_checksum": float(sum(q.detach().double().sum() for q in p.model.parameters())),
     }
     ranks = D.all_gather_objects(per_rank)
-    if p.dist.main:
+
+    def write() -> None:
         state = {
             "model": unwrap(p.model).state_dict(),
             "ema": p.ema.state_dict(),
@@ -199,4 +197,5 @@ def save(p: Parts, step: int, nonfinite_total: int, reason: str) -> None:
         }
         ckpt.save(p.run_dir / "checkpoints" / ckpt.ckpt_name(step), state)
         ckpt.prune(p.run_dir / "checkpoints", t.keep_last, t.milestone_every)
-    D.barrier()
+
+    RP.agreed_save(p.dist.main, write)  # a failed write stops every rank at once, with one line
