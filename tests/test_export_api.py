@@ -65,9 +65,9 @@ def _npz(out: Path) -> np.ndarray:
 def test_export_folder_contents(exported, run_dir):
     from cdc.nn.model import build_model, count_params
 
-    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "SHA256SUMS", "config.json", "model.safetensors"]
     meta = json.loads((exported / "config.json").read_text())
-    assert meta["format"] == "cdc-export/1" and meta["step"] == 10 and meta["cdc_version"]
+    assert meta["format"] == "cdc-export/2" and meta["step"] == 10 and meta["cdc_version"]
     assert meta["export"]["weights"] == "ema" and meta["export"]["dtype"] == "fp32"
     assert meta["flow"]["sides"] == SIDES and meta["sample"]["steps"] == [24]
     # the run's own step-5 guide is not in the folder: the export samples with CFG alone, and says so
@@ -83,7 +83,8 @@ def test_export_folder_contents(exported, run_dir):
     assert f"{count_params(build_model(cfg)):,} parameters" in card
     assert "final loss at step 10: 0.4321 (per stage: 0.5000, 0.4000, 0.3000)" in card
     assert "global batch: 16" in card and "/nonexistent/shards" in card
-    assert "autoguided with its own checkpoint (step:5), which is not exported" in card
+    assert "autoguided with step:5, which could not be read at export and is not exported" in card
+    assert "sha256sum -c SHA256SUMS" in card
     assert "cdc sample --ckpt DIR -n 16" in card and "from cdc import load" in card
 
 
@@ -148,10 +149,11 @@ def test_damaged_exports_are_one_line_errors(exported, tmp_path):
     bad = tmp_path / "header"
     shutil.copytree(exported, bad)
     (bad / "model.safetensors").write_bytes(b"\xff" * 64)
-    from cdc.train.exported import sha256_of
+    from cdc.train.exported import sha256_of, write_sums
 
     meta["export"]["sha256"] = sha256_of(bad / "model.safetensors")
     (bad / "config.json").write_text(json.dumps(meta))
+    write_sums(bad, ["model.safetensors", "config.json"])
     _one_line_error(["sample", "--ckpt", str(bad), "--out", str(tmp_path / "s"), "-n", "1"], str(bad / "model.safetensors"))
 
 

@@ -115,7 +115,7 @@ def test_checkpoint_and_export_store_no_secret(secret_env, tmp_path):
     assert _leaks(old.read_bytes())  # the test's premise: the secrets are there to leak
     meta = export(tmp_path / "old", tmp_path / "export")
     assert meta["data"]["shards"].startswith("https://***@")
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["README.md", "SHA256SUMS", "config.json", "model.safetensors"]
     assert _tree_leaks(tmp_path / "export") == {}
 
 

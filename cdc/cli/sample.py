@@ -136,7 +136,8 @@ cdc export runs/k4/checkpoints/step_0400000.pt --out exports/k4 --dtype bf16
 cdc sample --ckpt exports/quickstart -n 16
 
 The folder holds model.safetensors (EMA weights), config.json (the resolved config and sampler
-defaults) and README.md (a model card); cdc sample, cdc.load and the judge read it like a run.""",
+defaults), SHA256SUMS (checked on load), README.md (a model card) and guide/ (the run's autoguide,
+when it has one); cdc sample, cdc.load, the judge and cdc train --init read it like a run.""",
 )
 @friendly
 def export_cmd(
@@ -145,7 +146,7 @@ def export_cmd(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 (samples equal the run's) or bf16 (half the size)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous export in --out."),
 ) -> None:
-    """Export a run's EMA weights to share: model.safetensors, config.json, README.md."""
+    """Export a run's EMA weights to share: model.safetensors, config.json, SHA256SUMS, README.md (+ guide/)."""
     from cdc.train.export import export
 
     meta = export(src, out, dtype, overwrite)

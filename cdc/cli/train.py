@@ -38,7 +38,7 @@ def train(
     init: str = typer.Option(
         None,
         "--init",
-        help="Start from this checkpoint's EMA weights (file or run dir), fresh optimizer: a fine-tune.",
+        help="Start from these EMA weights (checkpoint file, run dir or `cdc export` folder), fresh optimizer: a fine-tune.",
         show_default="the recipe's train.init",
     ),
     allow_pipe_: bool = typer.Option(False, "--allow-pipe", help=ALLOW_PIPE_HELP),

@@ -18,6 +18,7 @@ from cdc.flow.shortcut import guided_twice, guided_twice_message, shortcut_mode
 from cdc.sample.options import labels_for, parse_cfg, parse_classes, parse_guide, parse_interval, parse_steps
 from cdc.sample.outdir import default_out
 from cdc.train import checkpoint as ckpt_lib
+from cdc.train import exported
 
 
 @dataclass
@@ -145,7 +146,8 @@ def _resolve_guide(
                      "guide": f"{where['guide']} {g_spec} (weight {g_scale})"}
         raise ValueError(guided_twice_message(twice, mcfg.fewstep, asked_for))
     if g_spec:
-        settings["guide"] = str(ckpt_lib.guide_path(g_spec, path, asked["runs_dir"]))
+        bundled = exported.own_guide(g_spec, path) if guide is None else None  # guide/ of an export
+        settings["guide"] = str(bundled.resolve() if bundled else ckpt_lib.guide_path(g_spec, path, asked["runs_dir"]))
         settings["guide_scale"] = g_scale
     return g_spec, g_scale
 

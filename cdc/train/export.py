@@ -1,4 +1,10 @@
-"""`cdc export`: a run's EMA weights as a folder to share: model.safetensors, config.json, README.md.
+"""`cdc export`: a run's EMA weights as a folder to share: model.safetensors, config.json,
+SHA256SUMS, README.md, and guide/ when the run autoguides with another checkpoint.
+
+The guide (sample.guide: a file, a run dir or the run's own step:N) is bundled as an export of its
+own under guide/, named relative to the folder, so the export samples as the run does on any
+machine; a guide that cannot be read here is dropped with a one-line note (the folder then samples
+with CFG alone). SHA256SUMS covers config.json, the weights and guide/SHA256SUMS (cdc.train.exported).
 
 The folder is written under a hidden temp name beside `out` and renamed into place once complete,
 so `out` is never a half-written export; a previous export there is replaced only with overwrite.
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +24,21 @@ import torch
 
 from cdc import __version__
 from cdc.config import Config, from_dict, to_dict
-from cdc.fileio import _fsync_dir, check_out_path, display, read_json_object
+from cdc.fileio import BadFileError, _fsync_dir, check_out_path, display, one_line, read_json_object
 from cdc.redact import redact, redact_obj
 from cdc.train import checkpoint as ckpt_lib
-from cdc.train.exported import CARD, CONFIG, FORMAT, WEIGHTS, is_export, sha256_of
+from cdc.train.exported import (
+    CARD,
+    CONFIG,
+    FORMAT,
+    FORMATS,
+    GUIDE,
+    SUMS,
+    WEIGHTS,
+    is_export,
+    sha256_of,
+    write_sums,
+)
 from cdc.train.run_files import read_metrics
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -44,26 +62,56 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", overwrite: boo
     with ckpt_lib.reading(path):  # the stored config is the file's content too
         cfg = from_dict(state["config"])
     key = "ema" if state.get("ema") is not None else "model"
-    tensors = {
-        k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).detach().contiguous().clone()
-        for k, v in state[key].items()
-    }
-    meta = {
-        **to_dict(cfg),
-        "format": FORMAT,
-        "step": int(state.get("step", 0)),
-        "cdc_version": __version__,
-        "export": {"weights": key, "dtype": dtype, "source": str(path.resolve()), "sha256": ""},
-    }
-    guide = cfg.sample.guide
-    if guide.startswith("step:"):  # the run's own step-N checkpoint is not part of the export
+    tensors = _cast(state[key], dtype)
+    meta = _meta(cfg, int(state.get("step", 0)), key, dtype, path)
+    guide = _bundle_guide(cfg.sample.guide, path, dtype)
+    if isinstance(guide, str):  # not bundled: the reason
         meta["sample"]["guide"], meta["sample"]["guide_scale"] = "", [1.0]
-        meta["export"]["guide_dropped"] = guide
+        meta["export"]["guide_dropped"] = cfg.sample.guide
+        print(f"note: {guide}; the export samples with CFG alone unless given --guide", file=sys.stderr)
+        guide = None
+    elif guide is not None:
+        meta["sample"]["guide"] = GUIDE
+        meta["export"]["guide"] = {"source": guide[1]["export"]["source"], "step": guide[1]["step"]}
     # a shared folder: no credentials from a shard URL (an older checkpoint stored its config raw)
     meta = redact_obj(meta)
     card = redact(model_card(cfg, meta, _run_dir(path), tensors))
-    _write_folder(out, tensors, meta, card)
+    _write_folder(out, tensors, meta, card, guide)
     return meta
+
+
+def _cast(weights: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Contiguous copies in `dtype`; only floating tensors are cast."""
+    return {
+        k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).detach().contiguous().clone()
+        for k, v in weights.items()
+    }
+
+
+def _meta(cfg: Config, step: int, key: str, dtype: str, source: Path) -> dict[str, Any]:
+    """config.json's content: the resolved config and the export's record (sha256 filled on write)."""
+    return {
+        **to_dict(cfg),
+        "format": FORMAT,
+        "step": step,
+        "cdc_version": __version__,
+        "export": {"weights": key, "dtype": dtype, "source": str(source.resolve()), "sha256": ""},
+    }
+
+
+def _bundle_guide(spec: str, ckpt: Path, dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | str | None:
+    """(weights, config.json content) of the run's autoguidance model, to go under guide/; the
+    reason as a string when it cannot be read here; None when the run does not autoguide."""
+    if not spec:
+        return None
+    try:
+        gpath = ckpt_lib.guide_path(spec, ckpt, key="sample.guide")
+        gmodel, gcfg, info = ckpt_lib.load_for_inference(gpath, ema=True)
+    except (OSError, BadFileError) as e:
+        return f"the run's autoguide (sample.guide {spec}) is not exported: {one_line(e)}"
+    meta = _meta(gcfg, info["step"], info["weights"], dtype, Path(info["path"]))
+    meta["sample"]["guide"], meta["sample"]["guide_scale"] = "", [1.0]  # a guide is not guided itself
+    return _cast(gmodel.state_dict(), dtype), redact_obj(meta)
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -71,7 +119,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
     else is refused (export never deletes a folder it did not write)."""
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not (out / CONFIG).is_file() or _format(out / CONFIG) != FORMAT:
+    if not (out / CONFIG).is_file() or _format(out / CONFIG) not in FORMATS:
         raise ValueError(f"--out {display(out)} is a non-empty folder that is not an export; choose another --out")
     if not overwrite:
         raise ValueError(f"--out {display(out)} holds an export already; pass --overwrite to replace it")
@@ -89,25 +137,22 @@ def _run_dir(path: Path) -> Path | None:
     return path.parent.parent if path.parent.name == "checkpoints" else None
 
 
-def _write_folder(out: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], card: str) -> None:
+def _write_folder(
+    out: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], card: str,
+    guide: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+) -> None:  # fmt: skip
     """Fill a temp folder beside `out`, then rename it into place (the old export, if any, is set
     aside first and deleted last): `out` holds the old export or the new one, never a mix."""
-    from safetensors.torch import save_file
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
     old = out.with_name(f".{out.name}.old.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        meta["export"]["sha256"] = sha256_of(tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
-        (tmp / CARD).write_text(card)
-        for name in (WEIGHTS, CONFIG, CARD):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        if guide is not None:
+            (tmp / GUIDE).mkdir()
+            _write_files(tmp / GUIDE, *guide, card=None, covers=[])
+        _write_files(tmp, tensors, meta, card, covers=[f"{GUIDE}/{SUMS}"] if guide is not None else [])
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
@@ -118,6 +163,26 @@ def _write_folder(out: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
             os.replace(old, out)  # put the previous export back
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_files(
+    folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], card: str | None, covers: list[str]
+) -> None:
+    """The weights, config.json (recording the weights' sha256), the card and SHA256SUMS over the
+    weights, config.json and `covers`, each fsynced."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    meta["export"]["sha256"] = sha256_of(folder / WEIGHTS)
+    (folder / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+    names = [WEIGHTS, CONFIG]
+    if card is not None:
+        (folder / CARD).write_text(card)
+    write_sums(folder, names + covers)
+    for name in names + [SUMS] + ([CARD] if card is not None else []):
+        with open(folder / name, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(folder)
 
 
 def _params(cfg: Config) -> int:
@@ -187,8 +252,13 @@ def model_card(cfg: Config, meta: dict[str, Any], run: Path | None, tensors: dic
     ]
     if ex.get("guide_dropped"):
         lines.append(
-            f"The run autoguided with its own checkpoint ({ex['guide_dropped']}), which is not exported; "
-            "this folder samples with CFG alone unless given --guide."
+            f"The run autoguided with {ex['guide_dropped']}, which could not be read at export and is not "
+            "exported; this folder samples with CFG alone unless given --guide."
+        )
+    if ex.get("guide"):
+        lines.append(
+            f"Autoguidance with weight {s['guide_scale']} by the run's guide (step {ex['guide']['step']} of "
+            f"`{ex['guide']['source']}`), bundled in `{GUIDE}/`; `--guide none` samples with CFG alone."
         )
     lines += [
         "",
@@ -203,7 +273,8 @@ def model_card(cfg: Config, meta: dict[str, Any], run: Path | None, tensors: dic
         'g.to_pil(images)[0].save("first.png")',
         "```",
         "",
-        "DIR is this folder. Loading reads only safetensors and JSON (no pickle, no code).",
+        "DIR is this folder. Loading reads only safetensors and JSON (no pickle, no code), and checks",
+        f"every file `{SUMS}` lists (`sha256sum -c {SUMS}` checks them by hand).",
         "",
     ]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""`train.init` / `cdc train --init`: a fresh run that starts from another checkpoint's weights.
+"""`train.init` / `cdc train --init`: a fresh run that starts from another checkpoint's weights
+(a run dir, a checkpoint file, or a `cdc export` folder: a downloaded model fine-tuned or grown).
 
 The few-step fine-tune (cdc.flow.shortcut) starts from an ordinary checkpoint's EMA and, with
 `fewstep.teacher: init`, keeps a frozen copy of it as the guided teacher whose d = 0 field anchors
@@ -20,6 +21,7 @@ from cdc.flow.shortcut import guided_field, guided_twice, guided_twice_message
 from cdc.nn.model import build_model
 from cdc.nn.stage_models import StageDiTs
 from cdc.train import checkpoint as ckpt
+from cdc.train import exported
 
 
 def resolve_init(cfg: Config, run_dir: Path) -> tuple[dict, Config] | None:
@@ -40,7 +42,9 @@ def _pin(cfg: Config, run_dir: Path) -> None:
     """
     if not cfg.train.init:
         if cfg.model.step_cond and cfg.fewstep.teacher == "init":
-            raise ConfigError("fewstep.teacher=init needs a checkpoint to fine-tune: --init RUN_DIR|FILE (train.init)")
+            raise ConfigError(
+                "fewstep.teacher=init needs a checkpoint to fine-tune: --init RUN_DIR|FILE|EXPORT_DIR (train.init)"
+            )
         return
     prev = run_dir / "config.yaml"
     if ckpt.list_checkpoints(run_dir / "checkpoints") and prev.is_file():
@@ -60,12 +64,7 @@ def _load(cfg: Config) -> tuple[dict, Config]:
     path = Path(cfg.train.init)
     if not path.is_file():
         raise FileNotFoundError(f"train.init checkpoint not found: {path}; restore it or start a new --run-dir")
-    state = ckpt.load(path)
-    with ckpt.reading(path):
-        try:
-            icfg = from_dict(state["config"])
-        except ConfigError as e:
-            raise ckpt.BadCheckpointError(f"train.init {path}: its stored config is unusable ({one_line(e)})") from None
+    weights, icfg = _read(path)
     grown = _grow_pos_side(cfg, icfg, path)
     mine, theirs = to_dict(cfg), to_dict(icfg)
     for d in (mine, theirs):  # 0 means the final side: compare the grid the positions are in
@@ -78,6 +77,21 @@ def _load(cfg: Config) -> tuple[dict, Config]:
         raise ConfigError(
             f"train.init {path} was trained with different {', '.join(diff)}; fine-tune with its recipe"
         )
+    return weights, icfg
+
+
+def _read(path: Path) -> tuple[dict, Config]:
+    """(EMA weights, config) of a checkpoint file, or of the `cdc export` folder whose
+    model.safetensors `path` is (its weights are the run's EMA; its config.json the network)."""
+    if exported.is_export(path):
+        weights, icfg, _ = exported.read_export(path)
+        return weights, icfg
+    state = ckpt.load(path)
+    with ckpt.reading(path):
+        try:
+            icfg = from_dict(state["config"])
+        except ConfigError as e:
+            raise ckpt.BadCheckpointError(f"train.init {path}: its stored config is unusable ({one_line(e)})") from None
     return (state.get("ema") or state["model"]), icfg
 
 
