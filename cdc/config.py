@@ -134,6 +134,9 @@ class TrainConfig:
     log_every: int = 100  # steps between metrics.jsonl lines
     ckpt_every: int = 5000  # steps between checkpoints (0 = only at the end and on signals)
     keep_last: int = 3  # rolling checkpoints kept
+    # periodic checkpoints written in a background thread from a host copy, training going on
+    # meanwhile (one in flight; the run's last save is waited for); false = the step waits
+    async_save: bool = True
     milestone_every: int = 100_000  # steps between checkpoints that are never deleted (0 = none)
     sample_every: int = 10_000  # steps between EMA sample grids (0 = never)
     max_nonfinite: int = 20  # consecutive non-finite steps before the run stops
@@ -142,7 +145,7 @@ class TrainConfig:
     # figure, not measured by this project; `bin/gpu-check` measures the peak of the GPU it runs on
     peak_tflops: float = 800.0
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
-    init: str = ""  # checkpoint file or run dir whose EMA weights start a fresh run (fine-tune); "" = random
+    init: str = ""  # checkpoint file, run dir or export folder whose EMA weights start a fresh run; "" = random
     # with train.init: learning-rate multiplier of the transformer blocks that came from the init
     # (the shared trunk); 0 freezes them, 1 trains them like the rest (grow a stage: docs/grow.md)
     init_trunk_lr: float = 1.0

@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, run: str, mode: str, ou
             return state
 
         C.load = load
-    if rank == 0 and mode == "save_fails":
+    if rank == 0 and mode in ("save_fails", "background_save_fails"):
         C.save = lambda path, state: (_ for _ in ()).throw(WriteFailedError(28, f"{path}: no space left on device (ENOSPC)"))
     t0 = time.monotonic()
     result = {"rank": rank}
@@ -100,15 +100,40 @@ def test_every_rank_resumes_rank_0s_choice(shards, tmp_path):
     [
         ("unreadable", "ValueError", "rank(s) 1 could not read"),
         ("differs", "ResumeMismatchError", "rank(s) 1 hold a different model, EMA or optimizer state"),
-        ("save_fails", "SaveFailedError", "no space left on device"),
+        ("save_fails", "SaveFailedError", "no space left on device"),  # the run's last save, waited for
+        # a periodic save written in the background (step 6) fails: every rank stops at the next save
+        ("background_save_fails", "SaveFailedError", "step_0000006.pt: no space left on device"),
     ],
 )
 def test_a_rank_that_fails_stops_every_rank_with_one_line(shards, tmp_path, mode, error, words):
     first_run(shards, tmp_path / "run")
-    res = run_two(shards, tmp_path / "run", mode, tmp_path)
+    res = run_two(shards, tmp_path / "run", mode, tmp_path, steps=8 if mode == "background_save_fails" else 6)
     assert [r.get("error") for r in res] == [error, error], res
     assert res[0]["message"] == res[1]["message"] and words in res[0]["message"] and "\n" not in res[0]["message"]
     assert max(r["seconds"] for r in res) < 60  # agreed at once, not at a collective's 30-minute timeout
     from cdc.train import checkpoint as C
 
     assert [s for s, _ in C.list_checkpoints(tmp_path / "run" / "checkpoints")] == [4, 2]  # nothing newer kept
+
+
+def test_background_saves_hold_what_waited_for_saves_hold(shards, tmp_path):
+    """train.async_save writes each periodic checkpoint from a copy taken at its step: the files
+    hold the same weights, EMA, optimizer, RNG and data states as saves the step waits for."""
+    from cdc.train import checkpoint as C
+    from cdc.train.loop import train
+
+    got = {}
+    for flag in (False, True):
+        cfg = raw(shards, 6)
+        cfg["train"]["async_save"] = flag
+        train(from_dict(cfg), tmp_path / str(flag), progress=False)
+        got[flag] = {s: C.load(p, need=C.RESUME_KEYS) for s, p in C.list_checkpoints(tmp_path / str(flag) / "checkpoints")}
+    assert sorted(got[True]) == sorted(got[False]) == [2, 4, 6]
+    for step, a in got[False].items():
+        b = got[True][step]
+        for key in ("model", "ema"):
+            assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), (step, key)
+        sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+        assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i] if torch.is_tensor(sa[i][k]))
+        assert a["ranks"][0]["data"] == b["ranks"][0]["data"] and torch.equal(a["ranks"][0]["gen"], b["ranks"][0]["gen"])
+        assert a["reason"] == b["reason"]

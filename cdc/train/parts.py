@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class Parts:
     net: Any = None  # the model as a step calls it: DDP-wrapped over ranks (wrap_for_training)
     velocity: Any = None  # the velocity field over `net` (wrap_for_training)
     amp: Any = None  # bf16 autocast on CUDA, else a null context (wrap_for_training)
+    saver: RP.Saver = field(default_factory=RP.Saver)  # rank 0's checkpoint writes (train.async_save)
 
     @property
     def dev(self) -> torch.device:
@@ -183,8 +184,11 @@ def save(p: Parts, step: int, nonfinite_total: int, reason: str) -> None:
         "param_checksum": float(sum(q.detach().double().sum() for q in p.model.parameters())),
     }
     ranks = D.all_gather_objects(per_rank)
-
-    def write() -> None:
+    # periodic saves go to the background from a host copy; the last save of a run (its end, a
+    # signal, a time limit, a non-finite stop) is waited for, so the process exits with it on disk
+    background = t.async_save and reason == "periodic"
+    state = None
+    if p.dist.main:
         state = {
             "model": unwrap(p.model).state_dict(),
             "ema": p.ema.state_dict(),
@@ -195,7 +199,10 @@ def save(p: Parts, step: int, nonfinite_total: int, reason: str) -> None:
             "nonfinite_total": nonfinite_total,
             "reason": reason,
         }
+        state = RP.host_copy(state) if background else state
+
+    def write() -> None:
         ckpt.save(p.run_dir / "checkpoints" / ckpt.ckpt_name(step), state)
         ckpt.prune(p.run_dir / "checkpoints", t.keep_last, t.milestone_every)
 
-    RP.agreed_save(p.dist.main, write)  # a failed write stops every rank at once, with one line
+    p.saver.save(p.dist.main, write, background)  # a failed write stops every rank at once, with one line

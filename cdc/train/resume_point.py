@@ -10,6 +10,9 @@ they then hold. Any failure is agreed: every rank stops with the same one line.
 
 from __future__ import annotations
 
+import copy
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,15 +102,57 @@ def check_agreement(checksum: list[int], path: Path, step: int) -> None:
         )
 
 
-def agreed_save(main: bool, write: Any) -> None:
-    """Rank 0 runs `write()`; its failure (a full disk, a lost mount) is raised on every rank at
-    once, with the same line, instead of leaving the others at the next collective until timeout."""
-    error = None
-    if main:
+class Saver:
+    """Rank 0's checkpoint writes, at most one in flight in a background thread.
+
+    Training continues while a save is written from a host copy of the state (`host_copy`); the
+    next save, or the last one, first waits for it. Each outcome is agreed between ranks at those
+    points, so a failed write stops every rank with the same line."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+
+    def _run(self, write: Callable[[], None]) -> None:
         try:
             write()
         except (OSError, ValueError) as e:
-            error = one_line(e)
-    error = D.all_gather_objects(error)[0]
-    if error is not None:
-        raise SaveFailedError(error)
+            self._error = one_line(e)
+
+    def wait(self) -> str | None:
+        """Finish the save in flight; its error line, once (None when it succeeded)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        return error
+
+    def save(self, main: bool, write: Callable[[], None], background: bool) -> None:
+        """Rank 0 writes (in the background when asked); every rank raises SaveFailedError for a
+        failed write, the one in flight before this save included."""
+        error = None
+        if main:
+            error = self.wait()
+            if error is None:
+                if background:
+                    self._thread = threading.Thread(target=self._run, args=(write,), name="cdc-save", daemon=False)
+                    self._thread.start()
+                else:
+                    self._run(write)
+                    error = self._error
+                    self._error = None
+        error = D.all_gather_objects(error)[0]
+        if error is not None:
+            raise SaveFailedError(error)
+
+
+def host_copy(obj: Any) -> Any:
+    """`obj` with every tensor copied to host memory (a CPU tensor cloned), so a background write
+    sees the state of this step while training goes on changing the originals."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
