@@ -308,11 +308,11 @@ def test_a_real_full_tmpfs(tmpfs, tree):
     assert files(d) == before
 
     npz = tmpfs / "samples.npz"
-    save_npz(npz, arr_0=np.zeros((2, 8, 8, 1), np.uint8))
+    save_npz(npz, {"arr_0": ((2, 8, 8, 1), np.uint8, [np.zeros((2, 8, 8, 1), np.uint8)])})
     good = npz.read_bytes()
     noise = np.random.default_rng(0).integers(0, 255, (300_000,), dtype=np.uint8)  # incompressible, > 256 KB
     with pytest.raises(WriteFailedError, match="no space left on device writing npz"):
-        save_npz(npz, arr_0=noise)
+        save_npz(npz, {"arr_0": (noise.shape, np.uint8, [noise])})
     assert npz.read_bytes() == good
 
     with pytest.raises(WriteFailedError, match="no space left on device writing file"):

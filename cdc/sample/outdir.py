@@ -79,13 +79,13 @@ def save_npz(path: Path, entries: dict[str, Entry]) -> None:
     """Write what np.savez(path, **arrays) writes (a ZIP_STORED archive of zip64 .npy entries, read
     by np.load and ADM's evaluator) block by block, so no array is ever whole in memory; atomic."""
     need = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt, _ in entries.values())
-    with atomic_temp(path, "npz", need, THEN) as tmp:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_temp(path, "npz", need, THEN) as tmp, open(tmp, "wb") as raw:
+        with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, (shape, dtype, blocks) in entries.items():
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as f:  # as np.savez opens them
                     _write_npy(f, name, shape, np.dtype(dtype), blocks)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        raw.flush()
+        os.fsync(raw.fileno())
 
 
 def _write_npy(f: IO[bytes], name: str, shape: tuple[int, ...], dtype: np.dtype, blocks: Iterable[np.ndarray]) -> None:
