@@ -84,6 +84,26 @@ def smooth_image_tree(
     return root
 
 
+def tiny_run(root: Path, raw: dict) -> Path:
+    """root/tiny: a run with one step-10 checkpoint of the DiT `raw` configures, its zero-initialised
+    layers randomised (seeded) so that sampling depends on every weight."""
+    from cdc import config
+    from cdc.nn.model import build_model
+    from cdc.train import checkpoint as ckpt_lib
+
+    cfg = config.from_dict(raw)
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    sd = model.state_dict()
+    run = root / "tiny"
+    ckpt_lib.save(run / "checkpoints" / "step_0000010.pt", {"config": config.to_dict(cfg), "model": sd, "ema": sd, "step": 10})
+    return run
+
+
 def take(loader, n: int) -> list:
     """The first n batches of a loader (fails if it ends sooner)."""
     out = []

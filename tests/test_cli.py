@@ -13,12 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import typer.main
+from conftest import tiny_run
 from typer.testing import CliRunner
 
-import cdc.config as config
-import cdc.train.checkpoint as ckpt_lib
 from cdc import fileio
 from cdc.cli import app
 from cdc.sample.generate import default_out
@@ -152,25 +150,11 @@ def test_every_help_shows_examples_on_their_own_lines_and_where_defaults_come_fr
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run with one step-10 checkpoint of a tiny randomised DiT (1 channel, sides 8/16/32)."""
-    from cdc.nn.model import build_model
-
-    cfg = config.from_dict(
-        {
-            "model": {"preset": "tiny", "in_channels": 1, "num_classes": 10, "patch": 2},
-            "flow": {"sides": [8, 16, 32]},
-            "sample": {"steps": [1], "cfg": [1.0], "batch": 4},
-        }
-    )
-    model = build_model(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    sd = model.state_dict()
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    ckpt_lib.save(run / "checkpoints" / "step_0000010.pt", {"config": config.to_dict(cfg), "model": sd, "ema": sd, "step": 10})
-    return run
+    return tiny_run(tmp_path_factory.mktemp("runs"), {
+        "model": {"preset": "tiny", "in_channels": 1, "num_classes": 10, "patch": 2},
+        "flow": {"sides": [8, 16, 32]},
+        "sample": {"steps": [1], "cfg": [1.0], "batch": 4},
+    })
 
 
 def _npz(folder: Path) -> np.ndarray:

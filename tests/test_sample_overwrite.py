@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import tiny_run
 from typer.testing import CliRunner
 
-import cdc.config as config
 import cdc.train.checkpoint as ckpt_lib
 from cdc.cli import app
 from cdc.sample.generate import generate
@@ -23,21 +22,9 @@ FAST = dict(n=3, steps=1, cfg=1.0, batch=1, progress=False, device="cpu")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run with one checkpoint of a 2-stage tiny DiT whose zero-initialised layers are randomised."""
-    from cdc.nn.model import build_model
-
-    cfg = config.from_dict(
-        {"model": {"preset": "tiny", "in_channels": 1, "num_classes": 3, "patch": 2}, "flow": {"sides": [8, 16]}}
-    )
-    model = build_model(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    sd = model.state_dict()
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    ckpt_lib.save(run / "checkpoints" / "step_0000010.pt", {"config": config.to_dict(cfg), "model": sd, "ema": sd, "step": 10})
-    return run
+    return tiny_run(tmp_path_factory.mktemp("runs"), {
+        "model": {"preset": "tiny", "in_channels": 1, "num_classes": 3, "patch": 2}, "flow": {"sides": [8, 16]}
+    })
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:

@@ -412,14 +412,8 @@ def _geometry(shards: ShardSet, index: SampleIndex, sides: list[int]) -> Geometr
     return Geometry.of(sides, index.levels or [], None, None)
 
 
-def make_loader(
-    cfg: Any,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int | None = None,
-    device: str = "cpu",
-    cache_dir: str | os.PathLike | None = None,
-) -> TrainLoader:
-    """The training loader for `cfg` (cdc.config.Config) on one rank; see TrainLoader. `cache_dir`
-    keeps the index of shards that have none (default: the user cache, ~/.cache/cdc)."""
-    return TrainLoader(cfg, rank, world_size, seed, device, cache_dir)
+def make_loader(cfg: Any, **kw: Any) -> TrainLoader:
+    """The training loader for `cfg` (cdc.config.Config) on one rank: TrainLoader(cfg, rank=,
+    world_size=, seed=, device=, cache_dir=). `cache_dir` keeps the index of shards that have none
+    (default: the user cache, ~/.cache/cdc)."""
+    return TrainLoader(cfg, **kw)
