@@ -373,7 +373,7 @@ def test_compile_on_torch_24_is_a_one_line_error(shards, tmp_path, monkeypatch):
 
 
 def test_compile_without_a_cxx_compiler_is_a_one_line_error(shards, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch, "__version__", "2.6.0")  # on torch 2.4 the version is named first
+    monkeypatch.setattr(torch, "__version__", "2.7.1")  # on torch 2.4 (and 2.6 on CPU) the version is named first
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr("cdc.nn.compiled_trunk.shutil.which", lambda name: None)
     with pytest.raises(ConfigError, match=r"train.compile: inductor needs a C\+\+ compiler on CPU"):
@@ -384,6 +384,8 @@ def test_why_not_compiled_names_what_is_missing(monkeypatch):
     from cdc.nn.compiled_trunk import why_not_compiled
 
     monkeypatch.setattr(torch, "__version__", "2.6.0")
+    assert why_not_compiled("cpu") == "torch 2.6.0's CPU inductor mis-compiles the trunk (g++ rejects a generated kernel)"
+    monkeypatch.setattr(torch, "__version__", "2.7.1")
     monkeypatch.setattr("cdc.nn.compiled_trunk.importlib.util.find_spec", lambda name: None)
     assert why_not_compiled("cuda") == "inductor needs triton on CUDA (pip install triton)"
     monkeypatch.setattr("cdc.nn.compiled_trunk.shutil.which", lambda name: "/usr/bin/" + name if name == "cl++" else None)

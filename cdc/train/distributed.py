@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -83,3 +84,6 @@ def shutdown() -> None:
     active exception"), turning a clean exit (0, or 2 for a refused run) into a SIGABRT."""
     if initialized():
         dist.destroy_process_group()
+        # an exception's traceback (a reference cycle) can keep gloo's group object alive past the
+        # destroy; collected at the interpreter's exit instead, its threads abort the process
+        gc.collect()
