@@ -150,11 +150,11 @@ def test_resume_on_another_world_size_keeps_the_global_batch(fm_shards, tmp_path
     assert [x["step"] for x in m] == [1, 2, 3, 4]
     assert [x["grad_accum"] for x in m] == [4, 4, 2, 2] and {x["global_batch"] for x in m} == {16}
     st, _ = C.load_latest(run / "checkpoints")
-    # 2 steps x 4 micro-batches x 4 samples seen on 1 rank = 4 batches per rank on 2 ranks, + 2 x 2
-    assert [r["data"]["batches"] for r in st["ranks"]] == [8, 8]
+    # the global stream position: 2 steps x 16 samples on 1 rank, then 2 x 16 on 2 ranks
+    assert [r["data"]["position"] for r in st["ranks"]] == [64, 64]
     assert st["ranks"][0]["param_checksum"] == st["ranks"][1]["param_checksum"]
     msg = (run / "warnings-2.txt").read_text()
-    assert "global batch 16 kept (grad_accum 4 -> 2)" in msg and "after 32 samples" in msg
+    assert "global batch 16 kept (grad_accum 4 -> 2)" in msg and "data continues at sample 32 of the same stream" in msg
 
 
 class _Built(Exception):
