@@ -195,7 +195,8 @@ def _prepare_split() -> str:
 
 def _normalize() -> list[float]:
     """Mean/std m such that the loader's x / 127.5 - 1 equals (x / 255 - m) / m: checked on real pixels."""
-    from cdc.data.loader import Chunk, TrainLoader, crop_pixels
+    from cdc.data.geometry import crop_pixels
+    from cdc.data.loader import Chunk, TrainLoader
 
     a = np.arange(256, dtype=np.uint8).reshape(16, 16)[..., None].repeat(3, -1)  # every uint8 value
     buf = io.BytesIO()
