@@ -1,10 +1,10 @@
 """The per-sample index of a shard set: where each sample's bytes sit in its tar.
 
 `cdc prepare` writes it as `index.npy` beside the manifest (rows in manifest shard order,
-columns byte offset and length; the manifest records its sha256). Shards without one (other
-tools' tars, earlier cdc versions, brace patterns and pipe: urls without a manifest) are indexed
-once by reading their tar headers, and the result is cached (by default beside the run), so a
-restart reads no shard bytes before its resume point.
+columns byte offset and length; the manifest records its sha256). Shards without one (tars
+written by other tools or without an index, brace patterns and pipe: urls without a manifest)
+are indexed once by reading their tar headers, and the result is cached (by default beside the
+run), so a restart reads no shard bytes before its resume point.
 """
 
 from __future__ import annotations

@@ -320,7 +320,7 @@ def _write_index(plan: Plan, records: dict[str, dict]) -> dict[str, Any]:
     rows = []
     for n in plan.names:
         found = records[n].get("index")
-        if found is None:  # a shard an earlier cdc version wrote: read its headers
+        if found is None:  # a shard record without offsets: read them from the shard's headers
             found = [[s.offset, s.length] for s in scan_tar(str(plan.out / n), 1 << 62)]
         rows += found
     data = index_bytes(np.asarray(rows, dtype=np.int64).reshape(-1, 2))

@@ -126,7 +126,7 @@ def reading(path: str | os.PathLike) -> Iterator[None]:
 
 def _reason(e: BaseException, limit: int = 160) -> str:
     """The gist of a load failure in a few words: torch's messages run to paragraphs (and advise
-    weights_only=False, which would run the file's code), and KeyError's is a bare key."""
+    turning the safe unpickler off, which would run the file's code), and KeyError's is a bare key."""
     text = str(e)
     if "WeightsUnpickler error:" in text:  # refused by the code-free unpickler; the detail follows
         detail = text.split("WeightsUnpickler error:", 1)[1].strip()
