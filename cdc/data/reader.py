@@ -182,6 +182,7 @@ class ShardFiles:
         self.urls, self.open_files = urls, open_files
         self.cache = ShardCache(cache_dir, cache_gb) if cache_dir or any(u.startswith("pipe:") for u in urls) else None
         self._fds: OrderedDict[str, int] = OrderedDict()
+        self._remote: dict[int, tuple[Any, str]] = {}  # shard -> (fsspec filesystem, path), resolved once
         self.bytes_read = 0  # every byte this process read from shards (tests and benchmarks count it)
 
     def read(self, shard: int, offset: int, length: int) -> bytes:
@@ -189,7 +190,11 @@ class ShardFiles:
         local = url if not (is_url(url) or url.startswith("pipe:")) else None
         if local is None and self.cache is not None:
             local = self.cache.local_copy(url)
-        data = read_url(url, offset, offset + length) if local is None else os.pread(self._fd(local), length, offset)
+        if local is None:
+            fs, path = self._fs_path(shard)
+            data = fs.cat_file(path, start=offset, end=offset + length)
+        else:
+            data = os.pread(self._fd(local), length, offset)
         checked = self._checked((shard, offset, length), data)
         if isinstance(checked, BaseException):
             raise checked
@@ -202,8 +207,8 @@ class ShardFiles:
         out: list[bytes | BaseException | None] = [None] * len(ranges)
         remote = [i for i, (s, _, _) in enumerate(ranges) if is_url(self.urls[s]) and self.cache is None]
         if len(remote) > 1:
-            fs, _ = _fs(self.urls[ranges[remote[0]][0]])
-            paths = [_fs(self.urls[ranges[i][0]])[1] for i in remote]
+            fs = self._fs_path(ranges[remote[0]][0])[0]  # the shards of a run share one store
+            paths = [self._fs_path(ranges[i][0])[1] for i in remote]
             starts = [ranges[i][1] for i in remote]
             ends = [ranges[i][1] + ranges[i][2] for i in remote]
             got = fs.cat_ranges(paths, starts, ends, on_error="return")
@@ -216,6 +221,11 @@ class ShardFiles:
                 except (OSError, ValueError) as e:
                     out[i] = e
         return out  # type: ignore[return-value]
+
+    def _fs_path(self, shard: int) -> tuple[Any, str]:
+        if shard not in self._remote:
+            self._remote[shard] = _fs(self.urls[shard])
+        return self._remote[shard]
 
     def _checked(self, r: tuple[int, int, int], data: bytes) -> bytes | BaseException:
         url, (_, offset, length) = self.urls[r[0]], r

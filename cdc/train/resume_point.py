@@ -133,14 +133,12 @@ class Saver:
         error = None
         if main:
             error = self.wait()
-            if error is None:
-                if background:
-                    self._thread = threading.Thread(target=self._run, args=(write,), name="cdc-save", daemon=False)
-                    self._thread.start()
-                else:
-                    self._run(write)
-                    error = self._error
-                    self._error = None
+            if error is None and background:
+                self._thread = threading.Thread(target=self._run, args=(write,), name="cdc-save")
+                self._thread.start()
+            elif error is None:
+                self._run(write)
+                error = self.wait()
         error = D.all_gather_objects(error)[0]
         if error is not None:
             raise SaveFailedError(error)
