@@ -1,0 +1,1 @@
+"""Tuning a finished run: post-hoc EMA reconstruction (ema.py) and the sampler search (sampler.py)."""
