@@ -94,6 +94,9 @@ def sample_cmd(
         help="CUDA: replay stages of side <= this (px) from CUDA graphs; 0 = off.",
         show_default=_from_ckpt("cuda_graph_side"),
     ),
+    preview: bool = typer.Option(
+        False, "--preview", help="Write preview/stage<k>.png, the current batch at each stage, as soon as it exists."
+    ),
 ) -> None:
     """Sample images: PNGs, samples.npz (ADM format), grid.png, samples.json; works under torchrun."""
     from cdc.cli.rerun import continue_command
@@ -105,7 +108,7 @@ def sample_cmd(
         s = generate(
             ckpt, out, n, classes, steps, cfg, solver, seed, batch, stages, ema, interval, sde_eps,
             overwrite, resume, device, runs_dir, progress=True, bf16=bf16, guide=guide, guide_scale=guide_scale,
-            cuda_graph_side=cuda_graph_side,
+            cuda_graph_side=cuda_graph_side, preview=preview,
         )  # fmt: skip
     except Interrupted as e:  # finished images are kept; --resume (same options, same --out) makes the rest
         if e.info.get("main"):

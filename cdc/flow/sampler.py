@@ -17,18 +17,25 @@ velocity over the step; CFG, if asked for, combines the two average velocities t
 Every image draws its noise from its own generator seeded by (seed, image index), in a fixed
 order (stage 1 source, then per stage: zeta, then SDE increments), so image i is the same at any
 batch size or number of GPUs.
+
+Editing an existing image (cdc.sample.edit) uses three hooks, all off by default: `start` enters
+the pyramid at a later stage with given coarse images (super-resolution), `start_tau` re-runs that
+stage from an intermediate tau on the path to given images (SDEdit), and `hold` may replace the
+state after every step (inpainting by replacement, low-pass holding); `on_stage` sees, and may
+replace, each stage's output.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from cdc.flow.matching import Schedule, VelocityNet, inference_prior
-from cdc.flow.pyramid import up_to
+from cdc.flow.matching import Interpolant, Schedule, VelocityNet, inference_prior
+from cdc.flow.pyramid import down_to, up_to
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -51,6 +58,16 @@ class ImageNoise:
     def __call__(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
         x = torch.stack([torch.randn(shape, generator=g) for g in self.gens])  # (B, *shape)
         return x.to(self.device, dtype)
+
+
+@dataclass
+class StepState:
+    """What a `hold` hook sees after each solver step: stage k's state x at time tau."""
+
+    stage: int  # 0-based stage index
+    tau: float  # time within the stage that x has reached (1.0 after the last step)
+    x: Tensor  # (B, C, r, r) the state
+    noise: Tensor  # (B, C, r, r) the stage's source noise x0 - m: sigma*zeta at stage 1, sigma_k*zeta after
 
 
 @dataclass
@@ -124,44 +141,51 @@ def _heun_plan(steps: int) -> list[bool]:
 
 def _integrate(
     v, x: Tensor, steps: int, solver: str, m: Tensor, sigma_k: float, noise: ImageNoise, sde_eps: float,
-    step_cond: bool = False,
+    step_cond: bool = False, tau0: float = 0.0, after=None,
 ):
-    """One stage's path from tau = 0 to 1 in `steps` model evaluations (the module doc's solvers)."""
+    """One stage's path from tau = tau0 to 1 in `steps` model evaluations (the module doc's solvers);
+    `after(tau, x)`, if given, may replace the state after every step (the `hold` hook)."""
     if step_cond:
-        return _shortcut_steps(v, x, steps)
+        return _shortcut_steps(v, x, steps, after)
     if solver == "heun":
-        return _heun_steps(v, x, steps)
-    dt = 1.0 / steps
+        return _heun_steps(v, x, steps, tau0, after)
+    dt = (1.0 - tau0) / steps  # tau0 = 0: exactly 1.0 / steps, and tau below exactly i * dt
     for i in range(steps):
-        tau = i * dt
+        tau = tau0 + i * dt
         b = v(x, tau)
         if solver == "euler" or i == steps - 1:
             x = x + dt * b  # the last SDE step is deterministic so no noise is left in the output
         else:
             x = _sde_step(x, b, tau, dt, m, sigma_k, noise, sde_eps)
+        if after is not None:
+            x = after(1.0 if i == steps - 1 else tau0 + (i + 1) * dt, x)
     return x
 
 
-def _shortcut_steps(v, x: Tensor, steps: int) -> Tensor:
+def _shortcut_steps(v, x: Tensor, steps: int, after=None) -> Tensor:
     """Few-step models: Euler steps whose size the net is told (its output is the average velocity)."""
     dt = 1.0 / steps
     for i in range(steps):
         x = x + dt * v(x, i * dt, dt)
+        if after is not None:
+            x = after(1.0 if i == steps - 1 else (i + 1) * dt, x)
     return x
 
 
-def _heun_steps(v, x: Tensor, steps: int) -> Tensor:
-    """Heun's method over ceil(steps/2) intervals, the last one Euler when `steps` is odd."""
+def _heun_steps(v, x: Tensor, steps: int, tau0: float = 0.0, after=None) -> Tensor:
+    """Heun's method over ceil(steps/2) intervals from tau0, the last one Euler when `steps` is odd."""
     plan = _heun_plan(steps)
-    n = len(plan)
+    n, span = len(plan), 1.0 - tau0
     for i, heun in enumerate(plan):
-        tau, dt = i / n, 1.0 / n
+        tau, dt = tau0 + span * i / n, span / n  # tau0 = 0: exactly i / n and 1.0 / n
         d = v(x, tau)
         if heun:
             x_e = x + dt * d
             x = x + dt * 0.5 * (d + v(x_e, tau + dt))
         else:
             x = x + dt * d
+        if after is not None:
+            x = after(1.0 if i == n - 1 else tau0 + span * (i + 1) / n, x)
     return x
 
 
@@ -194,11 +218,13 @@ def sample(
     sde_eps: float = 1.0,
     interpolant: str = "linear",
     return_stages: bool = False,
-    on_stage: Callable[[int, Tensor], None] | None = None,
+    on_stage: Callable[[int, Tensor], Tensor | None] | None = None,
     start: tuple[int, Tensor] | None = None,
     step_cond: bool = False,
     guide: VelocityNet | None = None,
     guide_scale: float | Sequence[float] = 1.0,
+    start_tau: float = 0.0,
+    hold: Callable[[StepState], Tensor] | None = None,
 ) -> SampleOut:
     """Generate one image per label in `y` (B,), image i from `seeds[i]`; see the module doc.
 
@@ -208,13 +234,20 @@ def sample(
     start=(k, coarse): skip stages < k and refine the given (B, C, r_{k-1}, r_{k-1}) images from
     stage k on (super-resolution of an existing image; probing one stage on real coarse data).
     The noise streams are drawn as if the skipped stages had run, so image i is unchanged.
+    start_tau > 0 (SDEdit): the images are at stage k's own side r_k (k = 0 allowed) and stage k
+    runs from tau = start_tau, from the interpolant between its source U(D(images)) + sigma_k zeta
+    and the images, in ceil(steps_k (1 - start_tau)) evaluations.
+
+    hold(StepState) -> x: replaces the state after every step of every stage run (tau = 1 after
+    the last), e.g. to hold known pixels to their own path. on_stage(k, x) sees each stage's
+    output; a tensor it returns replaces that output.
     """
     steps_k, cfg_k, ag_k = _check_options(
         sched, y, seeds, steps, cfg, null_class, solver, sde_eps, interpolant, step_cond, guide, guide_scale
     )
     noise = ImageNoise(seeds, y.device)
     fields = _stage_fields(net, guide, y, null_class, cfg_k, ag_k, interval)
-    k0, x = _start_stage(start, sched, y.shape[0], channels)
+    k0, x = _start_stage(start, sched, y.shape[0], channels, start_tau, step_cond)
     nfe = 0
     stages: list[Tensor] = []
     for k, side in enumerate(sched.sides):
@@ -222,15 +255,38 @@ def sample(
         if k < k0:
             _skip_stage_noise(noise, shape, solver, steps_k[k])
             continue
-        m, x0 = _stage_prior(x, k, sched, noise, shape, y)
+        tau0 = start_tau if k == k0 else 0.0
+        target = x if tau0 > 0 else None  # SDEdit: the given images at this stage's side
+        prev = None if target is None or k == 0 else down_to(target, sched.sides[k - 1])
+        m, x0 = _stage_prior(prev if target is not None else x, k, sched, noise, shape, y)
+        after = None if hold is None else _hold_step(hold, k, x0 - m)
+        n_steps = steps_k[k]
+        if target is not None:
+            a, b, _, _ = Interpolant(interpolant).coeffs(torch.tensor(tau0))
+            x0 = a.item() * x0 + b.item() * target
+            n_steps = max(1, math.ceil(steps_k[k] * (1.0 - tau0) - 1e-9))
         v, nfe_k = fields[k]
-        x = _integrate(v, x0, steps_k[k], solver, m, sched.sigma_k(k), noise, sde_eps, step_cond)
+        x = _integrate(v, x0, n_steps, solver, m, sched.sigma_k(k), noise, sde_eps, step_cond, tau0, after)
         nfe += nfe_k[0]
         if on_stage is not None:
-            on_stage(k, x)
+            replaced = on_stage(k, x)
+            x = x if replaced is None else _replacement(replaced, x)
         if return_stages:
             stages.append(x)
     return SampleOut(x, stages if return_stages else None, nfe)
+
+
+def _hold_step(hold: Callable[[StepState], Tensor], k: int, src_noise: Tensor):
+    """The `after(tau, x)` of one stage that hands the state to `hold`."""
+    return lambda tau, x: hold(StepState(k, tau, x, src_noise))
+
+
+def _replacement(new: Tensor, x: Tensor) -> Tensor:
+    """A stage output an `on_stage` callback returned, checked to fit where `x` was."""
+    if not isinstance(new, Tensor) or new.shape != x.shape:
+        got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+        raise ValueError(f"on_stage returned {got} for a stage output of shape {tuple(x.shape)}; return None or a tensor of that shape")
+    return new.to(x.device, x.dtype)
 
 
 def _check_options(
@@ -280,11 +336,26 @@ def _stage_fields(
     ]
 
 
-def _start_stage(start: tuple[int, Tensor] | None, sched: Schedule, B: int, channels: int):
-    """(first stage to run, its coarse input): (0, None) for a full run, else `start` checked."""
+def _start_stage(
+    start: tuple[int, Tensor] | None, sched: Schedule, B: int, channels: int, start_tau: float = 0.0,
+    step_cond: bool = False,
+):
+    """(first stage to run, its input): (0, None) for a full run, else `start` checked."""
     if start is None:
+        if start_tau != 0.0:
+            raise ValueError("start_tau needs start=(k, images at the side of stage k)")
         return 0, None
     k0, x = int(start[0]), start[1]
+    if start_tau != 0.0:
+        if not 0.0 < start_tau < 1.0 or step_cond:
+            raise ValueError(f"start_tau must be in (0, 1) and not with a few-step model, got {start_tau}")
+        side = sched.sides[k0] if 0 <= k0 < sched.K else -1
+        if tuple(x.shape) != (B, channels, side, side):
+            raise ValueError(
+                f"start=(k, images) with start_tau needs 0 <= k < {sched.K} and images of shape "
+                f"({B}, {channels}, r, r) at the side of stage k, got k={k0}, {tuple(x.shape)}"
+            )
+        return k0, x
     if not 1 <= k0 < sched.K or tuple(x.shape) != (B, channels, sched.sides[k0 - 1], sched.sides[k0 - 1]):
         raise ValueError(
             f"start=(k, images) needs 1 <= k < {sched.K} and images of shape "

@@ -17,6 +17,7 @@ from cdc.eval.evalio import resolve_device
 from cdc.sample.figures import to_uint8
 from cdc.sample.generate import StageTimer, job_guide, job_sampler, sample_batch
 from cdc.sample.job import check_counts, resolve_job
+from cdc.sample.preview import OnStage
 from cdc.train import checkpoint as ckpt_lib
 
 # dtype= names -> bf16 autocast or not (the ODE state stays fp32 either way; CPU always runs fp32)
@@ -54,10 +55,15 @@ class Generator:
         guide: str | None = None,
         guide_scale: float | str | list[float] | None = None,
         batch: int | None = None,
+        on_stage: OnStage | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """`n` images as uint8 (N, C, H, W) on the CPU; with stages=True also each stage's output,
         a list of uint8 (N, C, side_k, side_k). Image i has label classes[i % len(classes)] and noise
-        seeded by (seed, i); every option left as None comes from the checkpoint (as `cdc sample`)."""
+        seeded by (seed, i); every option left as None comes from the checkpoint (as `cdc sample`).
+
+        on_stage(s): called as soon as each stage of each batch exists, stages in order, with a
+        cdc.sample.preview.StageImages record (s.stage, s.side, s.indices, s.labels, s.x in [-1, 1],
+        s.images as uint8); a tensor it returns (s.x's shape) replaces that stage's output."""
         check_counts(n, sde_eps, batch)
         job = resolve_job(
             self.config, self.info, self.device, 0, 1, to_folder=False, out=None, n=n, classes=classes,
@@ -71,7 +77,7 @@ class Generator:
         per_stage: list[list[torch.Tensor]] = [[] for _ in range(job.sched.K)]
         with torch.inference_mode():
             for b0 in range(0, n, job.batch):
-                res, _ = sample_batch(job, net, opts, list(range(b0, min(b0 + job.batch, n))), timer)
+                res, _ = sample_batch(job, net, opts, list(range(b0, min(b0 + job.batch, n))), timer, on_stage)
                 finals.append(_uint8_nchw(res.x))
                 for k, s in enumerate(res.stages if stages else []):
                     per_stage[k].append(_uint8_nchw(s))

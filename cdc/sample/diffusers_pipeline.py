@@ -9,6 +9,12 @@ The diffusers call maps onto the API as
   generator           -> seed = generator.initial_seed(); image i's noise comes from (seed, i)
                          (cdc's per-image seeds), not from the generator's stream
   None                -> the checkpoint's stored setting, as `cdc sample` uses it.
+  callback_on_step_end -> called once per stage (cdc's "step" is a stage of the pyramid) as
+                         callback(pipe, stage, t, {"latents": x}): t the global time the stage
+                         ends at (its window's upper bound), x that stage's images,
+                         float (N, C, side, side) in [-1, 1] (pixel space: the latents are the
+                         images); a "latents" tensor in the dict it returns replaces that stage's
+                         output for the finer stages (diffusers' callback_on_step_end convention).
 `DiffusionPipeline.from_pretrained(DIR, custom_pipeline=<this file>)` also works once the folder
 holds a model_index.json (write_model_index); see docs/design-notes.md. Only this module imports
 diffusers (`pip install 'cdc[diffusers]'`).
@@ -28,11 +34,14 @@ except ImportError:
     raise ImportError("the diffusers pipeline needs diffusers: pip install 'cdc[diffusers]'") from None
 
 from cdc.fileio import display, write_json
+from cdc.flow.matching import Schedule
 from cdc.sample.api import Generator, load
+from cdc.sample.preview import StageImages
 
 _DTYPES = {None: None, torch.float32: "fp32", torch.bfloat16: "bf16"}  # torch_dtype -> cdc.load's dtype
 MODEL_INDEX = "model_index.json"
 _LIBRARY = "cdc.sample.diffusers_pipeline"  # the module diffusers resolves the model component from
+CALLBACK_TENSORS = ["latents"]  # what callback_on_step_end_tensor_inputs may name
 
 
 class CDCModel(ModelMixin):
@@ -57,6 +66,7 @@ class CDCPipeline(DiffusionPipeline):
     """Class-conditional sampling of a CDC-FM export; returns ImagePipelineOutput."""
 
     model_cpu_offload_seq = "model"
+    _callback_tensor_inputs = CALLBACK_TENSORS
 
     def __init__(self, model: CDCModel) -> None:
         super().__init__()
@@ -77,9 +87,12 @@ class CDCPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """len(class_labels) images; "pil" gives PIL images, "np" float (N, H, W, C) and "pt" float
-        (N, C, H, W), both in [0, 1]. The seed is generator.initial_seed() (None: the stored seed)."""
+        (N, C, H, W), both in [0, 1]. The seed is generator.initial_seed() (None: the stored seed).
+        callback_on_step_end(pipe, stage, t, kwargs): after each stage (the module doc)."""
         labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
         if not labels:
             raise ValueError("class_labels: give at least one class id")
@@ -90,7 +103,10 @@ class CDCPipeline(DiffusionPipeline):
         g = self.model.cdc
         g.device = self.model.device  # follow pipe.to(device)
         seed = None if generator is None else generator.initial_seed()
-        images = g.sample(classes=labels, n=len(labels), steps=num_inference_steps, cfg=guidance_scale, seed=seed)
+        on_stage = _stage_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        images = g.sample(
+            classes=labels, n=len(labels), steps=num_inference_steps, cfg=guidance_scale, seed=seed, on_stage=on_stage
+        )
         if output_type == "pil":
             out: Any = g.to_pil(images)
         else:
@@ -98,6 +114,23 @@ class CDCPipeline(DiffusionPipeline):
             out = out.permute(0, 2, 3, 1).numpy() if output_type == "np" else out
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+
+def _stage_callback(pipe: CDCPipeline, callback, names: list[str] | None):
+    """Generator.sample's on_stage calling a diffusers-style callback_on_step_end, or None."""
+    names = list(CALLBACK_TENSORS if names is None else names)
+    if bad := [n for n in names if n not in CALLBACK_TENSORS]:
+        raise ValueError(f"callback_on_step_end_tensor_inputs: {bad} not in {CALLBACK_TENSORS} (the stage's images)")
+    if callback is None:
+        return None
+
+    bounds = Schedule.from_config(pipe.model.cdc.config.flow).bounds
+
+    def on_stage(s: StageImages) -> torch.Tensor | None:
+        out = callback(pipe, s.stage, bounds[s.stage + 1], {n: s.x for n in names})
+        return out.get("latents") if isinstance(out, dict) else None
+
+    return on_stage
 
 
 def write_model_index(folder: str | Path) -> Path:

@@ -12,6 +12,8 @@ Layout of the output directory:
     with --stages: stages/stage0/000000.png ... (each stage's output at its side), stages.npz
                    (stage0, stage1, ... uint8 NHWC), stages/000000.png (Fig. 9 panel of the first
                    images) and stages.png (the first few panels together)
+    with --preview: preview/stage0.png ... a grid of the current batch at each stage, written as
+                   soon as that stage exists (replaced by the next batch's), to watch images arrive
 
 The npz and figures are always assembled from the PNGs (lossless), so a resumed job gives exactly
 the npz an uninterrupted one would. generate() runs named steps: cdc.sample.job resolves the options
@@ -49,6 +51,7 @@ from cdc.sample.outdir import (
     save_image,
     start,
 )
+from cdc.sample.preview import OnStage, StageImages, preview_writer, stage_hook
 from cdc.train import checkpoint as ckpt_lib
 from cdc.train import distributed as dist_lib
 
@@ -57,6 +60,7 @@ __all__ = [
     "to_uint8",
     "velocity_fn",
     "StageTimer",
+    "StageImages",
     "job_guide",
     "job_sampler",
     "sample_batch",
@@ -118,6 +122,12 @@ class StageTimer:
         _sync(self.device)
         return time.perf_counter() - self.t0
 
+    def exclude(self, since: float) -> None:
+        """Leave the time since `since` (a preview callback's) out of every stage and the total."""
+        spent = time.perf_counter() - since
+        self.last += spent
+        self.t0 += spent
+
 
 def generate(
     ckpt: str | Path | None = None,
@@ -142,6 +152,7 @@ def generate(
     guide: str | None = None,
     guide_scale: float | str | list[float] | None = None,
     cuda_graph_side: int | None = None,
+    preview: bool = False,
 ) -> dict[str, Any]:
     """Sample `n` images from a checkpoint into `out`; returns the summary also written to samples.json.
 
@@ -150,6 +161,7 @@ def generate(
     ODE state stays fp32. `guide` / `guide_scale`: autoguidance (cdc.flow.sampler.autoguided). Under
     torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the summary, the others {}.
     `cuda_graph_side`: on CUDA, stages of at most this side replay CUDA graphs (cdc.nn.cuda_graphs).
+    `preview`: rank 0 writes preview/stage<k>.png, its current batch at stage k, as soon as it exists.
     Ctrl-C or SIGTERM: finished images stay, samples.json says "interrupted" with `images_saved`,
     and cdc.interrupt.Interrupted is raised (`resume=True` then continues).
     """
@@ -167,7 +179,8 @@ def generate(
         )
         gmodel = job_guide(job, ema)  # before any output
         todo = _open_out(job, overwrite, resume, progress)
-        stats, wall = _sample_missing(job, *job_sampler(job, model, gmodel), todo, progress)
+        on_stage = preview_writer(job.out) if preview and job.main else None
+        stats, wall = _sample_missing(job, *job_sampler(job, model, gmodel), todo, progress, on_stage)
         return _finish(job, stats, wall, resumed=n - len(todo))
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (above): finished PNGs stay, the caller reports
         signum = getattr(e, "signum", signal.SIGINT)
@@ -239,7 +252,9 @@ def job_sampler(job: Job, model: torch.nn.Module, gmodel: torch.nn.Module | None
     return net, opts
 
 
-def _sample_missing(job: Job, net, opts: dict[str, Any], todo: list[int], progress: bool) -> tuple[list, float]:
+def _sample_missing(
+    job: Job, net, opts: dict[str, Any], todo: list[int], progress: bool, on_stage: OnStage | None = None
+) -> tuple[list, float]:
     """This rank's share of `todo`, batch by batch, PNGs written in the background; returns every
     rank's (images, seconds, seconds per stage, NFE) and the wall time."""
     mine = todo[job.rank :: job.world]
@@ -253,7 +268,7 @@ def _sample_missing(job: Job, net, opts: dict[str, Any], todo: list[int], progre
         with ThreadPoolExecutor(4) as writer, torch.inference_mode():
             for b0 in range(0, len(mine), job.batch):
                 idx = mine[b0 : b0 + job.batch]
-                res, sec = sample_batch(job, net, opts, idx, timer)
+                res, sec = sample_batch(job, net, opts, idx, timer, on_stage)
                 gen_sec, nfe = gen_sec + sec, res.nfe
                 pending += _write_batch(writer, job, idx, res)
                 while len(pending) > 4 * job.batch:  # bound memory held by queued writes
@@ -267,13 +282,17 @@ def _sample_missing(job: Job, net, opts: dict[str, Any], todo: list[int], progre
     return stats, time.perf_counter() - wall0
 
 
-def sample_batch(job: Job, net, opts: dict[str, Any], idx: list[int], timer: StageTimer) -> tuple[Any, float]:
+def sample_batch(
+    job: Job, net, opts: dict[str, Any], idx: list[int], timer: StageTimer, on_stage: OnStage | None = None
+) -> tuple[Any, float]:
     """Images `idx`: image i's label and noise depend on i alone (per-image seeds); (result, seconds).
-    The one sampling step of both `cdc sample` and cdc.load(...).sample (cdc.sample.api)."""
+    The one sampling step of both `cdc sample` and cdc.load(...).sample (cdc.sample.api).
+    on_stage (a preview) sees each stage's output; its time is left out of the timings."""
     y = torch.as_tensor(job.labels[idx], device=job.dev)
     seeds = [image_seed(job.settings["seed"], i) for i in idx]
     timer.start()
-    res = sample(net, job.sched, y, seeds, job.mcfg.model.in_channels, on_stage=timer, **opts)
+    hook = stage_hook(job.sched.sides, idx, [int(v) for v in job.labels[idx]], timer, on_stage)
+    res = sample(net, job.sched, y, seeds, job.mcfg.model.in_channels, on_stage=hook, **opts)
     return res, timer.stop()
 
 
