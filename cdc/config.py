@@ -123,6 +123,14 @@ class TrainConfig:
     # step n, i.e. weights ~ n^gamma, an average over a fixed share of the run whatever its length
     # (relative std sqrt((g+1) / ((g+2)^2 (g+3))): 0.16 for 3; the warm-up above acts like g ~ 8)
     ema_gamma: float = 0.0
+    # post-hoc EMA (EDM2 Sec. 3; docs/posthoc-ema.md): steps between snapshots of power-function EMA
+    # profiles written to RUN/ema-snapshots/, from which `cdc tune ema` rebuilds any EMA length
+    # afterwards (0 = off; the train.ema_decay EMA above is kept either way)
+    ema_snapshots: int = 0
+    # relative std (sigma_rel, a share of the run's length) of each tracked profile; EDM2's pair
+    ema_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    # snapshot file dtype: float16 | bfloat16 | float32 (the profiles themselves train in fp32)
+    ema_snapshot_dtype: str = "float16"
     label_dropout: float = 0.1  # p of replacing the class by the null class (CFG training)
     precision: str = "bf16"  # "bf16" autocast on CUDA | "fp32"; CPU always runs fp32
     tf32: bool = True  # allow TF32 matmuls on Ampere+
@@ -139,6 +147,20 @@ class TrainConfig:
     async_save: bool = True
     milestone_every: int = 100_000  # steps between checkpoints that are never deleted (0 = none)
     sample_every: int = 10_000  # steps between EMA sample grids (0 = never)
+    # evaluation during training (docs/posthoc-ema.md): every eval_every steps (0 = off) all ranks
+    # sample eval_n images (image i with seed (sample.seed, i) and label i mod classes, by the
+    # recipe's sampler without autoguidance) and metrics.jsonl gets SWD per level and the other
+    # metrics below, with the seconds it cost
+    eval_every: int = 0
+    eval_n: int = 1000  # images per evaluation
+    # weights evaluated: 0 = the train.ema_decay EMA; > 0 = the post-hoc EMA of this sigma_rel,
+    # rebuilt from the snapshots so far (needs train.ema_snapshots)
+    eval_sigma_rel: float = 0.0
+    # reference .npz of `cdc score ref`: FID / IS / precision-recall where it holds Inception
+    # statistics, SWD against its descriptors; "" = SWD against data.shards' images
+    eval_ref: str = ""
+    # also the Fashion-MNIST judge's accuracy and FD-clf (cdc/eval/fmnist.py; 32 px, 1 channel)
+    eval_fmnist: bool = False
     max_nonfinite: int = 20  # consecutive non-finite steps before the run stops
     check_every: int = 10  # steps between host reads of stop signals / skipped steps (each waits for the GPU)
     # dense bf16 matmul peak (TFLOP/s) that metrics.jsonl's MFU divides by: DESIGN.md's H100

@@ -172,6 +172,33 @@ def _check_train(t: Any) -> None:
             f"train.global_batch ({t.global_batch}) must be 0 (off) or a multiple of "
             f"train.batch_size ({t.batch_size})"
         )
+    _check_posthoc_eval(t)
+
+
+def _check_posthoc_eval(t: Any) -> None:
+    """Post-hoc EMA snapshots and evaluation during training."""
+    for key, val in (("train.ema_snapshots", t.ema_snapshots), ("train.eval_every", t.eval_every)):
+        if val < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 = off), got {val}")
+    if t.eval_n < 1:
+        raise ConfigError(f"train.eval_n must be >= 1, got {t.eval_n}")
+    if t.ema_snapshot_dtype not in ("float16", "bfloat16", "float32"):
+        raise ConfigError(
+            f"train.ema_snapshot_dtype: {t.ema_snapshot_dtype!r} is not one of float16, bfloat16, float32"
+        )
+    top = 0.2887  # sqrt(1/12): a flat average over the whole run
+    lengths = [*t.ema_sigma_rels, *([t.eval_sigma_rel] if t.eval_sigma_rel else [])]
+    bad = [s for s in lengths if not 0 < s < top]
+    if bad:
+        raise ConfigError(f"train.ema_sigma_rels / eval_sigma_rel: each must be in (0, {top}), got {bad[0]}")
+    if t.ema_snapshots and (len(t.ema_sigma_rels) < 2 or len(set(t.ema_sigma_rels)) != len(t.ema_sigma_rels)):
+        raise ConfigError(
+            f"train.ema_sigma_rels: post-hoc EMA needs two or more distinct lengths, got {t.ema_sigma_rels} (e.g. [0.05, 0.10])"
+        )
+    if t.eval_sigma_rel and not t.ema_snapshots:
+        raise ConfigError(
+            "train.eval_sigma_rel needs train.ema_snapshots > 0 (it is rebuilt from the snapshots)"
+        )
 
 
 def _check_fewstep(cfg: Any) -> None:

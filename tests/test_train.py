@@ -15,6 +15,7 @@ from cdc.cli import app
 from cdc.config import ConfigError, from_dict
 from cdc.data.prepare import prepare
 from cdc.train import checkpoint as C
+from cdc.train import posthoc_ema as PH
 from cdc.train.loop import train
 
 
@@ -95,7 +96,8 @@ def _run_cli(rec, run, **kw):
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(shards, tmp_path):
-    rec = write_recipe(tmp_path, recipe(shards, steps=14, ckpt_every=4))
+    # with post-hoc EMA snapshots every 2 steps: those past the step-4 resume point are written again
+    rec = write_recipe(tmp_path, recipe(shards, steps=14, ckpt_every=4, ema_snapshots=2))
     full, broken = tmp_path / "full", tmp_path / "broken"
     assert _run_cli(rec, full).wait(timeout=300) == 0
     p = _run_cli(rec, broken)
@@ -115,6 +117,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(shards, tmp_path):
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
         assert torch.equal(sa["ema"][k], sb["ema"][k]), k
+    for pa, pb in zip(sa["posthoc_ema"]["profiles"], sb["posthoc_ema"]["profiles"], strict=True):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    snaps_a, snaps_b = PH.list_snapshots(full), PH.list_snapshots(broken)
+    assert [s for s, _ in snaps_a] == [s for s, _ in snaps_b] == list(range(2, 15, 2))
+    for (s, fa), (_, fb) in zip(snaps_a, snaps_b):
+        for pa, pb in zip(PH.read_snapshot(fa).profiles, PH.read_snapshot(fb).profiles):
+            assert all(torch.equal(pa[k], pb[k]) for k in pa), s
 
 
 def test_sigterm_saves_a_checkpoint(shards, tmp_path):

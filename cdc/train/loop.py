@@ -33,7 +33,7 @@ from cdc.nn.model import build_model, count_params, forward_flops
 from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
 from cdc.train.loggers import GRID, Loggers, check_backends, open_loggers
-from cdc.train.parts import Parts, build, open_run_dir, resume, save, unwrap, wrap_for_training
+from cdc.train.parts import Parts, build, open_run_dir, resume, save, save_snapshot, unwrap, wrap_for_training
 from cdc.train.run_files import log_window, save_grid
 from cdc.train.run_lock import RunLock
 
@@ -168,6 +168,7 @@ class _Progress:
     signum: int = 0  # how the loop ended, agreed by all ranks: the signal, or 0
     timed_out: float = 0.0  # ranks over train.max_minutes at the last check
     elapsed_min: float = 0.0  # loop minutes at the last check
+    snapped: int = -1  # the last step whose post-hoc EMA snapshot was written
 
     def stopped_early(self, steps: int) -> str | None:
         """The signal's name, "time_limit" when the time cap ended it before `steps`, else None."""
@@ -204,6 +205,8 @@ def _step(p: Parts, r: _Progress) -> None:
     keep, gn = _update(p, step_loss)
     r.step += 1  # provisional: the next check takes back the skipped steps
     ema_update(p.ema, unwrap(p.model), r.step, p.cfg, keep)
+    if p.phema is not None:
+        p.phema.update(unwrap(p.model), r.step, keep)
     _add_to_window(r, keep, step_loss, gn, stage_sum, stage_n)
     if r.bar is not None:
         r.bar.update(1)
@@ -284,6 +287,8 @@ def _is_check_step(p: Parts, r: _Progress, stop: _Stop) -> bool:
         or step % t.check_every == 0
         or (t.ckpt_every and step % t.ckpt_every == 0)
         or (t.sample_every and step % t.sample_every == 0)
+        or (t.ema_snapshots and step % t.ema_snapshots == 0)
+        or (t.eval_every and step % t.eval_every == 0)
         or (p.dist.world == 1 and stop.flag)  # ranks must agree on when they all-reduce
     )
 
@@ -294,6 +299,7 @@ def _check(p: Parts, r: _Progress, stop: _Stop) -> bool:
     t = p.cfg.train
     consecutive, signalled = _read_counters(p, r, stop)
     if consecutive >= t.max_nonfinite:
+        _snapshot(p, r, background=False)
         save(p, r.step, r.nonfinite_total, "nonfinite")
         raise NonFiniteError(
             f"{int(consecutive)} consecutive non-finite steps at step {r.step}; saved the "
@@ -304,6 +310,7 @@ def _check(p: Parts, r: _Progress, stop: _Stop) -> bool:
         r.done = r.step
         _log_sample_save(p, r, last=finish or signalled)
     if signalled:
+        _snapshot(p, r, background=False)
         save(p, r.step, r.nonfinite_total, "signal")  # the caller reports it (the CLI: one line, exit 128 + signal)
         return True
     return finish
@@ -338,8 +345,17 @@ def _log_sample_save(p: Parts, r: _Progress, last: bool) -> None:
     if t.sample_every and r.step % t.sample_every == 0 and p.dist.main:
         grid = save_grid(p.ema, p.cfg, p.run_dir / "samples" / f"step_{r.step:07d}.png", p.dev)
         r.log.log_image(r.step, GRID, grid)
+    if t.ema_snapshots and r.step % t.ema_snapshots == 0:
+        _snapshot(p, r, background=t.async_save and not last)
     if t.ckpt_every and r.step % t.ckpt_every == 0 and not last:
         save(p, r.step, r.nonfinite_total, "periodic")
+
+
+def _snapshot(p: Parts, r: _Progress, background: bool) -> None:
+    """The post-hoc EMA snapshot of this step, once; the run's last one is waited for."""
+    if p.phema is not None and r.snapped != r.step:
+        save_snapshot(p, r.step, background)
+        r.snapped = r.step
 
 
 def _log(p: Parts, r: _Progress) -> None:
@@ -368,6 +384,7 @@ def _status(p: Parts, r: _Progress) -> str:
 def _finish(p: Parts, r: _Progress) -> None:
     """Save the final checkpoint and preview grid (a signal's were saved at the check)."""
     if not r.signum:  # the agreed signal, not this rank's flag: every rank must take part in save()
+        _snapshot(p, r, background=False)
         save(p, r.step, r.nonfinite_total, "time_limit" if _status(p, r) == "time_limit" else "end")
         if p.dist.main and p.cfg.train.sample_every:
             grid = save_grid(p.ema, p.cfg, p.run_dir / "samples" / f"step_{r.step:07d}.png", p.dev)

@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cdc.config import Config, dump, to_dict
+from cdc.config import Config, ConfigError, dump, to_dict
 from cdc.flow.matching import Interpolant, Schedule, velocity_net_from_config
 from cdc.nn.compiled_trunk import compile_for_training
 from cdc.nn.model import build_model
 from cdc.redact import redact
 from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
+from cdc.train import posthoc_ema as PH
 from cdc.train import resume_point as RP
 from cdc.train.init_from import param_groups, resolve_init, start_from_init
 from cdc.train.run_files import check_compatible, resume_other_world, truncate_metrics
@@ -55,6 +56,8 @@ class Parts:
     velocity: Any = None  # the velocity field over `net` (wrap_for_training)
     amp: Any = None  # bf16 autocast on CUDA, else a null context (wrap_for_training)
     saver: RP.Saver = field(default_factory=RP.Saver)  # rank 0's checkpoint writes (train.async_save)
+    phema: PH.PowerEMA | None = None  # post-hoc EMA profiles (train.ema_snapshots); None when off
+    snap_saver: RP.Saver = field(default_factory=RP.Saver)  # rank 0's snapshot writes, one in flight
 
     @property
     def dev(self) -> torch.device:
@@ -117,10 +120,12 @@ def build(cfg: Config, run_dir: Path, dist: D.Dist, init: Any) -> Parts:
     loader = make_loader(
         cfg, rank=dist.rank, world_size=dist.world, seed=t.seed, device=dev, cache_dir=run_dir / "data-index"
     )
-    return Parts(
+    p = Parts(
         cfg, run_dir, dist, model, ema, opt, gen, loader,
         Schedule.from_config(cfg.flow), Interpolant(cfg.flow.interpolant), anchor,
     )
+    p.phema = PH.PowerEMA(model, t.ema_sigma_rels) if t.ema_snapshots else None
+    return p
 
 
 def resume(p: Parts) -> tuple[int, int]:
@@ -136,6 +141,7 @@ def resume(p: Parts) -> tuple[int, int]:
     p.ema.load_state_dict(state["ema"])
     p.opt.load_state_dict(state["optimizer"])
     step = int(state["step"])
+    _resume_profiles(p, state, path, step)
     nonfinite_total = int(state.get("nonfinite_total", 0))
     ranks = state.get("ranks", [])
     if len(ranks) != dist.world:
@@ -146,13 +152,38 @@ def resume(p: Parts) -> tuple[int, int]:
         torch.set_rng_state(r["torch_cpu"])
         p.loader.load_state_dict(r["data"])
     del state
-    RP.check_agreement(RP.state_checksum(p.model, p.ema, opt=p.opt), path, step)
+    RP.check_agreement(RP.state_checksum(p.model, p.ema, *_profiles(p), opt=p.opt), path, step)
     if dist.main:
         truncate_metrics(p.run_dir, step)
+        PH.remove_newer(p.run_dir, step)  # the resumed run writes them again, bit for bit
         for bad in ckpt.set_aside_newer(ckpt_dir, step):
             say(f"moved the corrupt newer checkpoint aside: {bad}")
         say(f"resumed from {path} at step {step}")
     return step, nonfinite_total
+
+
+def _profiles(p: Parts) -> list[torch.nn.Module]:
+    return p.phema.profiles if p.phema is not None else []
+
+
+def _resume_profiles(p: Parts, state: dict[str, Any], path: Path, step: int) -> None:
+    """The post-hoc EMA profiles from the checkpoint; a checkpoint without them (snapshots turned
+    on in a resumed run) starts them here from the model, which `cdc tune ema` reports."""
+    if p.phema is None:
+        return
+    if state.get("posthoc_ema") is None:
+        p.phema.restart_from(p.model, step)
+        if p.dist.main:
+            say(f"note: {path} holds no post-hoc EMA profiles; they start at step {step} from the model")
+        return
+    stored = state["posthoc_ema"].get("sigma_rels") if isinstance(state["posthoc_ema"], dict) else None
+    if stored is not None and [float(x) for x in stored] != p.phema.sigma_rels:
+        raise ConfigError(
+            f"train.ema_sigma_rels {p.phema.sigma_rels} differ from the {list(stored)} that {path} tracks; "
+            "keep the run's values, or start a new --run-dir"
+        )
+    with ckpt.reading(path):
+        p.phema.load_state_dict(state["posthoc_ema"])
 
 
 def wrap_for_training(p: Parts) -> None:
@@ -199,6 +230,8 @@ def save(p: Parts, step: int, nonfinite_total: int, reason: str) -> None:
             "nonfinite_total": nonfinite_total,
             "reason": reason,
         }
+        if p.phema is not None:
+            state["posthoc_ema"] = p.phema.state_dict()
         state = RP.host_copy(state) if background else state
 
     def write() -> None:
@@ -206,3 +239,16 @@ def save(p: Parts, step: int, nonfinite_total: int, reason: str) -> None:
         ckpt.prune(p.run_dir / "checkpoints", t.keep_last, t.milestone_every)
 
     p.saver.save(p.dist.main, write, background)  # a failed write stops every rank at once, with one line
+
+
+def save_snapshot(p: Parts, step: int, background: bool) -> None:
+    """Write the post-hoc EMA profiles of `step` to RUN/ema-snapshots (rank 0, in the background
+    from a host copy when asked); all ranks must call it."""
+    t = p.cfg.train
+    assert p.phema is not None
+    state = p.phema.snapshot(step, t.ema_snapshot_dtype, to_dict(p.cfg)) if p.dist.main else None
+
+    def write() -> None:
+        ckpt.save(PH.snapshot_dir(p.run_dir) / PH.snapshot_name(step), state)
+
+    p.snap_saver.save(p.dist.main, write, background)
