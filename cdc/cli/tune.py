@@ -17,6 +17,9 @@ tune_app = typer.Typer(
     cls=_Group,
     no_args_is_help=True,
     help="Tune a finished run: its EMA length (post-hoc EMA) and its sampler settings.",
+    epilog="""Examples:
+cdc tune ema runs/quickstart --sigma-rel 0.03,0.05,0.08
+cdc tune sampler runs/quickstart""",
 )
 app.add_typer(tune_app, name="tune")
 
