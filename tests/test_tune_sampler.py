@@ -37,7 +37,7 @@ def _objective() -> O.Objective:
         f = torch.nn.functional.avg_pool2d(x, 4).flatten(1).double().numpy()
         return {"fd": frechet_distance(*gaussian_stats(f, "samples"), mu, sigma), "accuracy": 0.0}
 
-    real, labels = _real(16, 1)
+    real, labels = _real(24, 1)  # 6 calibration blocks of 4
     return O.Objective("pooled-pixel FD", semantic, D.detail_reference(ref), real, labels)
 
 

@@ -19,11 +19,12 @@ cdc tune sampler runs/quickstart --n 200 --max-trials 5   # stop after 5 new tri
 cdc tune sampler runs/quickstart --coords solver,cfg_rest --no-write-defaults
 
 Every trial samples images 0..N-1 and scores them with the Fashion-MNIST judge's FD and the
-finest-band SWD, each in units of a 1-px blur of real images (docs/tune.md). The winner and the
+finest-band SWD, each in units of its sd between blocks of real images (docs/tune.md). The winner and the
 run's own settings are re-scored on images N..3N-1. Results: RUN/tune/sampler.jsonl (one line per
-trial; a rerun skips finished ones), sampler.md, sampler.png; the chosen settings go into the run's
-config.yaml `sample` section (checkpoints are never written). The last line is the `cdc sample`
-command with the chosen settings.""",
+trial; a rerun skips finished ones), sampler.md, sampler.png. The chosen settings are recorded in
+the run's config.yaml `sample` section; checkpoints are never written, and `cdc sample` takes its
+defaults from the checkpoint, so the last line is the `cdc sample` command with the chosen
+settings.""",
 )
 @friendly
 def tune_sampler_cmd(

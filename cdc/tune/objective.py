@@ -1,14 +1,16 @@
 """What `cdc tune sampler` minimises: a class judge's Frechet distance plus a detail distance, each in
-units of its own calibration so neither dominates.
+units of its own measurement noise so neither dominates.
 
-    objective = (FD - FD_real) / (FD_blur1 - FD_real) + (SWD - SWD_real) / (SWD_blur1 - SWD_real)
+    objective = (FD - FD_real) / sd(FD_real) + (SWD - SWD_real) / sd(SWD_real)
 
 FD is the judge's feature Frechet distance (Fashion-MNIST: cdc.eval.fmnist); SWD is `swd_fine`, the
-sliced Wasserstein distance of finest-band patches (cdc.eval.detail). X_real is the figure of a
-block of real held-out images of the trial's size (the floor a perfect sampler reaches at that
-count) and X_blur1 that of the same block Gaussian-blurred by 1 px: each term is 0 for real images
-and 1 for a 1-px blur of them, as that metric sees it. bin/calibrate-detail and docs/tune.md
-justify the choice of SWD and show the judge alone barely sees a 0.5-px blur.
+sliced Wasserstein distance of finest-band patches (cdc.eval.detail). X_real and sd(X_real) are the
+mean and sample standard deviation of the figure over disjoint blocks of real held-out images of
+the trial's size: each term counts how many block-to-block noise units a sampler lies above real
+images, so a change in either term is weighed by how far it stands out of that metric's noise.
+(Scaled by a 1-px blur of real images instead, the judge's term outweighs the detail term ~10:1
+on the quickstart, as a classifier sees little detail; docs/tune.md.) bin/calibrate-detail and
+docs/tune.md justify the choice of SWD and show the judge alone barely sees a 0.5-px blur.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cdc.eval import detail as D
@@ -51,11 +54,14 @@ class Calibration:
     """The objective's normalisers at a trial size of n images."""
 
     n: int
+    blocks: int  # disjoint real blocks of n images the means and sds come from
     fd_real: float
-    fd_blur1: float
+    fd_sd: float
     swd_real: float
+    swd_sd: float
+    fd_blur1: float  # the same for the first block blurred by 1 px: a scale to read the figures by
     swd_blur1: float
-    blur_px_real: float  # the real block's equivalent blur: what "no blur" reads at n images
+    blur_px_real: float  # the real blocks' mean equivalent blur: what "no blur" reads at n images
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,20 +72,30 @@ def measure(obj: Objective, images: torch.Tensor, labels: torch.Tensor, seed: in
     return {**obj.semantic(images, labels), **D.detail_scores(obj.detail_ref, images, seed=seed)}
 
 
-def calibrate(obj: Objective, n: int, seed: int = 0) -> Calibration:
-    """The figures of n real held-out images and of the same images blurred by 1 px."""
-    if len(obj.real) < n:
-        raise ValueError(f"calibration needs {n} held-out real images, the judge has {len(obj.real)}")
-    x, y = obj.real[:n], obj.real_labels[:n]
-    real = measure(obj, D.quantise(x), y, seed)
-    blur = measure(obj, D.quantise(D.gaussian_blur(x, 1.0)), y, seed)
-    return Calibration(n, real["fd"], blur["fd"], real["swd_fine"], blur["swd_fine"], real["blur_px"])
+def calibrate(obj: Objective, n: int, blocks: int = 6, seed: int = 0) -> Calibration:
+    """Mean and sd of the figures over `blocks` disjoint blocks of n real held-out images (fewer when
+    the judge holds fewer, at least 2), and the figures of the first block blurred by 1 px."""
+    blocks = min(blocks, len(obj.real) // n)
+    if blocks < 2:
+        raise ValueError(
+            f"calibration needs 2 blocks of {n} held-out real images, the judge has {len(obj.real)}"
+        )
+    real = [measure(obj, D.quantise(obj.real[i * n : (i + 1) * n]), obj.real_labels[i * n : (i + 1) * n], seed + i)
+            for i in range(blocks)]  # fmt: skip
+    blur = measure(obj, D.quantise(D.gaussian_blur(obj.real[:n], 1.0)), obj.real_labels[:n], seed)
+
+    def mean_sd(k: str) -> tuple[float, float]:
+        v = np.array([r[k] for r in real])
+        return float(v.mean()), float(v.std(ddof=1))
+
+    (fd, fd_sd), (swd, swd_sd) = mean_sd("fd"), mean_sd("swd_fine")
+    return Calibration(n, blocks, fd, fd_sd, swd, swd_sd, blur["fd"], blur["swd_fine"], mean_sd("blur_px")[0])
 
 
 def combine(m: dict[str, float], cal: Calibration) -> dict[str, float]:
     """The two normalised terms and their sum (the module doc's formula)."""
-    fd_term = (m["fd"] - cal.fd_real) / (cal.fd_blur1 - cal.fd_real)
-    detail_term = (m["swd_fine"] - cal.swd_real) / (cal.swd_blur1 - cal.swd_real)
+    fd_term = (m["fd"] - cal.fd_real) / cal.fd_sd
+    detail_term = (m["swd_fine"] - cal.swd_real) / cal.swd_sd
     return {"fd_term": fd_term, "detail_term": detail_term, "objective": fd_term + detail_term}
 
 

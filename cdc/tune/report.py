@@ -23,9 +23,10 @@ def markdown(res, guide: str) -> str:
     lines = [
         f"# cdc tune sampler ({len(res.trials)} trials of {n} images, {res.wall_s / 60:.1f} min this call)",
         "",
-        f"Objective = (FD - {c['fd_real']:.2f}) / ({c['fd_blur1']:.2f} - {c['fd_real']:.2f}) + "
-        f"(swd_fine - {c['swd_real']:.4f}) / ({c['swd_blur1']:.4f} - {c['swd_real']:.4f}): each term 0 for "
-        f"{n} real held-out images, 1 for the same images blurred by 1 px (cdc/tune/objective.py).",
+        f"Objective = (FD - {c['fd_real']:.2f}) / {c['fd_sd']:.2f} + (swd_fine - {c['swd_real']:.4f}) / "
+        f"{c['swd_sd']:.4f}: each figure's excess over real held-out images in units of its sd between "
+        f"{c['blocks']} disjoint real blocks of {n} (cdc/tune/objective.py). For scale, the first real block "
+        f"blurred by 1 px reads FD {c['fd_blur1']:.2f}, swd_fine {c['swd_blur1']:.4f}.",
         "",
         "| # | coordinate | setting | FD | accuracy | swd_fine | blur px | FD term | detail term | objective | s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -68,8 +69,8 @@ def plot(res, path: Path) -> None:
     a.scatter(
         [best["detail_term"]], [best["fd_term"]], s=200, facecolors="none", edgecolors="red", label="chosen"
     )
-    a.set_xlabel("detail term (swd_fine; 1 = 1-px blur)")
-    a.set_ylabel("FD term (judge; 1 = 1-px blur)")
+    a.set_xlabel("detail term (swd_fine excess / real sd)")
+    a.set_ylabel("FD term (judge FD excess / real sd)")
     a.legend()
     b.plot([r["objective"] for r in res.trials], "o-")
     b.set_xticks(range(len(res.trials)), [r["coord"] for r in res.trials], rotation=70, fontsize=7)

@@ -8,7 +8,9 @@ own settings are then re-scored on images n..(1 + heldout_blocks) n, whose noise
 
 Resumable: every trial is one JSON line appended (and flushed) to OUT/sampler.jsonl as it ends; a
 rerun replays the same deterministic descent and skips every trial already on file. Writes only
-under OUT and the run's config.yaml (its `sample` section, atomically); never a checkpoint.
+under OUT and the run's config.yaml (its `sample` section, atomically, as a record); never a
+checkpoint, whose stored config is what `cdc sample` reads its defaults from, so the result also
+carries the `cdc sample` command with the chosen options.
 """
 
 from __future__ import annotations
