@@ -16,6 +16,7 @@ from cdc import load
 from cdc.cli import app
 from cdc.sample import edit as E
 from cdc.sample.edit_run import EditContext, upscale
+from cdc.sample.figures import to_uint8
 from cdc.sample.inputs import from_tensor
 
 SIDES = [8, 16, 32]
@@ -139,3 +140,17 @@ def test_unusable_inputs_are_one_line_errors(run, tmp_path):
         from_tensor(torch.zeros(1, 3, 8, 8), 1, SIDES)
     with pytest.raises(ValueError, match="side 12"):
         from_tensor(torch.zeros(1, 1, 12, 12), 1, SIDES)
+
+
+def test_python_api_upscale(run, tmp_path):
+    g = load(run, device="cpu")
+    seen = []
+    g.sample(classes=[2], n=2, batch=2, on_stage=seen.append)
+    got = g.upscale(seen[1].images, n=2)  # uint8 16-px images -> (2 * 2, 1, 32, 32)
+    ctx = _ctx(run, tmp_path)
+    x = seen[1].images.float() / 127.5 - 1.0
+    ref = E.run_edits(ctx.sampling, [E.upscale_edit(v, ctx.sched) for v in x], n=2)
+    assert got.dtype == torch.uint8 and tuple(got.shape) == (4, 1, 32, 32)
+    assert torch.equal(got, torch.from_numpy(to_uint8(ref)).permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="channel"):
+        g.upscale(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))

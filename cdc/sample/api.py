@@ -84,6 +84,36 @@ class Generator:
         images = torch.cat(finals)
         return (images, [torch.cat(s) for s in per_stage]) if stages else images
 
+    def upscale(
+        self,
+        images: torch.Tensor,
+        klass: int | None = None,
+        n: int = 1,
+        *,
+        steps: int | str | list[int] | None = None,
+        cfg: float | str | list[float] | None = None,
+        seed: int | None = None,
+        solver: str | None = None,
+        guide: str | None = None,
+        batch: int | None = None,
+    ) -> torch.Tensor:
+        """`cdc upscale` on tensors: images (N, C, r, r), uint8 or float in [-1, 1], r a stage's input
+        side, each carried to the final side by the later stages; uint8 (N * n, C, R, R), row i * n + j
+        variant j of image i (the noise of image i at seed + j). Without `klass` the null class runs
+        and CFG is off; every option left as None comes from the checkpoint."""
+        from cdc.sample import edit as E
+        from cdc.sample.edit_run import edit_sampling
+        from cdc.sample.inputs import from_tensor
+
+        s, _ = edit_sampling(
+            self.model, self.config, self.info, self.device, klass, n=n, steps=steps, cfg=cfg, solver=solver,
+            seed=seed, batch=batch, guide=guide, runs_dir=self._runs_dir, ema=self._ema, bf16=self._bf16,
+        )  # fmt: skip
+        x = from_tensor(images, s.channels, list(s.sched.sides[:-1]))
+        with torch.inference_mode():
+            out = E.run_edits(s, [E.upscale_edit(v, s.sched) for v in x], n)
+        return _uint8_nchw(out)
+
     @staticmethod
     def to_pil(images: torch.Tensor) -> list:
         """uint8 (N, C, H, W) with C = 1 or 3 -> N PIL images ("L" or "RGB"), as `cdc sample` saves them."""

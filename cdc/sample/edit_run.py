@@ -83,6 +83,33 @@ def inpaint(image: str | Path, mask: str | Path, stage: int = 1, ckpt: str | Pat
     return ctx.run([im], [edit], [masked], {"mask": str(mask), "stage": stage})
 
 
+def edit_sampling(model: torch.nn.Module, mcfg, info: dict[str, Any], dev: torch.device, klass: int | None, *,
+                  n: int = 1, steps=None, cfg=None, solver: str | None = None, seed: int | None = None,
+                  batch: int | None = None, guide: str | None = None, guide_scale=None,
+                  runs_dir: str | Path = "runs", ema: bool = True, bf16: bool | None = None,
+                  ) -> tuple[E.Sampling, dict[str, Any]]:  # fmt: skip
+    """The sampler of an edit, resolved as `cdc sample` resolves its options (each None from the
+    checkpoint); without `klass` the null class with CFG off. Returns it and the recorded settings."""
+    check_counts(n, None, batch)
+    if klass is None and cfg is not None:
+        raise ValueError("--cfg needs --class: without a class the unconditional branch runs and CFG is off")
+    if klass is not None and not 0 <= klass < mcfg.model.num_classes:
+        raise ValueError(f"--class {klass}: this model has classes 0..{mcfg.model.num_classes - 1}")
+    job = resolve_job(
+        mcfg, info, dev, 0, 1, to_folder=False, out=None, n=n, classes=None if klass is None else [klass],
+        steps=steps, cfg=1.0 if klass is None else cfg, solver=solver, seed=seed, batch=batch, stages=False,
+        interval=None, sde_eps=None, overwrite=False, resume=False, runs_dir=runs_dir, bf16=bf16,
+        guide=guide, guide_scale=guide_scale, cuda_graph_side=0,
+    )  # fmt: skip
+    net, opts = job_sampler(job, model, job_guide(job, ema))
+    label = mcfg.model.num_classes if klass is None else klass
+    settings = {**job.settings, "classes": "null" if klass is None else [klass], "n": n}
+    sampling = E.Sampling(
+        net, opts, job.sched, mcfg.model.in_channels, label, settings["seed"], job.batch, dev
+    )
+    return sampling, settings
+
+
 class EditContext:
     """A loaded checkpoint, the resolved sampler options and the output folder of one command."""
 
@@ -96,31 +123,13 @@ class EditContext:
              steps=None, cfg=None, solver: str | None = None, seed: int | None = None, batch: int | None = None,
              guide: str | None = None, guide_scale=None, overwrite: bool = False, device=None,
              runs_dir: str | Path = "runs", ema: bool = True, progress: bool = True) -> EditContext:  # fmt: skip
-        check_counts(n, None, batch)
-        if klass is None and cfg is not None:
-            raise ValueError(
-                "--cfg needs --class: without a class the unconditional branch runs and CFG is off"
-            )
         dev = resolve_device(device)
         model, mcfg, info = ckpt_lib.load_for_inference(ckpt, ema=ema, device=dev, runs_dir=runs_dir)
-        if klass is not None and not 0 <= klass < mcfg.model.num_classes:
-            raise ValueError(f"--class {klass}: this model has classes 0..{mcfg.model.num_classes - 1}")
-        job = resolve_job(
-            mcfg, info, dev, 0, 1, to_folder=False, out=None, n=n, classes=None if klass is None else [klass],
-            steps=steps, cfg=1.0 if klass is None else cfg, solver=solver, seed=seed, batch=batch, stages=False,
-            interval=None, sde_eps=None, overwrite=False, resume=False, runs_dir=runs_dir, bf16=None,
-            guide=guide, guide_scale=guide_scale, cuda_graph_side=0,
+        sampling, settings = edit_sampling(
+            model, mcfg, info, dev, klass, n=n, steps=steps, cfg=cfg, solver=solver, seed=seed, batch=batch,
+            guide=guide, guide_scale=guide_scale, runs_dir=runs_dir, ema=ema,
         )  # fmt: skip
-        net, opts = job_sampler(job, model, job_guide(job, ema))
-        null = mcfg.model.num_classes
-        settings = {
-            **job.settings,
-            "command": command,
-            "classes": "null" if klass is None else [klass],
-            "n": n,
-        }
-        sampling = E.Sampling(net, opts, job.sched, mcfg.model.in_channels, null if klass is None else klass,
-                              settings["seed"], job.batch, dev)  # fmt: skip
+        settings["command"] = command
         folder = _out_folder(out, Path(info["path"]).resolve(), info["step"], command, overwrite)
         check_out(folder, settings, overwrite, resume=False)  # before any work: a refusal writes nothing
         return EditContext(sampling, settings, folder, {"overwrite": overwrite, "progress": progress, "n": n})
