@@ -154,3 +154,14 @@ def test_python_api_upscale(run, tmp_path):
     assert torch.equal(got, torch.from_numpy(to_uint8(ref)).permute(0, 3, 1, 2))
     with pytest.raises(ValueError, match="channel"):
         g.upscale(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_an_rgb_model_takes_greyscale_and_rgba_files(tmp_path):
+    raw = {**RAW, "model": {**RAW["model"], "in_channels": 3}}
+    run = tiny_run(tmp_path, raw)
+    rng = np.random.default_rng(3)
+    grey = _png(tmp_path / "g.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    rgba = _png(tmp_path / "a.png", rng.integers(0, 256, (8, 8, 4), dtype=np.uint8))
+    s = upscale([grey, rgba], run, out=tmp_path / "o", n=1, **FAST)
+    assert [i["note"] for i in s["inputs"]] == ["as is, greyscale -> RGB", "as is, alpha composited on white"]
+    assert np.load(tmp_path / "o" / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
