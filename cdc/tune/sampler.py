@@ -210,9 +210,12 @@ def tune_sampler(
     batch: int | None = None,
     write_defaults: bool = True,
     log: Callable[[str], None] | None = None,
+    start: Setting | None = None,
 ) -> TuneResult:
     """Search the run's sampler settings (module doc); returns the trials, the winner and its held-out
-    figures. `max_trials` stops after that many new trials (finished=False; rerun to continue)."""
+    figures. `max_trials` stops after that many new trials (finished=False; rerun to continue).
+    `start`: begin the descent there instead of at the run's own settings (which stay the held-out
+    baseline); with coords=() this re-scores `start` against the run's own settings."""
     from cdc.sample.api import load
 
     log = log or (lambda s: print(s, file=sys.stderr))
@@ -258,7 +261,7 @@ def tune_sampler(
         return rec
 
     try:
-        best = _descend(base, coords, passes, guided, score, res.trials)
+        best = _descend(start or base, coords, passes, guided, score, res.trials)
         res.best = best
         for name, s in (("base", base), ("best", best)):
             blocks = [score(s, n * (b + 1), "heldout") for b in range(heldout_blocks)]
