@@ -82,6 +82,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"flow.tau_scale must be > 0, got {f.tau_scale}")
     _check_sample(cfg.sample, f)
     _check_train(t)
+    _check_posthoc_eval(cfg)
     _check_fewstep(cfg)
     if not 0.0 <= t.label_dropout < 1.0:
         raise ConfigError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
@@ -172,11 +173,11 @@ def _check_train(t: Any) -> None:
             f"train.global_batch ({t.global_batch}) must be 0 (off) or a multiple of "
             f"train.batch_size ({t.batch_size})"
         )
-    _check_posthoc_eval(t)
 
 
-def _check_posthoc_eval(t: Any) -> None:
+def _check_posthoc_eval(cfg: Any) -> None:
     """Post-hoc EMA snapshots and evaluation during training."""
+    t = cfg.train
     for key, val in (("train.ema_snapshots", t.ema_snapshots), ("train.eval_every", t.eval_every)):
         if val < 0:
             raise ConfigError(f"{key} must be >= 0 (0 = off), got {val}")
@@ -194,6 +195,11 @@ def _check_posthoc_eval(t: Any) -> None:
     if t.ema_snapshots and (len(t.ema_sigma_rels) < 2 or len(set(t.ema_sigma_rels)) != len(t.ema_sigma_rels)):
         raise ConfigError(
             f"train.ema_sigma_rels: post-hoc EMA needs two or more distinct lengths, got {t.ema_sigma_rels} (e.g. [0.05, 0.10])"
+        )
+    if t.eval_every and t.eval_fmnist and (cfg.model.in_channels != 1 or cfg.flow.sides[-1] != 32):
+        raise ConfigError(
+            "train.eval_fmnist: the Fashion-MNIST judge scores 32-px greyscale images, not "
+            f"{cfg.model.in_channels} channel(s) at {cfg.flow.sides[-1]} px; set it false"
         )
     if t.eval_sigma_rel and not t.ema_snapshots:
         raise ConfigError(

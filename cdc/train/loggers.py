@@ -24,7 +24,8 @@ import numpy as np
 from cdc.config import Config, ConfigError, to_dict
 
 # metrics.jsonl key -> backend name; loss_stage's entries become train/loss_stage{k} (k as in the
-# file: 0 = the coarsest stage). `time` is each event's own wall time; `step` is the step.
+# file: 0 = the coarsest stage), an evaluation's "eval" entries eval/{key} (cdc.train.evaluate).
+# `time` is each event's own wall time; `step` is the step.
 NAMES = {
     "loss": "train/loss",
     "grad_norm": "train/grad_norm",
@@ -59,9 +60,15 @@ def scalars(line: dict[str, Any]) -> dict[str, float]:
     for k, v in line.items():
         if k == "loss_stage":
             out.update({f"train/loss_stage{s}": float(x) for s, x in v.items() if x is not None})
+        elif k == "eval":  # evaluation during training: eval/swd_mean, eval/fid, eval/seconds, ...
+            out.update({f"eval/{s}": float(x) for s, x in v.items() if _number(x)})
         elif k not in NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool):
             out[NAMES.get(k, f"other/{k}")] = float(v)  # a key added later still reaches the backends
     return out
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from cdc.nn.compiled_trunk import why_not_compiled
 from cdc.nn.model import build_model, count_params, forward_flops
 from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
+from cdc.train.evaluate import Evaluator, posthoc_model
 from cdc.train.loggers import GRID, Loggers, check_backends, open_loggers
 from cdc.train.parts import Parts, build, open_run_dir, resume, save, save_snapshot, unwrap, wrap_for_training
 from cdc.train.run_files import log_window, save_grid
@@ -138,6 +139,9 @@ def _train(cfg: Config, run_dir: Path, progress: bool, lock: RunLock) -> dict[st
     wrap_for_training(p)  # after the resume: compiled, DDP-wrapped, with its autocast
     with open_loggers(cfg, run_dir, dist.main, step) as log:  # train.log's backends, closed however it ends
         r = _start(p, step, nonfinite_total, progress, log)
+        if cfg.train.eval_every:
+            r.evaluator = Evaluator(p.cfg, p.dist)
+            r.evaluator.check()  # a reference that does not load stops the run before any step
         with _Stop() as stop, r.bar if r.bar is not None else contextlib.nullcontext():  # bar ends before errors print
             while r.step < cfg.train.steps:
                 _step(p, r)
@@ -169,6 +173,7 @@ class _Progress:
     timed_out: float = 0.0  # ranks over train.max_minutes at the last check
     elapsed_min: float = 0.0  # loop minutes at the last check
     snapped: int = -1  # the last step whose post-hoc EMA snapshot was written
+    evaluator: Evaluator | None = None  # train.eval_every's sampling and scoring; None when off
 
     def stopped_early(self, steps: int) -> str | None:
         """The signal's name, "time_limit" when the time cap ended it before `steps`, else None."""
@@ -340,8 +345,9 @@ def _log_sample_save(p: Parts, r: _Progress, last: bool) -> None:
     """What a new step is due: a metrics line (always on the `last` one), an EMA preview grid, a
     periodic checkpoint (not on the last one: the loop's end saves it)."""
     t = p.cfg.train
-    if r.step % t.log_every == 0 or last:
-        _log(p, r)
+    scores = _evaluate(p, r) if t.eval_every and r.step % t.eval_every == 0 else None
+    if r.step % t.log_every == 0 or last or scores:
+        _log(p, r, scores)
     if t.sample_every and r.step % t.sample_every == 0 and p.dist.main:
         grid = save_grid(p.ema, p.cfg, p.run_dir / "samples" / f"step_{r.step:07d}.png", p.dev)
         r.log.log_image(r.step, GRID, grid)
@@ -358,11 +364,28 @@ def _snapshot(p: Parts, r: _Progress, background: bool) -> None:
         r.snapped = r.step
 
 
-def _log(p: Parts, r: _Progress) -> None:
-    """Append the window's metrics line (an early stop is recorded on it) and start a new window."""
+def _evaluate(p: Parts, r: _Progress) -> dict[str, Any]:
+    """Sample and score the EMA (or train.eval_sigma_rel's post-hoc EMA) on every rank; its time
+    is left out of the logging window's, and the training RNG is left as it was."""
+    t = p.cfg.train
+    assert r.evaluator is not None
+    with torch.random.fork_rng(devices=[p.dev] if p.cuda else []):
+        if t.eval_sigma_rel:
+            scores = r.evaluator(posthoc_model(p, r.step), f"posthoc:{t.eval_sigma_rel:.3f}")
+        else:
+            scores = r.evaluator(p.ema, "ema")
+    r.t_win += scores["seconds"]
+    return scores
+
+
+def _log(p: Parts, r: _Progress, scores: dict[str, Any] | None = None) -> None:
+    """Append the window's metrics line (an early stop and an evaluation's `scores` are recorded
+    on it) and start a new window."""
     t = p.cfg.train
     why = r.stopped_early(t.steps)
     extra = {"stop": why, "minutes": r.elapsed_min, "steps": t.steps} if why else None
+    if scores is not None:
+        extra = {**(extra or {}), "eval": scores}
     if p.cfg.data.skip_bad:  # samples or shard rests the loaders dropped so far, all ranks together
         dropped = D.all_reduce_sum(torch.tensor([float(p.loader.skipped)], device=p.dev))
         extra = {**(extra or {}), "data_skipped": int(dropped.item())}

@@ -80,14 +80,14 @@ def solve(sources: list[Source], t: int, sigma_rel: float) -> Fit:
 
 @torch.no_grad()
 def combine(
-    sources: list[Source], fits: list[Fit], param_names: Iterable[str]
+    sources: list[Source], fits: list[Fit], param_names: Iterable[str], device: torch.device | str = "cpu"
 ) -> list[dict[str, torch.Tensor]]:
-    """sum_j c_j weights_j for every fit, loading each source once (memory: one source plus the
-    results). Parameters are combined in fp32; buffers come from the last source as they are."""
+    """sum_j c_j weights_j for every fit on `device`, loading each source once (memory: one source
+    plus the results). Parameters are combined in fp32; buffers come from the last source."""
     names = set(param_names)
     out: list[dict[str, torch.Tensor]] = [{} for _ in fits]
     for j, src in enumerate(sources):
-        w = src.load()
+        w = {k: v.to(device) for k, v in src.load().items()}
         for k, fit in enumerate(fits):
             c = fit.coefficients[j]
             for name, v in w.items():
