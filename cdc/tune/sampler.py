@@ -291,7 +291,7 @@ def _guide_exists(guide: str, ckpt: Path) -> bool:
 
 
 def _calibration(trial_log: TrialLog, objective: Objective, n: int) -> Calibration:
-    rid = TrialLog.ident_of("calibration", "real-vs-blur1", 0, n)
+    rid = TrialLog.ident_of("calibration", "real-blocks", 0, n)
     if rid in trial_log.done:
         rec = trial_log.done[rid]
         return Calibration(**{k: rec[k] for k in Calibration.__dataclass_fields__})
