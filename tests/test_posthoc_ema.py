@@ -243,3 +243,15 @@ def test_a_checkpoint_without_profiles_resumes_and_starts_them_there(shards, tmp
     assert snap.start == 4 and [s for s, _ in PH.list_snapshots(run)] == [8]
     with pytest.raises(ConfigError, match="ema_sigma_rels"):
         train(from_dict(recipe(shards, steps=12, ema_sigma_rels=[0.04, 0.1])), run, progress=False)
+
+
+def test_a_fresh_run_drops_snapshots_of_an_earlier_run_without_checkpoints(
+    shards, tmp_path, one_thread, capsys
+):
+    run = tmp_path / "run"
+    train(from_dict(recipe(shards, steps=8)), run, progress=False)
+    for f in (run / "checkpoints").iterdir():
+        f.unlink()
+    train(from_dict(recipe(shards, steps=4, seed=1)), run, progress=False)  # another run, from step 0
+    assert "removed 2 post-hoc EMA snapshot(s) of an earlier run" in capsys.readouterr().out
+    assert [s for s, _ in PH.list_snapshots(run)] == [4]

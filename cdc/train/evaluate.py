@@ -41,10 +41,27 @@ class Evaluator:
         self.inception: Any = None
 
     def check(self) -> None:
-        """Refuse before training what would fail at the first evaluation: a reference that does
-        not load, Inception weights it needs and this machine lacks."""
-        if self.dist.main and self.cfg.train.eval_ref:
-            self._reference()
+        """Refuse before training what would fail at the first evaluation (a reference that does
+        not load, Inception weights it needs and this machine lacks): every rank, with rank 0's line."""
+        self._agreed(lambda: self._reference() and None)  # the statistics stay on rank 0
+
+    def _agreed(self, fn: Any) -> Any:
+        """fn() on rank 0, its result on every rank; its error stops every rank with the same line
+        (not one rank raising while the others wait in the next collective)."""
+        from cdc.fileio import one_line
+
+        out: dict[str, Any] = {}
+        if self.dist.main:
+            try:
+                out["value"] = fn()
+            except (OSError, ValueError) as e:  # ConfigError is a ValueError
+                out["error"] = (
+                    f"{type(e).__name__}: {one_line(e)}" if not isinstance(e, ConfigError) else one_line(e)
+                )
+        out = D.all_gather_objects(out)[0]
+        if "error" in out:
+            raise ConfigError(f"evaluation during training: {out['error']}")
+        return out["value"]
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, weights: str) -> dict[str, Any]:
@@ -52,12 +69,13 @@ class Evaluator:
         t0 = time.perf_counter()
         idx, images = sample_share(model, self.cfg, self.dist)
         shares = D.all_gather_objects((idx, images))
-        out = None
-        if self.dist.main:
+
+        def score() -> dict[str, Any]:
             order = np.argsort(np.concatenate([i for i, _ in shares]), kind="stable")
             labels = np.arange(len(order)) % self.cfg.model.num_classes
-            out = self._score(np.concatenate([x for _, x in shares])[order], labels)
-        out = D.all_gather_objects(out)[0]  # the same record on every rank
+            return self._score(np.concatenate([x for _, x in shares])[order], labels)
+
+        out = self._agreed(score)  # the same record on every rank
         return {**out, "n": self.cfg.train.eval_n, "weights": weights, "seconds": time.perf_counter() - t0}
 
     def _score(self, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

@@ -135,6 +135,8 @@ def resume(p: Parts) -> tuple[int, int]:
     ckpt_dir, dist = p.run_dir / "checkpoints", p.dist
     state, path = RP.choose(ckpt_dir, dist.main)
     if path is None:
+        if dist.main and p.phema is not None and (old := PH.remove_newer(p.run_dir, 0)):
+            say(f"removed {len(old)} post-hoc EMA snapshot(s) of an earlier run without checkpoints here")
         return 0, 0
     state = RP.load_chosen(path, state, dist.rank)
     p.model.load_state_dict(state["model"])
