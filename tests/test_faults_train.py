@@ -273,3 +273,91 @@ def test_two_node_rendezvous_on_localhost_matches_one_agent(shards, uninterrupte
     assert [a.returncode for a in agents] == [0, 0], [o[-2000:] for o in outs]
     assert steps_logged(run) == list(range(1, STEPS + 1))
     assert assert_same_weights(uninterrupted, run) > 0
+
+
+# --- a replaced node: one agent (the "node": agent and its workers) killed, a fresh one started ---
+
+LONG = dict(steps=120, ckpt_every=20)  # ~10 s of steps: a kill lands mid-run, after a checkpoint
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_long(shards, tmp_path_factory):
+    d = tmp_path_factory.mktemp("full-long")
+    rec, run = write_recipe(d, shards, **LONG), d / "run"
+    r = subprocess.run(standalone(rec, run), env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+def agent_of_rank(agents: list[subprocess.Popen], rank: int) -> subprocess.Popen:
+    for a in agents:
+        if any(rank_of(c) == rank for c in children(a.pid)):
+            return a
+    raise AssertionError(f"no agent runs rank {rank}")
+
+
+def kill_node(agent: subprocess.Popen) -> None:
+    """SIGKILL an agent and its workers at once, as a node that loses power (the workers have
+    sessions of their own, so a process-group kill would miss them)."""
+    for pid in [agent.pid, *children(agent.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    agent.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_replaced_node_rejoins_and_the_run_resumes_exactly(shards, uninterrupted_long, tmp_path, victim):
+    # The rendezvous store is served by this test, as by a node that stays up on a cluster: killing
+    # the agent that serves it ends any torchrun job, which no code in the workers can change.
+    from torch.distributed import TCPStore
+
+    rec, run = write_recipe(tmp_path, shards, **LONG), tmp_path / "run"
+    port = free_port()
+    rdzv = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+
+    def agent() -> subprocess.Popen:
+        return subprocess.Popen(
+            torchrun("--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "2", "--rdzv-backend", "c10d",
+                     "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cdc-replace", "-m", "cdc", "train",
+                     str(rec), "--run-dir", str(run)),
+            env=env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+
+    agents = [agent(), agent()]
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(s > 25 for s in steps_logged(run)):  # past the step-20 checkpoint
+            time.sleep(0.02)
+        gone = agent_of_rank(agents, victim)
+        kill_node(gone)
+        killed_at = max(steps_logged(run))
+        agents = [next(a for a in agents if a is not gone), agent()]  # the survivor and a fresh node
+        outs = [a.communicate(timeout=300)[0] for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                kill_node(a)
+        del rdzv
+    assert [a.returncode for a in agents] == [0, 0], [o[-3000:] for o in outs]
+    assert 25 < killed_at < LONG["steps"]  # the kill landed mid-run
+    resumed = [ln for o in outs for ln in o.splitlines() if ln.startswith("resumed from")]
+    assert resumed and all(ln.endswith(f"at step {killed_at // 20 * 20}") for ln in resumed), resumed
+    assert steps_logged(run) == list(range(1, LONG["steps"] + 1))  # the lines past the checkpoint were replaced
+    la = [json.loads(x)["loss"] for x in (uninterrupted_long / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert la == lb  # step for step, bit for bit
+    assert assert_same_weights(uninterrupted_long, run) > 0
+
+
+def test_a_multi_node_job_that_cannot_take_a_replaced_node_is_told_how_to_allow_it(monkeypatch):
+    from cdc.train import distributed as D
+
+    elastic = {"GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    for k, v in elastic.items():
+        monkeypatch.setenv(k, v)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in D.node_replacement_note()
+    for k, v in {"TORCHELASTIC_USE_AGENT_STORE": "False", "GROUP_WORLD_SIZE": "1", "TORCHELASTIC_MAX_RESTARTS": "0"}.items():
+        with monkeypatch.context() as m:
+            m.setenv(k, v)  # its own store per attempt, one node, or no restarts: nothing to say
+            assert D.node_replacement_note() is None
