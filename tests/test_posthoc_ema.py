@@ -110,7 +110,7 @@ def test_reconstruction_equals_the_directly_tracked_power_ema():
     for n in range(1, N + 1):
         with torch.no_grad():
             m.weight.copy_(a + b * math.sin(n / 150) + c * (n / N) ** 2)  # drifts and oscillates
-        tracked.update(m, n)
+        tracked.update(m, n, keep=torch.tensor(True))  # the training loop's (masked) update
         direct.update(m, n)
         if n % every == 0:
             for g, prof in zip(tracked.gammas, tracked.profiles):
@@ -135,6 +135,23 @@ def test_a_skipped_step_leaves_the_profiles_as_they_are():
     assert all(torch.equal(p.weight, w) for p, w in zip(ema.profiles, before))
     ema.update(m, 2, keep=torch.tensor(True))
     assert not torch.equal(ema.profiles[0].weight, before[0])
+
+
+def test_the_masked_update_in_chunks_equals_the_lerp(monkeypatch):
+    assert PH._chunks([10, 10, 100, 5], 20) == [(0, 2), (2, 3), (3, 4)]
+    monkeypatch.setattr(PH, "CHUNK_BYTES", 64)  # several chunks for a 3-parameter net
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    masked, lerped = PH.PowerEMA(net, [0.05, 0.10]), PH.PowerEMA(net, [0.05, 0.10])
+    assert len(masked._chunks) > 1
+    for n in range(1, 30):
+        with torch.no_grad():
+            for q in net.parameters():
+                q.add_(torch.randn_like(q))
+        masked.update(net, n, keep=torch.tensor(True))
+        lerped.update(net, n)
+    for a, b in zip(masked.profiles, lerped.profiles):
+        for qa, qb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(qa, qb, atol=1e-5, rtol=1e-5)
 
 
 def test_config_checks():
@@ -255,3 +272,16 @@ def test_a_fresh_run_drops_snapshots_of_an_earlier_run_without_checkpoints(
     train(from_dict(recipe(shards, steps=4, seed=1)), run, progress=False)  # another run, from step 0
     assert "removed 2 post-hoc EMA snapshot(s) of an earlier run" in capsys.readouterr().out
     assert [s for s, _ in PH.list_snapshots(run)] == [4]
+
+
+@pytest.mark.gpu
+def test_the_update_makes_no_host_sync_on_cuda():
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).cuda()
+    ema = PH.PowerEMA(net, [0.05, 0.10])
+    keep = torch.ones((), dtype=torch.bool, device="cuda")
+    ema.update(net, 1, keep)  # lazy CUDA setup outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ema.update(net, 2, keep)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -35,6 +35,7 @@ import torch
 SNAP_DIR = "ema-snapshots"  # RUN/ema-snapshots/snap_0001000.pt (+ .sha256)
 SNAP_RE = re.compile(r"^snap_(\d{7,})\.pt$")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CHUNK_BYTES = 1 << 26  # the masked update's temporary: at most 64 MB (or one larger parameter)
 MAX_SIGMA_REL = math.sqrt(1 / 12)  # gamma -> 0 (a flat average over the whole run); gamma > -1 needs less
 
 
@@ -83,6 +84,18 @@ def remove_newer(run_dir: Path, step: int) -> list[Path]:
     return gone
 
 
+def _chunks(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """[lo, hi) index ranges of consecutive items whose sizes add up to at most `limit` (an item
+    larger than that alone)."""
+    out, lo, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > lo and total + n > limit:
+            out.append((lo, i))
+            lo, total = i, 0
+        total += n
+    return out + ([(lo, len(sizes))] if lo < len(sizes) else [])
+
+
 @dataclass
 class Snapshot:
     """What one snapshot file holds, read back (cdc.tune.ema)."""
@@ -105,6 +118,7 @@ class PowerEMA:
         self.start = 0
         self.profiles = [copy.deepcopy(model).float().requires_grad_(False).eval() for _ in self.sigma_rels]
         self._params = [list(m.parameters()) for m in self.profiles]
+        self._chunks = _chunks([q.numel() * 4 for q in self._params[0]], CHUNK_BYTES)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int, keep: torch.Tensor | None = None) -> None:
@@ -113,10 +127,17 @@ class PowerEMA:
         dtype = self._params[0][0].dtype  # fp32 (the model's own dtype: no copy)
         src = [q.detach().to(dtype) for q in model.parameters()]
         for gamma, params in zip(self.gammas, self._params):
-            w: float | torch.Tensor = 1 - power_beta(step - self.start, gamma)
-            if keep is not None:
-                w = torch.where(keep, w, 0.0).to(params[0].dtype)
-            torch._foreach_lerp_(params, src, w)
+            w = 1 - power_beta(step - self.start, gamma)
+            if keep is None:
+                torch._foreach_lerp_(params, src, w)
+                continue
+            # torch's foreach lerp takes a host weight only (a device one would be read: a sync per
+            # step), so p += w_keep (src - p), in chunks that bound the temporary difference
+            wk = torch.where(keep, w, 0.0).to(dtype)
+            for lo, hi in self._chunks:
+                diff = torch._foreach_sub(src[lo:hi], params[lo:hi])
+                torch._foreach_mul_(diff, wk)
+                torch._foreach_add_(params[lo:hi], diff)
 
     def restart_from(self, model: torch.nn.Module, step: int) -> None:
         """Start the profiles at `step` from `model`'s weights (a resumed run that had none)."""
