@@ -110,7 +110,7 @@ def test_reconstruction_equals_the_directly_tracked_power_ema():
     for n in range(1, N + 1):
         with torch.no_grad():
             m.weight.copy_(a + b * math.sin(n / 150) + c * (n / N) ** 2)  # drifts and oscillates
-        tracked.update(m, n, keep=torch.tensor(True))  # the training loop's (masked) update
+        tracked.update(m, n, keep=torch.tensor(True))  # as the training loop calls it
         direct.update(m, n)
         if n % every == 0:
             for g, prof in zip(tracked.gammas, tracked.profiles):
@@ -138,8 +138,9 @@ def test_a_skipped_step_leaves_the_profiles_as_they_are():
 
 
 def test_the_masked_update_in_chunks_equals_the_lerp(monkeypatch):
+    """The device-side (CUDA) path, run here on CPU tensors, against the lerp the CPU path takes."""
     assert PH._chunks([10, 10, 100, 5], 20) == [(0, 2), (2, 3), (3, 4)]
-    monkeypatch.setattr(PH, "CHUNK_BYTES", 64)  # several chunks for a 3-parameter net
+    monkeypatch.setattr(PH, "CHUNK_BYTES", 64)  # several chunks for a 4-tensor net
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
     masked, lerped = PH.PowerEMA(net, [0.05, 0.10]), PH.PowerEMA(net, [0.05, 0.10])
     assert len(masked._chunks) > 1
@@ -147,11 +148,16 @@ def test_the_masked_update_in_chunks_equals_the_lerp(monkeypatch):
         with torch.no_grad():
             for q in net.parameters():
                 q.add_(torch.randn_like(q))
-        masked.update(net, n, keep=torch.tensor(True))
-        lerped.update(net, n)
+        src = [q.detach() for q in net.parameters()]
+        for g, params in zip(masked.gammas, masked._params):
+            masked._masked_lerp(params, src, torch.tensor(1 - PH.power_beta(n, g)))
+        lerped.update(net, n, keep=torch.tensor(True))
     for a, b in zip(masked.profiles, lerped.profiles):
         for qa, qb in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(qa, qb, atol=1e-5, rtol=1e-5)
+    before = [q.clone() for q in masked._params[0]]
+    masked._masked_lerp(masked._params[0], src, torch.tensor(0.0))  # a skipped step on CUDA
+    assert all(torch.equal(a, b) for a, b in zip(before, masked._params[0]))
 
 
 def test_config_checks():

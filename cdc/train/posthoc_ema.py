@@ -126,18 +126,25 @@ class PowerEMA:
         the device) False leaves them as they are (a skipped step), without a host read."""
         dtype = self._params[0][0].dtype  # fp32 (the model's own dtype: no copy)
         src = [q.detach().to(dtype) for q in model.parameters()]
+        if keep is not None and keep.device.type == "cpu":  # reading it costs nothing here
+            if not bool(keep):
+                return
+            keep = None
         for gamma, params in zip(self.gammas, self._params):
             w = 1 - power_beta(step - self.start, gamma)
             if keep is None:
                 torch._foreach_lerp_(params, src, w)
-                continue
-            # torch's foreach lerp takes a host weight only (a device one would be read: a sync per
-            # step), so p += w_keep (src - p), in chunks that bound the temporary difference
-            wk = torch.where(keep, w, 0.0).to(dtype)
-            for lo, hi in self._chunks:
-                diff = torch._foreach_sub(src[lo:hi], params[lo:hi])
-                torch._foreach_mul_(diff, wk)
-                torch._foreach_add_(params[lo:hi], diff)
+            else:
+                self._masked_lerp(params, src, torch.where(keep, w, 0.0).to(dtype))
+
+    def _masked_lerp(self, params: list[torch.Tensor], src: list[torch.Tensor], w: torch.Tensor) -> None:
+        """params += w (src - params) with a device-side weight: torch's foreach lerp takes a host
+        weight only (a device one would be read back, a sync per step), so sub, mul and add, in
+        chunks that bound the temporary difference."""
+        for lo, hi in self._chunks:
+            diff = torch._foreach_sub(src[lo:hi], params[lo:hi])
+            torch._foreach_mul_(diff, w)
+            torch._foreach_add_(params[lo:hi], diff)
 
     def restart_from(self, model: torch.nn.Module, step: int) -> None:
         """Start the profiles at `step` from `model`'s weights (a resumed run that had none)."""
