@@ -75,7 +75,8 @@ def test_one_name_per_meaning_and_one_meaning_per_name():
     # an option name has one type in every command (e.g. --cfg: the same per-stage text in sample and ablate)
     assert {o: t for o, t in names.items() if len(t) > 1} == {}
     assert names["--cfg"] == names["--steps"] == {("str", False)}
-    assert visible["-n"] == {"sample", "score", "ablate"} and visible["--src"] == {"prepare", "score"}
+    assert visible["-n"] == {"sample", "score", "ablate", "upscale", "vary", "inpaint"}
+    assert visible["--src"] == {"prepare", "score"}
 
 
 def test_every_boolean_is_typed_as_its_help_shows():

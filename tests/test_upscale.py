@@ -165,3 +165,12 @@ def test_an_rgb_model_takes_greyscale_and_rgba_files(tmp_path):
     s = upscale([grey, rgba], run, out=tmp_path / "o", n=1, **FAST)
     assert [i["note"] for i in s["inputs"]] == ["as is, greyscale -> RGB", "as is, alpha composited on white"]
     assert np.load(tmp_path / "o" / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+
+
+def test_eval_metrics_known_values():
+    from cdc.sample.upscale_eval import psnr, ssim
+
+    a = torch.randint(0, 250, (3, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert psnr(a + 1, a) == pytest.approx(10 * np.log10(255**2), abs=1e-9)  # MSE 1: 48.13 dB
+    assert ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    assert ssim(a, 255 - a) < 0  # anti-correlated structure

@@ -17,7 +17,7 @@ CKPT = typer.Option(None, "--ckpt", help="Run dir, checkpoint file or export fol
                     show_default="newest checkpoint under --runs-dir")  # fmt: skip
 CLASS = typer.Option(None, "--class", help="Class to condition on.", show_default="null class, CFG off")
 OUT = typer.Option(None, "--out", help="Output dir.", show_default="samples/<run>-step<step>-<command>")
-N = typer.Option(1, "-n", "--num-variants", help="Variants per input image.")
+N = typer.Option(1, "-n", "--num-images", help="Images (variants) per input image.")
 STEPS = typer.Option(None, "--steps", help="Model evals per stage: 24 or 4,4,4.", show_default=CK + "steps")
 CFG = typer.Option(
     None, "--cfg", help="CFG scale (needs --class), or one per stage.", show_default=CK + "cfg"

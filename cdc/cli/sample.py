@@ -95,7 +95,9 @@ def sample_cmd(
         show_default=_from_ckpt("cuda_graph_side"),
     ),
     preview: bool = typer.Option(
-        False, "--preview", help="Write preview/stage<k>.png, the current batch at each stage, as soon as it exists."
+        False,
+        "--preview",
+        help="Write preview/stage<k>.png: the current batch at each stage, once it exists.",
     ),
 ) -> None:
     """Sample images: PNGs, samples.npz (ADM format), grid.png, samples.json; works under torchrun."""

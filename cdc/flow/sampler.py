@@ -285,7 +285,9 @@ def _replacement(new: Tensor, x: Tensor) -> Tensor:
     """A stage output an `on_stage` callback returned, checked to fit where `x` was."""
     if not isinstance(new, Tensor) or new.shape != x.shape:
         got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
-        raise ValueError(f"on_stage returned {got} for a stage output of shape {tuple(x.shape)}; return None or a tensor of that shape")
+        raise ValueError(
+            f"on_stage returned {got} for a stage output of shape {tuple(x.shape)}; return None or a tensor of that shape"
+        )
     return new.to(x.device, x.dtype)
 
 
@@ -337,7 +339,11 @@ def _stage_fields(
 
 
 def _start_stage(
-    start: tuple[int, Tensor] | None, sched: Schedule, B: int, channels: int, start_tau: float = 0.0,
+    start: tuple[int, Tensor] | None,
+    sched: Schedule,
+    B: int,
+    channels: int,
+    start_tau: float = 0.0,
     step_cond: bool = False,
 ):
     """(first stage to run, its input): (0, None) for a full run, else `start` checked."""

@@ -77,7 +77,8 @@ class Generator:
         per_stage: list[list[torch.Tensor]] = [[] for _ in range(job.sched.K)]
         with torch.inference_mode():
             for b0 in range(0, n, job.batch):
-                res, _ = sample_batch(job, net, opts, list(range(b0, min(b0 + job.batch, n))), timer, on_stage)
+                idx = list(range(b0, min(b0 + job.batch, n)))
+                res, _ = sample_batch(job, net, opts, idx, timer, on_stage)
                 finals.append(_uint8_nchw(res.x))
                 for k, s in enumerate(res.stages if stages else []):
                     per_stage[k].append(_uint8_nchw(s))

@@ -104,9 +104,8 @@ class CDCPipeline(DiffusionPipeline):
         g.device = self.model.device  # follow pipe.to(device)
         seed = None if generator is None else generator.initial_seed()
         on_stage = _stage_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        images = g.sample(
-            classes=labels, n=len(labels), steps=num_inference_steps, cfg=guidance_scale, seed=seed, on_stage=on_stage
-        )
+        steps, cfg = num_inference_steps, guidance_scale
+        images = g.sample(classes=labels, n=len(labels), steps=steps, cfg=cfg, seed=seed, on_stage=on_stage)
         if output_type == "pil":
             out: Any = g.to_pil(images)
         else:
@@ -120,7 +119,9 @@ def _stage_callback(pipe: CDCPipeline, callback, names: list[str] | None):
     """Generator.sample's on_stage calling a diffusers-style callback_on_step_end, or None."""
     names = list(CALLBACK_TENSORS if names is None else names)
     if bad := [n for n in names if n not in CALLBACK_TENSORS]:
-        raise ValueError(f"callback_on_step_end_tensor_inputs: {bad} not in {CALLBACK_TENSORS} (the stage's images)")
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs: {bad} not in {CALLBACK_TENSORS} (the stage's images)"
+        )
     if callback is None:
         return None
 
