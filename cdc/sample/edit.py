@@ -96,11 +96,10 @@ def inpaint_edit(known: Tensor, mask: Tensor, sched: Schedule, stage: int = 1) -
     return Edit(stage=stage - 1, x=coarse, known=known, mask=mask)
 
 
-def run_edits(s: Sampling, edits: list[Edit], n: int, on_stage=None) -> Tensor:
+def run_edits(s: Sampling, edits: list[Edit], n: int) -> Tensor:
     """Every edit `n` times: (len(edits) * n, C, R, R) float, row i * n + j = variant j of edit i.
 
     Rows that enter the pyramid the same way share sampler calls of at most `s.batch` rows.
-    on_stage(k, x, rows) sees each stage's output of each call (rows: their row numbers).
     """
     R = s.sched.sides[-1]
     out = torch.empty((len(edits) * n, s.channels, R, R))
@@ -112,16 +111,14 @@ def run_edits(s: Sampling, edits: list[Edit], n: int, on_stage=None) -> Tensor:
     for group in groups.values():
         for b0 in range(0, len(group), s.batch):
             part = group[b0 : b0 + s.batch]
-            x = _run_rows(s, [edits[i] for i, _ in part], part, [i * n + j for i, j in part], on_stage)
+            x = _run_rows(s, [edits[i] for i, _ in part], part)
             for r, (i, j) in enumerate(part):
                 out[i * n + j] = x[r].cpu()
     return out
 
 
-def _run_rows(
-    s: Sampling, edits: list[Edit], part: list[tuple[int, int]], rows: list[int], on_stage
-) -> Tensor:
-    """One sampler call over rows of alike edits; (B, C, R, R)."""
+def _run_rows(s: Sampling, edits: list[Edit], part: list[tuple[int, int]]) -> Tensor:
+    """One sampler call over rows (input i, variant j) of alike edits; (B, C, R, R)."""
     e0, dev = edits[0], s.device
     seeds = [image_seed(s.seed + j, i) for i, j in part]
     y = torch.full((len(part),), s.label, dtype=torch.long, device=dev)
@@ -133,9 +130,8 @@ def _run_rows(
         hold = mask_hold(known, torch.stack([e.mask for e in edits]).to(dev), s.sched, interp)
     elif e0.lowpass:
         hold = lowpass_hold(start[1], e0.stage, s.sched, interp)
-    stage_cb = None if on_stage is None else (lambda k, x: on_stage(k, x, rows))
     res = sample(
-        s.net, s.sched, y, seeds, s.channels, start=start, start_tau=e0.tau0, hold=hold, on_stage=stage_cb,
+        s.net, s.sched, y, seeds, s.channels, start=start, start_tau=e0.tau0, hold=hold,
         **{**s.opts, "return_stages": False},
     )  # fmt: skip
     return res.x
