@@ -208,6 +208,16 @@ def _inception_scores(
     return out
 
 
+def evaluate_at(p: Any, evaluator: Evaluator, step: int) -> dict[str, Any]:
+    """Score the EMA of training parts `p` (or train.eval_sigma_rel's post-hoc EMA) at `step` on
+    every rank, the training RNG left as it was."""
+    sigma = p.cfg.train.eval_sigma_rel
+    with torch.random.fork_rng(devices=[p.dev] if p.cuda else []):
+        if sigma:
+            return evaluator(posthoc_model(p, step), f"posthoc:{sigma:.3f}")
+        return evaluator(p.ema, "ema")
+
+
 def posthoc_model(p: Any, step: int) -> torch.nn.Module:
     """The post-hoc EMA of train.eval_sigma_rel at `step`: the snapshots written before it (their
     writes waited for) and the live profiles, combined on the device."""

@@ -32,7 +32,7 @@ from cdc.nn.compiled_trunk import why_not_compiled
 from cdc.nn.model import build_model, count_params, forward_flops
 from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
-from cdc.train.evaluate import Evaluator, posthoc_model
+from cdc.train.evaluate import Evaluator, evaluate_at
 from cdc.train.loggers import GRID, Loggers, check_backends, open_loggers
 from cdc.train.parts import Parts, build, open_run_dir, resume, save, save_snapshot, unwrap, wrap_for_training
 from cdc.train.run_files import log_window, save_grid
@@ -365,15 +365,9 @@ def _snapshot(p: Parts, r: _Progress, background: bool) -> None:
 
 
 def _evaluate(p: Parts, r: _Progress) -> dict[str, Any]:
-    """Sample and score the EMA (or train.eval_sigma_rel's post-hoc EMA) on every rank; its time
-    is left out of the logging window's, and the training RNG is left as it was."""
-    t = p.cfg.train
+    """Sample and score on every rank, the time it took left out of the logging window's."""
     assert r.evaluator is not None
-    with torch.random.fork_rng(devices=[p.dev] if p.cuda else []):
-        if t.eval_sigma_rel:
-            scores = r.evaluator(posthoc_model(p, r.step), f"posthoc:{t.eval_sigma_rel:.3f}")
-        else:
-            scores = r.evaluator(p.ema, "ema")
+    scores = evaluate_at(p, r.evaluator, r.step)
     r.t_win += scores["seconds"]
     return scores
 
