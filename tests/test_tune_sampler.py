@@ -24,7 +24,7 @@ COORDS = ("solver", "cfg_rest")  # the start, 2 more solvers, 3 more refinement 
 def _real(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = D.gaussian_blur(torch.randn(n, 1, 16, 16, generator=g) * 0.6, 0.8).clamp(-1, 1)
-    return x, torch.arange(n) % 3
+    return x, torch.arange(n) % 10
 
 
 def _objective() -> O.Objective:
@@ -144,6 +144,59 @@ def test_step_splits_keep_the_total_and_candidates_start_with_the_current_settin
         assert all(sum(s) == sum(steps) and min(s) >= 1 for s in S.step_splits(steps))
     base = S.Setting("sde", (16, 16, 16), (2.25, 1.5, 1.5), (0.0, 1.0), (2.0, 2.0, 2.0))
     for coord in S.COORDS:
-        c = S.candidates(base, coord, guided=True)
+        c = S.candidates(base, coord, guided=True, posthoc=True)
         assert c[0] == base and len(c) == len(set(c)) >= 2
     assert S.candidates(base, "guide_rest", guided=False) == [base]
+    assert S.candidates(base, "ema", guided=True, posthoc=False) == [base]
+
+
+def test_ema_lengths_are_searched_in_memory_from_post_hoc_snapshots(tmp_path, one_thread):
+    """A run with post-hoc EMA snapshots: each length is rebuilt into the loaded model (the tracked
+    sigma_rel 0.05 equals its own profile), nothing is written beside the checkpoints, and a chosen
+    length's command rebuilds it with `cdc tune ema` first."""
+    from cdc.data.prepare import prepare
+    from cdc.train import posthoc_ema as PH
+    from cdc.train.loop import train
+    from cdc.tune.posthoc_weights import PosthocWeights
+
+    shards = tmp_path / "shards"
+    prepare("fashion-mnist", shards, limit=64, shard_size=64, progress=False)
+    raw = {
+        "model": {"preset": "tiny", "in_channels": 1, "num_classes": 10, "patch": 4, "depth": 1, "width": 32,
+                  "heads": 2},
+        "flow": {"sides": [8, 16]},
+        "data": {"shards": str(shards), "workers": 0},
+        "train": {"batch_size": 4, "steps": 8, "lr": 1e-3, "log_every": 4, "ckpt_every": 4, "sample_every": 0,
+                  "precision": "fp32", "ema_decay": 0.99, "ema_snapshots": 4, "ema_snapshot_dtype": "float32"},
+        "sample": {"steps": [1], "cfg": [1.0], "batch": 16},
+    }  # fmt: skip
+    run = tmp_path / "run"
+    train(C.from_dict(raw), run, progress=False)
+    before = _checkpoint_bytes(run)
+
+    from cdc.sample.api import load
+
+    gen = load(run, device="cpu")
+    w = PosthocWeights(run, gen.model, 8)
+    assert w.available
+    w.use(0.05)
+    snap = PH.read_snapshot(PH.list_snapshots(run)[-1][1])
+    for k, v in dict(gen.model.named_parameters()).items():
+        torch.testing.assert_close(v, snap.profiles[0][k].float(), atol=1e-5, rtol=0)
+    w.use(0.0)
+    assert all(torch.equal(v, w.own[k]) for k, v in gen.model.state_dict().items())
+
+    obj = _objective()
+    res = S.tune_sampler(
+        run, obj, n=4, coords=("ema",), heldout_blocks=1, write_defaults=False, log=lambda s: None
+    )
+    emas = sorted(r["setting"].get("ema", 0.0) for r in res.trials)
+    assert emas == [0.0, *S.EMA_LENGTHS]
+    assert len({r["swd_fine"] for r in res.trials}) == len(emas)  # each length made other images
+    assert _checkpoint_bytes(run) == before and sorted(before) == sorted(
+        p.name for p in (run / "checkpoints").iterdir()
+    )
+    if res.best.ema:
+        assert res.command.startswith(
+            f"cdc tune ema {run} --sigma-rel {res.best.ema:g} && cdc sample --ckpt "
+        )

@@ -32,9 +32,9 @@ def tune_sampler_cmd(
     n: int = typer.Option(300, "--n", help="Images per trial (and per held-out block)."),
     out: Path | None = typer.Option(None, "--out", help="Results folder.", show_default="RUN/tune"),
     coords: str = typer.Option(
-        "solver,guide_rest,cfg_rest,cfg_first,guide_first,interval,steps",
+        "solver,guide_rest,cfg_rest,cfg_first,guide_first,interval,steps,ema",
         "--coords",
-        help="Coordinates to search, in this order.",
+        help="Coordinates to search, in this order (ema: only with post-hoc EMA snapshots).",
     ),
     passes: int = typer.Option(1, "--passes", help="Coordinate-descent passes."),
     max_trials: int | None = typer.Option(
@@ -55,7 +55,7 @@ def tune_sampler_cmd(
         None, "--batch", help="Images per forward.", show_default="the run's sample.batch"
     ),
 ) -> None:
-    """Search CFG, autoguidance, guidance interval, solver and step split against a detail-aware objective."""
+    """Search CFG, autoguidance, guidance interval, solver, step split and EMA length against a detail-aware objective."""
     from cdc.tune.objective import fmnist_objective
     from cdc.tune.sampler import tune_sampler
 

@@ -2,7 +2,8 @@
 
 From the run's own `sample` settings, one coordinate at a time (solver, the autoguidance weight of
 the refinements and of stage 1, the CFG scale of the refinements and of stage 1, the CFG interval,
-the split of model evaluations over stages at the same total), every candidate value is sampled
+the split of model evaluations over stages at the same total, and the EMA length when the run has
+post-hoc EMA snapshots of the checkpoint's step, rebuilt in memory), every candidate value is sampled
 on images 0..n-1 and scored by cdc.tune.objective; the best moves on. The winner and the run's
 own settings are then re-scored on images n..(1 + heldout_blocks) n, whose noise no choice saw.
 
@@ -28,13 +29,15 @@ import numpy as np
 import torch
 
 from cdc.tune.objective import Calibration, Objective, calibrate, combine, measure
+from cdc.tune.posthoc_weights import PosthocWeights
 
-COORDS = ("solver", "guide_rest", "cfg_rest", "cfg_first", "guide_first", "interval", "steps")
+COORDS = ("solver", "guide_rest", "cfg_rest", "cfg_first", "guide_first", "interval", "steps", "ema")
 SOLVERS = ("euler", "heun", "sde")
 CFG_FIRST = (1.5, 2.0, 2.5, 3.0)  # stage 1 decides the class: it has kept more CFG than the refinements
 CFG_REST = (1.0, 1.5, 2.0, 2.5)
 GUIDE = (1.0, 1.5, 2.0, 2.5)  # autoguidance weight; 1 = off
 INTERVALS = ((0.0, 1.0), (0.2, 1.0), (0.0, 0.8), (0.2, 0.8))  # CFG for tau in [lo, hi) of each stage
+EMA_LENGTHS = (0.05, 0.10, 0.15, 0.20)  # sigma_rel rebuilt from post-hoc EMA snapshots (cdc.tune.ema)
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,13 @@ class Setting:
     cfg: tuple[float, ...]  # CFG scale per stage
     interval: tuple[float, float]
     guide_scale: tuple[float, ...]  # autoguidance weight per stage; all 1 = no autoguidance
+    ema: float = 0.0  # EMA length sigma_rel rebuilt post hoc; 0 = the checkpoint's own EMA
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if not d["ema"]:
+            del d["ema"]  # the checkpoint's own EMA: the key of a search without EMA lengths
+        return json.dumps(d, sort_keys=True)
 
     @property
     def guided(self) -> bool:
@@ -78,6 +85,7 @@ class Setting:
         return (
             f"{self.solver} steps {','.join(map(str, self.steps))} cfg {','.join(f'{x:g}' for x in self.cfg)} "
             f"int {self.interval[0]:g}-{self.interval[1]:g} ag {g}"
+            + (f" ema {self.ema:g}" if self.ema else "")
         )
 
 
@@ -122,8 +130,9 @@ def step_splits(steps: tuple[int, ...]) -> list[tuple[int, ...]]:
     return out
 
 
-def candidates(s: Setting, coord: str, guided: bool) -> list[Setting]:
-    """s with one coordinate set to each of its values (s itself first, no repeats)."""
+def candidates(s: Setting, coord: str, guided: bool, posthoc: bool = False) -> list[Setting]:
+    """s with one coordinate set to each of its values (s itself first, no repeats); the guide's
+    weights only with a guide, EMA lengths only with post-hoc EMA snapshots of the checkpoint's step."""
     K = len(s.steps)
     if coord == "solver":
         cands = [replace(s, solver=v) for v in SOLVERS]
@@ -139,6 +148,8 @@ def candidates(s: Setting, coord: str, guided: bool) -> list[Setting]:
         cands = [replace(s, interval=v) for v in INTERVALS]
     elif coord == "steps":
         cands = [replace(s, steps=v) for v in step_splits(s.steps)]
+    elif coord == "ema":
+        cands = [replace(s, ema=v) for v in (0.0, *EMA_LENGTHS)] if posthoc else []
     else:
         raise ValueError(f"unknown coordinate {coord!r}; choose from {', '.join(COORDS)}")
     out = [s]
@@ -236,6 +247,7 @@ def tune_sampler(
     guide = gen.config.sample.guide
     guided = bool(guide) and _guide_exists(guide, Path(gen.info["path"]))
     K = len(gen.config.flow.sides)
+    posthoc = PosthocWeights(run_dir, gen.model, gen.info["step"])
     trial_log = TrialLog(out / "sampler.jsonl", gen.info["path"], gen.info["step"], objective.name)
     cal = _calibration(trial_log, objective, n)
     base = base_setting(gen.config.sample, K, guided)
@@ -249,6 +261,7 @@ def tune_sampler(
         if budget[0] is not None and res.new_trials >= budget[0]:
             raise _Stop
         t = time.perf_counter()
+        posthoc.use(s.ema)
         x, y = _sample(gen, s, guide, first, n, batch)
         rec = {"id": rid, "phase": phase, "first": first, "n": n, "setting": asdict(s), "label": s.label()}
         rec.update(measure(objective, x, y, seed=first))
@@ -261,7 +274,7 @@ def tune_sampler(
         return rec
 
     try:
-        best = _descend(start or base, coords, passes, guided, score, res.trials)
+        best = _descend(start or base, coords, passes, (guided, posthoc.available), score, res.trials)
         res.best = best
         for name, s in (("base", base), ("best", best)):
             blocks = [score(s, n * (b + 1), "heldout") for b in range(heldout_blocks)]
@@ -271,7 +284,7 @@ def tune_sampler(
         res.wall_s = time.perf_counter() - t0
         return res
     res.finished = True
-    res.command = f"cdc sample --ckpt {run_dir} {best.cli(guide)}"
+    res.command = _command(run_dir, best, guide, gen.info["step"])
     res.wall_s = time.perf_counter() - t0
     from cdc.tune.report import write_report
 
@@ -279,6 +292,16 @@ def tune_sampler(
     if write_defaults:
         write_sample_defaults(run_dir, best, guide)
     return res
+
+
+def _command(run_dir: Path, best: Setting, guide: str, step: int) -> str:
+    """The `cdc sample` command of `best`; an EMA length is first rebuilt as a checkpoint by `cdc tune ema`."""
+    if not best.ema:
+        return f"cdc sample --ckpt {run_dir} {best.cli(guide)}"
+    from cdc.tune.ema import output_path
+
+    ckpt = output_path(run_dir, best.ema, step)
+    return f"cdc tune ema {run_dir} --sigma-rel {best.ema:g} && cdc sample --ckpt {ckpt} {best.cli(guide)}"
 
 
 def _guide_exists(guide: str, ckpt: Path) -> bool:
@@ -300,14 +323,14 @@ def _calibration(trial_log: TrialLog, objective: Objective, n: int) -> Calibrati
     return cal
 
 
-def _descend(base: Setting, coords, passes: int, guided: bool, score, trials: list) -> Setting:
+def _descend(base: Setting, coords, passes: int, have: tuple[bool, bool], score, trials: list) -> Setting:
     """Coordinate descent: each coordinate's candidates around the current best, in order, `passes` times."""
     start = score(base, 0, "trial")
     trials.append({**start, "coord": "start"})
     best, best_obj = base, start["objective"]
     for _ in range(passes):
         for coord in coords:
-            for s in candidates(best, coord, guided)[1:]:
+            for s in candidates(best, coord, *have)[1:]:
                 rec = score(s, 0, "trial")
                 trials.append({**rec, "coord": coord})
                 if rec["objective"] < best_obj:
