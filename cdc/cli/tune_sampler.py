@@ -57,8 +57,9 @@ def tune_sampler_cmd(
 ) -> None:
     """Search CFG, autoguidance, guidance interval, solver, step split and EMA length against a detail-aware objective."""
     from cdc.tune.objective import fmnist_objective
-    from cdc.tune.sampler import tune_sampler
+    from cdc.tune.sampler import run_dir_of, tune_sampler
 
+    run_dir_of(run)  # a wrong path is one line before the judge loads (or trains, once)
     res = tune_sampler(
         run, fmnist_objective(clf), n=n, out=out, passes=passes, max_trials=max_trials, device=device, batch=batch,
         heldout_blocks=heldout_blocks, coords=tuple(c.strip() for c in coords.split(",") if c.strip()),
