@@ -20,6 +20,7 @@ from cdc.data.prepare import prepare
 from cdc.train import checkpoint as C
 from cdc.train.loggers import scalars
 from cdc.train.loop import train
+from cdc.tune.evaluate import TrainingEvaluation
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def metrics(run: Path) -> list[dict]:
 
 def test_eval_lines_in_metrics_jsonl(shards, tmp_path, one_thread):
     run = tmp_path / "run"
-    train(from_dict(recipe(shards)), run, progress=False)
+    train(from_dict(recipe(shards)), run, progress=False, evaluation=TrainingEvaluation)
     m = metrics(run)
     assert [x["step"] for x in m] == [3, 4, 6, 8]  # log_every 3, and every evaluation's step
     evals = {x["step"]: x["eval"] for x in m if "eval" in x}
@@ -74,7 +75,7 @@ def test_eval_leaves_training_as_it_was(shards, tmp_path, one_thread):
     """The same weights with and without evaluations: sampling draws from no training stream."""
     a, b = tmp_path / "a", tmp_path / "b"
     train(from_dict(recipe(shards, eval_every=0, log_every=2)), a, progress=False)
-    train(from_dict(recipe(shards, log_every=2)), b, progress=False)
+    train(from_dict(recipe(shards, log_every=2)), b, progress=False, evaluation=TrainingEvaluation)
     sa, _ = C.load_latest(a / "checkpoints")
     sb, _ = C.load_latest(b / "checkpoints")
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
@@ -84,14 +85,14 @@ def test_eval_leaves_training_as_it_was(shards, tmp_path, one_thread):
 
 def test_eval_of_a_posthoc_ema_and_the_fashion_mnist_judge(shards, tmp_path, one_thread, monkeypatch):
     from cdc.eval import fmnist
-    from cdc.train import evaluate
+    from cdc.tune import evaluate
 
     judge = tmp_path / "judge.pt"
     fmnist.load_or_train(judge, fmnist.ASSETS, epochs=1, limit=256, verbose=False, width=8)
     monkeypatch.setattr(evaluate, "JUDGE", judge)
     run = tmp_path / "run"
     cfg = recipe(shards, sides=(16, 32), ema_snapshots=2, eval_sigma_rel=0.07, eval_fmnist=True)
-    train(from_dict(cfg), run, progress=False)
+    train(from_dict(cfg), run, progress=False, evaluation=TrainingEvaluation)
     e = [x["eval"] for x in metrics(run) if "eval" in x][-1]
     assert e["weights"] == "posthoc:0.070"
     assert 0 <= e["fmnist_accuracy"] <= 1 and math.isfinite(e["fmnist_fd"]) and math.isfinite(e["swd_mean"])
@@ -107,12 +108,12 @@ def test_eval_against_a_stored_swd_reference(shards, tmp_path, one_thread):
         shards, ref, side=16, metrics="swd", swd_images=32, swd_per_image=8, seed=3, progress=False
     )
     run = tmp_path / "run"
-    train(from_dict(recipe(shards, steps=4, eval_ref=str(ref))), run, progress=False)
+    train(from_dict(recipe(shards, steps=4, eval_ref=str(ref))), run, progress=False, evaluation=TrainingEvaluation)
     e = metrics(run)[-1]["eval"]
     assert math.isfinite(e["swd_mean"]) and "fid" not in e
     bad = recipe(shards, steps=4, eval_ref=str(tmp_path / "missing.npz"))
     with pytest.raises(ConfigError, match="train.eval_ref: reference not found"):
-        train(from_dict(bad), tmp_path / "bad", progress=False)
+        train(from_dict(bad), tmp_path / "bad", progress=False, evaluation=TrainingEvaluation)
     assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before any step
 
 
@@ -140,7 +141,7 @@ def _eval_worker(rank: int, world: int, port: int, raw: dict, out: str) -> None:
                       MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
     from cdc.train import distributed as D
-    from cdc.train.evaluate import Evaluator
+    from cdc.tune.evaluate import Evaluator
 
     cfg = from_dict(raw)
     res = Evaluator(cfg, D.init())(_model(cfg), "ema")
@@ -161,8 +162,14 @@ def test_the_same_numbers_at_1_and_2_ranks(shards, tmp_path, one_thread):
 
 def _eval_worker_single(raw: dict, out: Path) -> None:
     from cdc.train import distributed as D
-    from cdc.train.evaluate import Evaluator
+    from cdc.tune.evaluate import Evaluator
 
     cfg = from_dict(raw)
     res = Evaluator(cfg, D.init())(_model(cfg), "ema")
     (out / "0.json").write_text(json.dumps({k: v for k, v in res.items() if k != "seconds"}))
+
+
+def test_a_caller_that_gives_no_evaluation_is_refused_before_any_work(shards, tmp_path):
+    with pytest.raises(ConfigError, match="train.eval_every: this caller gives no evaluation"):
+        train(from_dict(recipe(shards, steps=4)), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "cdc"
 RANK = {
     "config": 0, "config_checks": -1, "fileio": 0, "interrupt": 0, "redact": -1, "__init__": 9,
     "flow": 1, "nn": 1,
-    "data": 2, "train": 3, "eval": 4, "sample": 5, "ablate": 6,
+    "data": 2, "train": 3, "eval": 4, "sample": 5, "ablate": 6, "tune": 6,
     "rerun": 7, "cli": 8, "__main__": 9,
 }
 PURE = {"flow": {"flow"}, "nn": {"nn", "config"}}  # what the tensor parts may import at all

@@ -59,11 +59,12 @@ def train(
     from cdc.cli.rerun import continue_command, train_stop_line
     from cdc.fileio import check_out_path
     from cdc.interrupt import exit_code
+    from cdc.tune.evaluate import TrainingEvaluation
 
     run_dir = run_dir or Path("runs") / recipe.stem
     check_out_path(run_dir, "--run-dir")
     try:
-        out = T.train(cfg, run_dir)
+        out = T.train(cfg, run_dir, evaluation=TrainingEvaluation)
     except T.NonFiniteError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3) from None

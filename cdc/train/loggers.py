@@ -24,7 +24,7 @@ import numpy as np
 from cdc.config import Config, ConfigError, to_dict
 
 # metrics.jsonl key -> backend name; loss_stage's entries become train/loss_stage{k} (k as in the
-# file: 0 = the coarsest stage), an evaluation's "eval" entries eval/{key} (cdc.train.evaluate).
+# file: 0 = the coarsest stage), an evaluation's "eval" entries eval/{key} (cdc.tune.evaluate).
 # `time` is each event's own wall time; `step` is the step.
 NAMES = {
     "loss": "train/loss",

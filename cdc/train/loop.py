@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,6 @@ from cdc.nn.compiled_trunk import why_not_compiled
 from cdc.nn.model import build_model, count_params, forward_flops
 from cdc.train import checkpoint as ckpt
 from cdc.train import distributed as D
-from cdc.train.evaluate import Evaluator, evaluate_at
 from cdc.train.loggers import GRID, Loggers, check_backends, open_loggers
 from cdc.train.parts import Parts, build, open_run_dir, resume, save, save_snapshot, unwrap, wrap_for_training
 from cdc.train.run_files import log_window, save_grid
@@ -113,22 +112,33 @@ class _Stop:
             signal.signal(s, h)
 
 
-def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: Config, run_dir: str | Path, progress: bool = True, evaluation: Callable[[Config, D.Dist], Any] | None = None
+) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns a summary of the last logged metrics and how
     the run ended, the same on every rank: `status` "done", "time_limit" (train.max_minutes) or
     "interrupted" (`signal` SIGINT / SIGTERM; `stopped` True), `step` of `steps`, `minutes` trained
     by this process, the `checkpoint` saved last. Another run holding `run_dir` refuses it
-    (cdc.train.run_lock.RunDirBusy, a ValueError)."""
+    (cdc.train.run_lock.RunDirBusy, a ValueError).
+
+    With train.eval_every, `evaluation(cfg, dist)` builds what samples and scores the EMA while
+    training (`cdc train` passes cdc.tune.evaluate.TrainingEvaluation; sampling and scoring sit in
+    parts above this one); its `at(parts, step)` returns the metrics record."""
+    if cfg.train.eval_every and evaluation is None:
+        raise ConfigError(
+            "train.eval_every: this caller gives no evaluation; run `cdc train`, pass "
+            "evaluation=cdc.tune.evaluate.TrainingEvaluation to cdc.train.loop.train, or set train.eval_every: 0"
+        )
     own_pg = not D.initialized()  # a group this call creates is destroyed by it, however it ends
     try:
         with RunLock() as lock:  # rank 0 holds the run dir's lock from open_run_dir to the run's end
-            return _train(cfg, Path(run_dir), progress, lock)
+            return _train(cfg, Path(run_dir), progress, lock, evaluation)
     finally:
         if own_pg:  # a gloo group left to the interpreter's exit can abort it (SIGABRT, exit -6)
             D.shutdown()
 
 
-def _train(cfg: Config, run_dir: Path, progress: bool, lock: RunLock) -> dict[str, Any]:
+def _train(cfg: Config, run_dir: Path, progress: bool, lock: RunLock, evaluation: Any) -> dict[str, Any]:
     dist = D.init()
     cfg = for_world(cfg, dist.world)  # grad_accum from train.global_batch, recorded in config.yaml
     if cfg.train.compile is True and (why := why_not_compiled(dist.device)):
@@ -139,9 +149,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool, lock: RunLock) -> dict[st
     wrap_for_training(p)  # after the resume: compiled, DDP-wrapped, with its autocast
     with open_loggers(cfg, run_dir, dist.main, step) as log:  # train.log's backends, closed however it ends
         r = _start(p, step, nonfinite_total, progress, log)
-        if cfg.train.eval_every:
-            r.evaluator = Evaluator(p.cfg, p.dist)
-            r.evaluator.check()  # a reference that does not load stops the run before any step
+        if cfg.train.eval_every:  # a reference that does not load stops the run before any step
+            r.evaluation = evaluation(p.cfg, p.dist)
         with _Stop() as stop, r.bar if r.bar is not None else contextlib.nullcontext():  # bar ends before errors print
             while r.step < cfg.train.steps:
                 _step(p, r)
@@ -173,7 +182,7 @@ class _Progress:
     timed_out: float = 0.0  # ranks over train.max_minutes at the last check
     elapsed_min: float = 0.0  # loop minutes at the last check
     snapped: int = -1  # the last step whose post-hoc EMA snapshot was written
-    evaluator: Evaluator | None = None  # train.eval_every's sampling and scoring; None when off
+    evaluation: Any = None  # train.eval_every's sampling and scoring (train()'s `evaluation`); None when off
 
     def stopped_early(self, steps: int) -> str | None:
         """The signal's name, "time_limit" when the time cap ended it before `steps`, else None."""
@@ -366,8 +375,8 @@ def _snapshot(p: Parts, r: _Progress, background: bool) -> None:
 
 def _evaluate(p: Parts, r: _Progress) -> dict[str, Any]:
     """Sample and score on every rank, the time it took left out of the logging window's."""
-    assert r.evaluator is not None
-    scores = evaluate_at(p, r.evaluator, r.step)
+    assert r.evaluation is not None
+    scores = r.evaluation.at(p, r.step)
     r.t_win += scores["seconds"]
     return scores
 

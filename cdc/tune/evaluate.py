@@ -218,6 +218,21 @@ def evaluate_at(p: Any, evaluator: Evaluator, step: int) -> dict[str, Any]:
         return evaluator(p.ema, "ema")
 
 
+class TrainingEvaluation:
+    """What `cdc.train.loop.train(..., evaluation=TrainingEvaluation)` calls: built once per run
+    (the reference checked before the first step), then `at(parts, step)` every train.eval_every.
+
+    The loop takes it as an argument because sampling and scoring sit in parts above training
+    (sample, eval); the loop itself never imports them."""
+
+    def __init__(self, cfg: Config, dist: D.Dist):
+        self.evaluator = Evaluator(cfg, dist)
+        self.evaluator.check()  # a reference that does not load stops the run before any step
+
+    def at(self, p: Any, step: int) -> dict[str, Any]:
+        return evaluate_at(p, self.evaluator, step)
+
+
 def posthoc_model(p: Any, step: int) -> torch.nn.Module:
     """The post-hoc EMA of train.eval_sigma_rel at `step`: the snapshots written before it (their
     writes waited for) and the live profiles, combined on the device."""
