@@ -1,5 +1,5 @@
 """`cdc tune sampler` on a tiny randomised DiT: resumes after an interruption without repeating a
-trial, never writes a checkpoint, writes the chosen defaults into the run's config.yaml, and its
+trial, never writes a checkpoint, writes the chosen defaults to RUN/sample.yaml (which sampling then uses), and its
 last line is the `cdc sample` command."""
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_run
 from typer.testing import CliRunner
 
 from cdc import config as C
 from cdc.eval import detail as D
 from cdc.eval.metrics import frechet_distance, gaussian_stats
+from cdc.train.checkpoint import load_for_inference
 from cdc.tune import objective as O
 from cdc.tune import sampler as S
 
@@ -108,21 +110,19 @@ def test_cli_writes_defaults_never_checkpoints_and_ends_with_the_command(run, on
     from cdc.cli import app
 
     monkeypatch.setattr(O, "fmnist_objective", lambda clf: _objective())
-    before = _checkpoint_bytes(run)
+    before, raw_before = _checkpoint_bytes(run), yaml.safe_load((run / "config.yaml").read_text())
     r = CliRunner().invoke(app, ["tune", "sampler", str(run), "--n", "4", "--coords", ",".join(COORDS),
                                  "--heldout-blocks", "1"])  # fmt: skip
     assert r.exit_code == 0, r.output
     last = r.stdout.strip().splitlines()[-1]  # progress goes to stderr
     assert last.startswith(f"cdc sample --ckpt {run} --solver ")
     assert _checkpoint_bytes(run) == before
-    cfg = C.load(run / "config.yaml")  # still a valid config
+    assert C.load(run / "config.yaml") == C.from_dict(raw_before)  # the record of training is untouched
     trials = [x for x in _records(run / "tune" / "sampler.jsonl") if x["phase"] == "trial"]
     best = min(trials, key=lambda x: x["objective"])["setting"]
-    assert (cfg.sample.solver, cfg.sample.cfg, cfg.sample.steps) == (
-        best["solver"],
-        best["cfg"],
-        best["steps"],
-    )
+    _, cfg, info = load_for_inference(run)  # what cdc sample --ckpt RUN samples with from now on
+    assert info["sample_defaults"] == str(run / "sample.yaml")
+    assert (cfg.sample.solver, cfg.sample.cfg, cfg.sample.steps) == (best["solver"], best["cfg"], best["steps"])
     assert (
         f"--solver {best['solver']} " in last and "--cfg " + ",".join(f"{v:g}" for v in best["cfg"]) in last
     )
@@ -200,3 +200,14 @@ def test_ema_lengths_are_searched_in_memory_from_post_hoc_snapshots(tmp_path, on
         assert res.command.startswith(
             f"cdc tune ema {run} --sigma-rel {res.best.ema:g} && cdc sample --ckpt "
         )
+
+
+def test_a_bad_sample_yaml_is_one_line_naming_it(run):
+    (run / "sample.yaml").write_text("sample: {solver: rk45}\n")
+    with pytest.raises(ValueError, match="sample.yaml.*solver"):
+        load_for_inference(run)
+    (run / "sample.yaml").write_text("model: {depth: 99}\n")  # only the sample section may be set
+    with pytest.raises(ValueError, match="sample.yaml: .*one key, sample"):
+        load_for_inference(run)
+    (run / "sample.yaml").unlink()
+    assert load_for_inference(run)[2]["sample_defaults"] is None

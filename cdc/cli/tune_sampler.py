@@ -21,10 +21,10 @@ cdc tune sampler runs/quickstart --coords solver,cfg_rest --no-write-defaults
 Every trial samples images 0..N-1 and scores them with the Fashion-MNIST judge's FD and the
 finest-band SWD, each in units of its sd between blocks of real images (docs/tune.md). The winner and the
 run's own settings are re-scored on images N..3N-1. Results: RUN/tune/sampler.jsonl (one line per
-trial; a rerun skips finished ones), sampler.md, sampler.png. The chosen settings are recorded in
-the run's config.yaml `sample` section; checkpoints are never written, and `cdc sample` takes its
-defaults from the checkpoint, so the last line is the `cdc sample` command with the chosen
-settings.""",
+trial; a rerun skips finished ones), sampler.md, sampler.png. The chosen settings go to
+RUN/sample.yaml, which `cdc sample --ckpt RUN` then uses as the run's defaults (delete it to go
+back to the checkpoint's); checkpoints are never written. The last line is the `cdc sample`
+command with the chosen settings spelled out.""",
 )
 @friendly
 def tune_sampler_cmd(
@@ -48,7 +48,7 @@ def tune_sampler_cmd(
         Path("runs/fmnist-classifier.pt"), "--clf", help="Fashion-MNIST judge (trained once if absent)."
     ),
     write_defaults: bool = typer.Option(
-        True, "--write-defaults/--no-write-defaults", help="Write the chosen settings into RUN/config.yaml."
+        True, "--write-defaults/--no-write-defaults", help="Write the chosen settings to RUN/sample.yaml, the run's sampler defaults from then on."
     ),
     device: str | None = typer.Option(None, "--device", help="cuda / cpu.", show_default="cuda if available"),
     batch: int | None = typer.Option(

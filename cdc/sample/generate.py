@@ -178,6 +178,9 @@ def generate(
             cuda_graph_side=cuda_graph_side,
         )
         gmodel = job_guide(job, ema)  # before any output
+        if info.get("sample_defaults") and rank == 0:
+            print(f"note: sampler defaults from {info['sample_defaults']} (cdc tune sampler chose them; "
+                  "options given here override them, and deleting the file restores the checkpoint's)", file=sys.stderr)  # fmt: skip
         todo = _open_out(job, overwrite, resume, progress)
         on_stage = preview_writer(job.out) if preview and job.main else None
         stats, wall = _sample_missing(job, *job_sampler(job, model, gmodel), todo, progress, on_stage)

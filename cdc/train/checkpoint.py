@@ -29,6 +29,7 @@ from cdc.fileio import (  # noqa: F401 (re-exported)
     BadFileError,
     _fsync_dir,
     atomic_write_bytes,
+    bad_file,
     cleaned_on_failure,
     display,
     one_line,
@@ -315,8 +316,34 @@ def load_for_inference(
                 f"{display(path)}: its {key} weights do not fit the network its config describes ({one_line(e)})"
             ) from None
     model.to(device).eval().requires_grad_(False)
-    info = {"path": str(path), "step": int(state.get("step", 0)), "weights": key}
+    cfg, tuned = tuned_sample(cfg, path)
+    info = {"path": str(path), "step": int(state.get("step", 0)), "weights": key, "sample_defaults": tuned}
     return model, cfg, info
+
+
+TUNED_SAMPLE = "sample.yaml"  # RUN/sample.yaml: sampler defaults chosen after training (`cdc tune sampler`)
+
+
+def tuned_sample(cfg, path: Path):
+    """(cfg with RUN/sample.yaml's `sample` section over its own, that file as a str or None) for a
+    checkpoint in RUN/checkpoints/: the run's sampler defaults once a tune has chosen them, for
+    every checkpoint of the run; the checkpoints themselves are never rewritten for it."""
+    from cdc.config import ConfigError, from_dict, to_dict
+    from cdc.fileio import read_yaml
+
+    f = path.parent.parent / TUNED_SAMPLE
+    if path.parent.name != "checkpoints" or not f.is_file():
+        return cfg, None
+    want = "a mapping with one key, sample, holding sample settings (cdc tune sampler writes it)"
+    raw = read_yaml(f, want)
+    if not isinstance(raw, dict) or set(raw) != {"sample"} or not isinstance(raw["sample"], dict):
+        raise bad_file(f, want, "it holds something else; delete it to use the checkpoint's own defaults")
+    merged = to_dict(cfg)
+    merged["sample"].update(raw["sample"])
+    try:
+        return from_dict(merged), str(f)
+    except ConfigError as e:
+        raise bad_file(f, want, f"{one_line(e)}; fix or delete it") from None
 
 
 def step_guide(spec: str, ckpt: Path) -> Path | None:

@@ -9,9 +9,9 @@ own settings are then re-scored on images n..(1 + heldout_blocks) n, whose noise
 
 Resumable: every trial is one JSON line appended (and flushed) to OUT/sampler.jsonl as it ends; a
 rerun replays the same deterministic descent and skips every trial already on file. Writes only
-under OUT and the run's config.yaml (its `sample` section, atomically, as a record); never a
-checkpoint, whose stored config is what `cdc sample` reads its defaults from, so the result also
-carries the `cdc sample` command with the chosen options.
+under OUT and RUN/sample.yaml (the chosen `sample` section, atomically), which `cdc sample`, `cdc
+upscale` and the Python API then use as the run's defaults; never a checkpoint. The result also
+carries the `cdc sample` command with the chosen options spelled out.
 """
 
 from __future__ import annotations
@@ -371,21 +371,24 @@ def _sample(
     return x, torch.as_tensor(job.labels[first:], dtype=torch.long)
 
 
-def write_sample_defaults(run_dir: Path, s: Setting, guide: str) -> None:
-    """The run's config.yaml `sample` section set to s (checked as a whole config, written atomically)."""
+def write_sample_defaults(run_dir: Path, s: Setting, guide: str) -> Path:
+    """RUN/sample.yaml: s as the `sample` section every checkpoint of the run is sampled with
+    (cdc.train.checkpoint.tuned_sample), checked against the run's config and written atomically;
+    config.yaml stays the record of what trained."""
     from cdc import config as C
     from cdc.fileio import atomic_write_bytes, bad_file, read_yaml
     from cdc.redact import redacted_yaml
+    from cdc.train.checkpoint import TUNED_SAMPLE
 
     f = run_dir / "config.yaml"
     raw = read_yaml(f, "a cdc run config") if f.is_file() else None
     if not isinstance(raw, dict):
         raise bad_file(f, "a cdc run config (its training writes it)", "missing or not a mapping")
-    sample = dict(raw.get("sample") or {})
-    sample.update(
+    sample = dict(
         solver=s.solver, steps=list(s.steps), cfg=list(s.cfg), interval=list(s.interval),
         guide=guide if s.guided else "", guide_scale=list(s.guide_scale) if s.guided else [1.0],
     )  # fmt: skip
-    raw["sample"] = sample
-    C.from_dict(raw)  # a config the run can load, or a one-line error before anything is written
-    atomic_write_bytes(f, redacted_yaml(raw).encode())
+    C.from_dict({**raw, "sample": {**(raw.get("sample") or {}), **sample}})  # a one-line error before any write
+    out = run_dir / TUNED_SAMPLE
+    atomic_write_bytes(out, redacted_yaml({"sample": sample}).encode())
+    return out
