@@ -22,6 +22,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+def tiny_recipe(shards, train: dict, sides=(8, 16), sample: dict | None = None) -> dict:
+    """The raw config of the smallest run a training test needs: a one-block DiT on Fashion-MNIST
+    shards, batches made in-process."""
+    model = {"preset": "tiny", "in_channels": 1, "num_classes": 10, "patch": 4, "depth": 1, "width": 32, "heads": 2}
+    return {
+        "model": model,
+        "flow": {"sides": list(sides)},
+        "data": {"shards": str(shards), "workers": 0},
+        "train": train,
+        "sample": {"steps": 2, "cfg": 2.0, "batch": 5, **(sample or {})},
+    }
+
+
 def free_port() -> int:
     """A loopback port free right now, for a test's torchrun store: a fixed port collides with any
     other job on the machine (or a second test run) that uses it."""

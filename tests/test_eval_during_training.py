@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as tmp
-from conftest import free_port
+from conftest import free_port, tiny_recipe
 
 from cdc.config import ConfigError, from_dict
 from cdc.data.prepare import prepare
@@ -34,21 +34,7 @@ def recipe(shards, sides=(8, 16), **train) -> dict:
     t = dict(batch_size=4, steps=8, lr=1e-3, log_every=3, ckpt_every=0, sample_every=0, precision="fp32",
              ema_decay=0.9, eval_every=4, eval_n=12)  # fmt: skip
     t.update(train)
-    return {
-        "model": {
-            "preset": "tiny",
-            "in_channels": 1,
-            "num_classes": 10,
-            "patch": 4,
-            "depth": 1,
-            "width": 32,
-            "heads": 2,
-        },
-        "flow": {"sides": list(sides)},
-        "data": {"shards": str(shards), "workers": 0},
-        "train": t,
-        "sample": {"steps": 2, "cfg": 2.0, "batch": 5},
-    }
+    return tiny_recipe(shards, t, sides)
 
 
 def metrics(run: Path) -> list[dict]:

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_recipe
 from typer.testing import CliRunner
 
 from cdc.cli import app
@@ -32,21 +33,7 @@ def recipe(shards, **train):
     t = dict(batch_size=4, steps=12, lr=1e-3, log_every=4, ckpt_every=4, keep_last=10, sample_every=0,
              precision="fp32", ema_decay=0.99, ema_snapshots=4, ema_snapshot_dtype="float32")  # fmt: skip
     t.update(train)
-    return {
-        "model": {
-            "preset": "tiny",
-            "in_channels": 1,
-            "num_classes": 10,
-            "patch": 4,
-            "depth": 1,
-            "width": 32,
-            "heads": 2,
-        },
-        "flow": {"sides": [8, 16]},
-        "data": {"shards": str(shards), "workers": 0},
-        "train": t,
-        "sample": {"steps": 2, "cfg": 2.0, "batch": 16},
-    }
+    return tiny_recipe(shards, t, (8, 16), {"batch": 16})
 
 
 # ----------------------------------------------------------------------------- the math
