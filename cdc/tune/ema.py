@@ -116,15 +116,24 @@ def snapshot_sources(run_dir: Path, step: int | None = None) -> tuple[list[Sourc
         )
     found = [(s, p) for s, p in found if step is None or s <= step]
     last = PH.read_snapshot(found[-1][1])
+    sources, steps = matching_sources(found, last.start, last.sigma_rels, {last.step: last})
+    return sources, steps, last
+
+
+def matching_sources(
+    found: list[tuple[int, Path]], start: int, sigma_rels: Any, known: dict[int, PH.Snapshot] | None = None
+) -> tuple[list[Source], list[int]]:
+    """The profiles of the snapshots `found` (step, path) whose profiles began at `start` with these
+    lengths, and their steps; `known` holds snapshots already read."""
     sources, steps = [], []
     for s, path in found:
-        snap = last if s == last.step else PH.read_snapshot(path)
-        if snap.start != last.start or snap.sigma_rels != last.sigma_rels:
+        snap = (known or {}).get(s) or PH.read_snapshot(path)
+        if snap.start != start or snap.sigma_rels != sigma_rels:
             continue  # profiles of another start (turned on in a resumed run) or lengths: other kernels
         steps.append(s)
         # memory-mapped: a profile's bytes are read when combined, not here
         sources += [Source(s - snap.start, g, w) for g, w in zip(snap.gammas, snap.profiles)]
-    return sources, steps, last
+    return sources, steps
 
 
 def param_names(config: dict[str, Any]) -> list[str]:

@@ -237,16 +237,13 @@ def posthoc_model(p: Any, step: int) -> torch.nn.Module:
     """The post-hoc EMA of train.eval_sigma_rel at `step`: the snapshots written before it (their
     writes waited for) and the live profiles, combined on the device."""
     from cdc.nn.model import build_model
-    from cdc.train.posthoc_ema import list_snapshots, read_snapshot
-    from cdc.tune.ema import Source, combine, param_names, solve
+    from cdc.train.posthoc_ema import list_snapshots
+    from cdc.tune.ema import Source, combine, matching_sources, param_names, solve
 
     ph, sigma = p.phema, p.cfg.train.eval_sigma_rel
     p.snap_saver.save(p.dist.main, lambda: None, False)  # the snapshot in flight is on disk for every rank
-    sources = []
-    for s, path in list_snapshots(p.run_dir):
-        snap = read_snapshot(path) if s < step else None
-        if snap is not None and snap.start == ph.start and snap.sigma_rels == ph.sigma_rels:
-            sources += [Source(s - ph.start, g, w) for g, w in zip(snap.gammas, snap.profiles)]
+    stored = [(s, path) for s, path in list_snapshots(p.run_dir) if s < step]
+    sources, _ = matching_sources(stored, ph.start, ph.sigma_rels)
     sources += [Source(step - ph.start, g, m.state_dict()) for g, m in zip(ph.gammas, ph.profiles)]
     fit = solve(sources, step - ph.start, sigma)
     weights = combine(sources, [fit], param_names(to_dict(p.cfg)), device=p.dev)[0]
