@@ -29,7 +29,7 @@ from cdc.eval.evalio import resolve_device
 from cdc.fileio import write_json
 from cdc.flow.matching import Schedule
 from cdc.sample import edit as E
-from cdc.sample.figures import tile, to_uint8
+from cdc.sample.figures import rgb, tile, to_uint8, upsample
 from cdc.sample.generate import job_guide, job_sampler
 from cdc.sample.inputs import InputImage, image_size, pick_side, read_image, read_mask
 from cdc.sample.job import check_counts, resolve_job
@@ -213,9 +213,7 @@ def _grid(imgs: np.ndarray, inputs: list[InputImage], extra: list[torch.Tensor],
     show = R * max(1, -(-64 // R))  # tiles of at least 64 px
 
     def big(a: np.ndarray) -> np.ndarray:  # (h, w, C) uint8 -> (show, show, 3)
-        f = show // a.shape[0]
-        a = a.repeat(f, axis=0).repeat(f, axis=1)
-        return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a
+        return rgb(upsample(a, show))
 
     rows = []
     for i, im in enumerate(inputs[:GRID_ROWS]):

@@ -17,12 +17,12 @@ def to_uint8(x: Tensor) -> np.ndarray:
     return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _rgb(img: np.ndarray) -> np.ndarray:
+def rgb(img: np.ndarray) -> np.ndarray:
     """(H, W, C) with C in {1, 3} -> (H, W, 3)."""
     return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
 
 
-def _upsample(img: np.ndarray, side: int) -> np.ndarray:
+def upsample(img: np.ndarray, side: int) -> np.ndarray:
     """Nearest upsampling of (h, w, C) to (side, side, C) by an integer factor."""
     f = side // img.shape[0]
     return img.repeat(f, axis=0).repeat(f, axis=1)
@@ -63,13 +63,13 @@ def grid(images: np.ndarray, labels: np.ndarray, max_images: int = 64, min_tile:
     cols = min(n // c, max(8, max_images // c)) if cycling else 0
     images = images[: max(max_images, c * cols)]  # both layouts below index only these
     if side < min_tile:
-        images = np.stack([_upsample(im, side * -(-min_tile // side)) for im in images])
+        images = np.stack([upsample(im, side * -(-min_tile // side)) for im in images])
     if cycling:
-        rows = [[_rgb(images[j + q * c]) for q in range(cols)] for j in range(c)]
+        rows = [[rgb(images[j + q * c]) for q in range(cols)] for j in range(c)]
     else:
         m = min(n, max_images)
         ncol = min(8, m)
-        rows = [[_rgb(images[i]) for i in range(r, min(r + ncol, m))] for r in range(0, m, ncol)]
+        rows = [[rgb(images[i]) for i in range(r, min(r + ncol, m))] for r in range(0, m, ncol)]
     return tile(rows)
 
 
@@ -93,9 +93,9 @@ def stage_rows(stages: list[np.ndarray], min_tile: int = 128) -> list[list[np.nd
     prev = None
     for s in stages:
         x = s.astype(np.float32) / 127.5 - 1.0  # back to [-1, 1]
-        d = x if prev is None else x - _upsample(prev, x.shape[0])
-        outs.append(_rgb(_upsample(s, show)))
-        details.append(_rgb(_upsample(_signed(d), show)))
+        d = x if prev is None else x - upsample(prev, x.shape[0])
+        outs.append(rgb(upsample(s, show)))
+        details.append(rgb(upsample(_signed(d), show)))
         prev = x
     return [outs, details]
 
