@@ -30,7 +30,7 @@ from cdc.eval.swd import swd_descriptors, swd_levels
 from cdc.flow.pyramid import down_to
 from cdc.sample import edit as E
 from cdc.sample.edit_run import EditContext
-from cdc.sample.figures import tile, to_uint8
+from cdc.sample.figures import rgb, tile, to_uint8, upsample
 
 SIDE = 32
 
@@ -126,10 +126,8 @@ def run_factor(ctx: EditContext, ctx_c: EditContext, x: torch.Tensor, y: torch.T
 def grid(p: dict, count: int = 8) -> np.ndarray:
     """Rows: input (nearest) | bicubic | Lanczos | cdc variants | true class | original, 2x enlarged."""
 
-    def big(t: torch.Tensor) -> np.ndarray:
-        a = t[0].numpy()
-        f = 64 // a.shape[0]
-        return np.repeat(a.repeat(f, 0).repeat(f, 1)[..., None], 3, axis=2)
+    def big(t: torch.Tensor) -> np.ndarray:  # (1, r, r) uint8 -> (64, 64, 3)
+        return rgb(upsample(t[0].numpy()[..., None], 64))
 
     rows = []
     for i in range(count):
